@@ -1,0 +1,1 @@
+"""Workbench library: models, Hugging Face interop, data, training, PEFT, metrics."""
