@@ -2,7 +2,7 @@
 
 import collections
 import math
-from typing import Hashable, Optional, Sequence
+from typing import Hashable, Sequence
 
 import numpy as np
 
@@ -172,7 +172,7 @@ def span_prf(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> di
   return counter.result()
 
 
-def _format_table(rows: list, digits: int, accuracy: Optional[tuple] = None) -> str:
+def _format_table(rows: list, digits: int) -> str:
   """sklearn/seqeval text layout: class rows, blank line, average rows (an 'accuracy' row has only f1 and support)."""
   names = [r[0] for r in rows if r is not None]
   width = max([len(n) for n in names] + [len("weighted avg"), digits])
