@@ -1,0 +1,1 @@
+"""Per-task batch spec, loss and metrics (ner, classification; mlm and clm for pretraining)."""
