@@ -1,0 +1,410 @@
+"""TrainState, sharded state init, pure train/eval steps, and the fit loop (the one place jax.jit is called)."""
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, Iterator, NamedTuple, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lib import optim, peft, sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training. The dropout key is fold_in(key(seed), step)."""
+  step: jax.Array       # () int32: optimizer steps taken
+  params: Any           # full parameter tree (trainable and frozen)
+  opt_state: Any        # optax state of the trainable parameters only
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `train` sub-config.
+
+  Fields:
+    num_steps: optimizer steps; if 0, `epochs` * steps per epoch (see `num_train_steps`).
+    epochs: used only when num_steps == 0.
+    log_every: log train metrics (means over the window) every this many steps.
+    eval_every: call the eval callback every this many steps (0 = only at the end).
+    checkpoint_every: save every this many steps (0 = only at the end and on preemption).
+    keep: checkpoints to keep (the Checkpointer's business; here for the config's sake).
+    seed: parameter init and dropout keys.
+    peak_flops: peak FLOP/s of ONE device for model-FLOPs utilisation (0 = don't report MFU),
+      e.g. 989e12 for an H100 SXM (bf16 dense), 197e12 for a TPU v5e chip.
+  """
+  return ml_collections.ConfigDict(dict(num_steps=1000, epochs=0, log_every=50, eval_every=0,
+                                        checkpoint_every=1000, keep=3, seed=0, peak_flops=0.0))
+
+
+def num_train_steps(cfg, steps_per_epoch: Optional[int] = None) -> int:
+  """`cfg.num_steps`, or `cfg.epochs * steps_per_epoch` when num_steps is 0."""
+  if cfg.num_steps > 0:
+    return int(cfg.num_steps)
+  if cfg.get("epochs", 0) <= 0 or not steps_per_epoch:
+    raise ValueError(f"train: set num_steps > 0, or epochs > 0 with steps_per_epoch "
+                     f"(got num_steps={cfg.num_steps}, epochs={cfg.get('epochs')}, "
+                     f"steps_per_epoch={steps_per_epoch})")
+  return int(cfg.epochs * steps_per_epoch)
+
+
+def flops_per_token(num_params: int, num_layers: int, hidden_size: int, seq_len: int,
+                    num_trainable: Optional[int] = None) -> float:
+  """Training FLOPs per token: 2N forward + 2N backward to activations + 2N_trainable backward
+  to weights, plus attention scores and mixing 12 * L * D * T (forward + backward; causal
+  masking not discounted). With everything trainable this is PaLM's 6N + 12LDT.
+
+  num_params should count the parameters used in matmuls (leave out position/token-type
+  tables; count the word embedding only where it is also the output layer).
+  """
+  n_tr = num_params if num_trainable is None else num_trainable
+  return 4.0 * num_params + 2.0 * n_tr + 12.0 * num_layers * hidden_size * seq_len
+
+
+# ----------------------------------------------------------------------------- state init
+
+def _init_state(init_fn, tx, labels, rng) -> TrainState:
+  return _state_from(init_fn(rng), tx, labels)
+
+
+def _state_from(params, tx, labels) -> TrainState:
+  trainable = params if labels is None else peft.split_trainable(params, labels)[0]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable))
+
+
+def state_shardings(abstract_state: TrainState, mesh, rules, logical_specs) -> TrainState:
+  """NamedSharding tree of a TrainState: params by their logical specs, optimizer state like
+  its parameters, the step replicated."""
+  ps = sharding.param_shardings(abstract_state.params, logical_specs, mesh, rules)
+  os_ = sharding.opt_state_shardings(abstract_state.opt_state, abstract_state.params, ps, mesh)
+  return TrainState(step=NamedSharding(mesh, P()), params=ps, opt_state=os_)
+
+
+def abstract_train_state(init_fn, tx, mesh, rules, logical_specs, labels=None) -> TrainState:
+  """ShapeDtypeStructs (with .sharding) of the state: the target of a checkpoint restore."""
+  abstract = jax.eval_shape(functools.partial(_init_state, init_fn, tx, labels), jax.random.key(0))
+  shard = state_shardings(abstract, mesh, rules, logical_specs)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract, shard)
+
+
+def create_train_state(init_fn, rng, tx, mesh, rules, logical_specs, labels=None) -> TrainState:
+  """Randomly initialised state, created directly in its shardings (never whole on one device).
+
+  Args:
+    init_fn: rng -> params (e.g. `lambda r: models.init_params(module, r)[0]`).
+    rng: init key.
+    tx: from `optim.make_optimizer`.
+    mesh: from `sharding.make_mesh`.
+    rules: logical-axis rules (the `sharding_rules` config).
+    logical_specs: logical PartitionSpec tree of the params (from `models.init_params`).
+    labels: label tree from `peft.label_params`; None = all trainable.
+  """
+  abstract = abstract_train_state(init_fn, tx, mesh, rules, logical_specs, labels)
+  shard = jax.tree.map(lambda x: x.sharding, abstract)
+  return jax.jit(functools.partial(_init_state, init_fn, tx, labels), out_shardings=shard)(rng)
+
+
+def train_state_from_params(params, tx, mesh, rules, logical_specs, labels=None) -> TrainState:
+  """State around given params (e.g. pretrained weights as host numpy), placed on the mesh.
+
+  Every process must pass the same full `params`; each places only its own shards.
+  """
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  ps = sharding.param_shardings(abstract, logical_specs, mesh, rules)
+  placed = jax.tree.map(
+      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: np.asarray(x)[idx]),
+      params, ps)
+  init = functools.partial(_state_from, tx=tx, labels=labels)
+  shard = state_shardings(jax.eval_shape(init, placed), mesh, rules, logical_specs)
+  return jax.jit(init, out_shardings=shard, donate_argnums=0)(placed)
+
+
+# ----------------------------------------------------------------------------- pure steps
+
+def _batch_tokens(batch):
+  if "input_mask" in batch:
+    return batch["input_mask"].sum()
+  return jnp.asarray(batch["input_ids"].size if "input_ids" in batch else 0, jnp.int32)
+
+
+def make_train_step(loss_fn: Callable, tx, *, labels=None, accum_steps: int = 1,
+                    schedule: Optional[Callable] = None, seed: int = 0) -> Callable:
+  """Pure `train_step(state, batch) -> (state, metrics)`.
+
+  Args:
+    loss_fn: (params, batch, rng, train: bool) -> (scalar loss, metrics dict of scalars). A
+      'weight' metric (the count the loss averages over) makes gradient accumulation exact for
+      token-mean losses. Over micro-batches, integer metrics (counts) are summed and float
+      metrics averaged (weighted by 'weight' if present).
+    tx: from `optim.make_optimizer`, initialised on the trainable view (as `create_train_state`).
+    labels: label tree (`peft.label_params`); only non-'freeze' params are differentiated and
+      updated; frozen params pass through untouched. None = all trainable.
+    accum_steps: micro-batches per step (`optim.accumulate_gradients`).
+    schedule: step -> learning rate, reported as metrics['lr'].
+    seed: dropout keys are fold_in(key(seed), step) (and fold_in(., micro-batch)).
+
+  The returned metrics add 'loss', 'grad_norm' (global norm of the trainable gradients, before
+  clipping), 'lr' and 'tokens' (sum of batch['input_mask']). Nothing is pulled to the host.
+  """
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    if labels is None:
+      trainable, frozen = state.params, None
+      merge = lambda t: t
+    else:
+      trainable, frozen = peft.split_trainable(state.params, labels)
+      merge = lambda t: peft.merge_trainable(t, frozen)
+    grad_fn = jax.value_and_grad(lambda t, b, r: loss_fn(merge(t), b, r, True), has_aux=True)
+    (loss, metrics), grads = optim.accumulate_gradients(grad_fn, trainable, batch, rng,
+                                                        accum_steps)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    params = merge(optax.apply_updates(trainable, updates))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                   tokens=_batch_tokens(batch))
+    if schedule is not None:
+      metrics["lr"] = schedule(state.step)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return train_step
+
+
+def make_eval_step(eval_fn: Callable) -> Callable:
+  """Pure `eval_step(state, batch) -> eval_fn(state.params, batch)`.
+
+  eval_fn returns a dict of arrays: scalar metrics for `evaluate` (e.g.
+  `lambda p, b: loss_fn(p, b, None, False)[1]`), or per-example outputs for `predict`.
+  """
+  return lambda state, batch: eval_fn(state.params, batch)
+
+
+# ----------------------------------------------------------------------------- compiled steps
+
+def jit_train_step(train_step: Callable, state: TrainState, batch_sharding) -> Callable:
+  """train_step jitted for `state`'s shardings, donating the state (updated in place)."""
+  shard = jax.tree.map(lambda x: x.sharding, state)
+  return jax.jit(train_step, in_shardings=(shard, batch_sharding),
+                 out_shardings=(shard, None), donate_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=32)
+def _jit_eval(eval_step):
+  return jax.jit(eval_step)
+
+
+def to_host(tree):
+  """Device arrays -> numpy; arrays spread over processes are gathered (a collective)."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(one, tree)
+
+
+def predict(eval_step: Callable, state: TrainState, batches, batch_sharding) -> Iterator:
+  """Yields (host batch, host outputs of eval_step) per batch (e.g. predictions for span F1)."""
+  step = _jit_eval(eval_step)
+  for batch in batches:
+    yield batch, to_host(step(state, sharding.shard_batch(batch, batch_sharding)))
+
+
+def evaluate(eval_step: Callable, state: TrainState, batches, batch_sharding) -> dict:
+  """Aggregates eval_step's scalar metrics over batches (ints summed, floats weighted means)."""
+  rows = [out for _, out in predict(eval_step, state, batches, batch_sharding)]
+  return combine_metrics(rows)
+
+
+def combine_metrics(rows: list) -> dict:
+  """Integer metrics are counts (summed); float metrics are means, weighted by 'weight' if
+  present, else equally."""
+  if not rows:
+    return {}
+  w = np.array([float(r.get("weight", 1.0)) for r in rows])
+  out = {}
+  for k in rows[0]:
+    v = np.array([r[k] for r in rows])
+    is_count = np.issubdtype(v.dtype, np.integer) or k == "weight"
+    out[k] = float(v.sum()) if is_count else float((v * w).sum() / max(w.sum(), 1e-30))
+  return out
+
+
+# ----------------------------------------------------------------------------- fit loop
+
+class FitResult(NamedTuple):
+  state: TrainState
+  history: list         # logged rows (train windows and evals), as written to metrics.jsonl
+  preempted: bool       # stopped early by SIGTERM/SIGINT after saving a checkpoint
+
+
+def _is_main() -> bool:
+  return jax.process_index() == 0
+
+
+class _Logger:
+  """Console + TensorBoard + metrics.jsonl on process 0; throughput over each log window."""
+
+  def __init__(self, logdir, num_steps, flops_per_token, peak_flops):
+    self.num_steps, self.fpt, self.peak = num_steps, flops_per_token, peak_flops
+    self.window, self.history, self.untimed = [], [], 0
+    self.writer = self.jsonl = None
+    if logdir and _is_main():
+      import tensorboardX  # only the main process writes events
+      os.makedirs(logdir, exist_ok=True)
+      self.writer = tensorboardX.SummaryWriter(logdir)
+      self.jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+    self.reset_clock()
+
+  def reset_clock(self):
+    """Starts timing; metrics already in the window (the compiling first step) are not timed."""
+    self.t0, self.untimed = time.perf_counter(), len(self.window)
+
+  def pause(self, seconds: float):
+    """Excludes time spent outside training steps (eval, checkpointing) from throughput."""
+    self.t0 += seconds
+
+  def add(self, metrics):
+    self.window.append(metrics)
+
+  def flush_train(self, step: int):
+    """Pulls the window's metrics (one host sync) and logs their means and the throughput."""
+    if not self.window:
+      return
+    rows = to_host(self.window)
+    dt, timed = max(time.perf_counter() - self.t0, 1e-9), rows[self.untimed:]
+    row = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
+    row["lr"] = float(rows[-1].get("lr", np.nan))
+    row["tokens"] = float(sum(r.get("tokens", 0) for r in rows))
+    if timed:
+      tokens = float(sum(r.get("tokens", 0) for r in timed))
+      row.update(steps_per_s=len(timed) / dt, tokens_per_s=tokens / dt,
+                 eta_s=(self.num_steps - step) * dt / len(timed))
+      if self.fpt and self.peak:
+        row["mfu"] = tokens / dt * self.fpt / (self.peak * jax.device_count())
+    self.write(step, row, "train")
+    self.window = []
+    self.reset_clock()
+
+  def write(self, step: int, row: dict, prefix: str):
+    row = {k: v for k, v in row.items() if np.ndim(v) == 0}
+    self.history.append({"step": step, "kind": prefix, **row})
+    if not _is_main():
+      return
+    logging.info("%s step %d/%d | %s", prefix, step, self.num_steps,
+                 " ".join(f"{k} {v:.5g}" for k, v in sorted(row.items())))
+    if self.writer is not None:
+      for k, v in row.items():
+        self.writer.add_scalar(f"{prefix}/{k}", v, step)
+      self.writer.flush()
+      self.jsonl.write(json.dumps({"step": step, "kind": prefix, **row}) + "\n")
+      self.jsonl.flush()
+
+  def close(self):
+    if self.writer is not None:
+      self.writer.close()
+      self.jsonl.close()
+
+
+def _restore(state: TrainState, train_iter, checkpointer) -> TrainState:
+  """The latest complete checkpoint onto `state`'s shardings (any mesh), and the data position.
+  `state`'s buffers are freed first so that a restore never needs two states in memory."""
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  jax.tree.map(lambda x: x.delete(), state)
+  restored = checkpointer.restore(abstract)
+  if restored is None:
+    raise RuntimeError(f"checkpoint step {checkpointer.latest_step()} exists but did not restore")
+  state, data_state, _ = restored
+  if data_state is not None and hasattr(train_iter, "set_state"):
+    train_iter.set_state(data_state)
+  else:
+    logging.warning("resumed at step %d WITHOUT the data position (iterator has no set_state or "
+                    "the checkpoint no data state): batches will repeat", int(state.step))
+  logging.info("resumed from checkpoint at step %d", int(state.step))
+  return state
+
+
+def _due(step: int, every: int, last: int) -> bool:
+  return step == last or (every > 0 and step % every == 0)
+
+
+def fit(state: TrainState, train_step: Callable, train_iter, cfg, *, num_steps: int,
+        batch_sharding, eval_fn: Optional[Callable] = None, checkpointer=None,
+        logdir: Optional[str] = None, flops_per_token: float = 0.0) -> FitResult:
+  """Trains to `num_steps`, resuming from the latest checkpoint if there is one.
+
+  Args:
+    state: initial state (consumed: its buffers are donated to the step or freed on resume).
+    train_step: pure step from `make_train_step` (jitted here, state donated).
+    train_iter: iterator of process-local numpy batches (this process's rows of the global
+      batch); with get_state()/set_state() the data position is checkpointed and restored.
+    cfg: the `train` sub-config (log_every, eval_every, checkpoint_every, peak_flops).
+    num_steps: total optimizer steps (`num_train_steps`).
+    batch_sharding: from `sharding.batch_sharding`.
+    eval_fn: state -> dict of host scalars (e.g. span F1), run every cfg.eval_every and at the end.
+    checkpointer: a `lib.checkpoint.Checkpointer` (saves every cfg.checkpoint_every, at the end
+      and on SIGTERM/SIGINT; the eval metrics of the same step go along for best-by-metric).
+    logdir: TensorBoard events and metrics.jsonl (process 0).
+    flops_per_token: for MFU (`flops_per_token(...)`), with cfg.peak_flops.
+
+  Returns:
+    FitResult(state, history, preempted).
+  """
+  if checkpointer is not None:
+    checkpointer.install_preemption_handler()
+    if checkpointer.latest_step() is not None:
+      state = _restore(state, train_iter, checkpointer)
+  start = int(state.step)
+  step_fn = jit_train_step(train_step, state, batch_sharding)
+  log = _Logger(logdir, num_steps, flops_per_token, cfg.get("peak_flops", 0.0))
+  preempted, step = False, start
+  try:
+    for step in range(start + 1, num_steps + 1):
+      batch = next(train_iter, None)
+      if batch is None:
+        logging.warning("data ran out after %d of %d steps", step - 1, num_steps)
+        step -= 1
+        break
+      state, metrics = step_fn(state, sharding.shard_batch(batch, batch_sharding))
+      log.add(metrics)
+      if step == start + 1:  # compilation is not throughput
+        jax.block_until_ready(metrics)
+        log.reset_clock()
+      preempted = _after_step(state, step, num_steps, cfg, log, train_iter, eval_fn, checkpointer)
+      if preempted:
+        break
+    else:
+      step = num_steps
+    if not preempted and step < num_steps:  # data ran out: keep what was trained
+      _after_step(state, step, step, cfg, log, train_iter, eval_fn, checkpointer)
+  finally:
+    log.close()
+    if checkpointer is not None:
+      checkpointer.wait()
+  return FitResult(state, log.history, preempted)
+
+
+def _after_step(state, step, last, cfg, log, train_iter, eval_fn, checkpointer) -> bool:
+  """Logging, eval and checkpointing after `step`; returns whether training was preempted."""
+  preempted = checkpointer is not None and checkpointer.preempted()
+  if preempted or _due(step, cfg.log_every, last):
+    log.flush_train(step)
+  t0, eval_metrics = time.perf_counter(), None
+  if eval_fn is not None and _due(step, cfg.eval_every, last) and not preempted:
+    eval_metrics = eval_fn(state)
+    log.write(step, eval_metrics, "eval")
+  if checkpointer is not None and (preempted or _due(step, cfg.checkpoint_every, last)):
+    data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
+    checkpointer.save(step, state, data_state=data_state, metrics=eval_metrics, force=True)
+    if preempted:
+      logging.warning("preempted: saved checkpoint at step %d; stopping", step)
+  log.pause(time.perf_counter() - t0)
+  return preempted
