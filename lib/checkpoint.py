@@ -1,0 +1,720 @@
+"""Checkpoints (orbax): periodic/final/preemption saves, verified resume with fallback, any-mesh and params-only restore.
+
+A checkpoint is one orbax composite step directory `<dir>/<step>/` holding
+  state/       the train-state pytree (orbax StandardSave: OCDBT + zarr, sharding-agnostic)
+  integrity/   JSON: per-leaf dtype, shape and a 64-bit value fingerprint computed on device at save time
+  data_state/  JSON: the data-iterator state of every process (optional)
+  metrics/     JSON: flat {name: float} (optional; used for best-by-metric retention)
+Orbax writes into `<step>.orbax-checkpoint-tmp/` and renames it after writing `commit_success.txt`, so a killed
+save never looks finished. A finished directory can still be damaged later (copy cut short, disk full, bit
+rot); `restore` checks markers, metadata and fingerprints, moves a bad step aside to `<step>.corrupt-<time>`
+(never deletes it) with a warning naming the step, and falls back to the previous complete checkpoint.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+STATE, INTEGRITY, DATA, METRICS = "state", "integrity", "data_state", "metrics"
+_JSON_FILES = {INTEGRITY: "metadata", DATA: "metadata", METRICS: "metrics"}  # orbax JsonCheckpointHandler file names
+_COMMIT = "commit_success.txt"  # orbax writes it last, just before the rename that finalises a step
+_STEP_METADATA = "_CHECKPOINT_METADATA"
+_FORMAT = 1
+
+PathLike = Union[str, os.PathLike, epath.Path]
+
+
+class CorruptCheckpointError(RuntimeError):
+  """A checkpoint directory exists but cannot be trusted (half-written, truncated, or values changed)."""
+
+
+# ----------------------------------------------------------------------------------------------- paths
+def path_str(keypath) -> str:
+  """'params/encoder/layer_0/kernel' for a jax key path (dict keys, attributes and indices alike)."""
+  parts = []
+  for k in keypath:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def _flatten(tree) -> dict:
+  """{path_str: leaf} for a pytree; None nodes (e.g. optax EmptyState as orbax stores it) have no leaves."""
+  return {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _read_json(path: epath.Path) -> Any:
+  return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------------- value fingerprints
+_M1, _M2, _M3 = np.uint32(0x9E3779B1), np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35)
+
+
+def _bits_u32(x: jax.Array) -> jax.Array:
+  """The raw bits of `x` as uint32 (64-bit dtypes gain a trailing axis of 2 words)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    x = jnp.stack([x.real, x.imag], axis=-1)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  width = x.dtype.itemsize * 8
+  if width == 64:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{width}")).astype(jnp.uint32)
+
+
+def _leaf_fingerprint(x) -> jax.Array:
+  """Two uint32 sums of mixed bits, one position-weighted: exact integer arithmetic, so any sharding or
+  reduction order gives the same answer. Elementwise position from iotas (no reshape: keeps shards local)."""
+  bits = _bits_u32(jnp.asarray(x))
+  pos = jnp.zeros(bits.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(bits.ndim)):
+    pos = pos + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * np.uint32(stride % 2**32)
+    stride *= bits.shape[axis]
+  h = bits * _M1
+  h = (h ^ (h >> 15)) * _M2
+  h = h ^ (h >> 13)
+  weighted = h * (pos * _M3 + np.uint32(1))
+  return jnp.stack([jnp.sum(h, dtype=jnp.uint32), jnp.sum(weighted, dtype=jnp.uint32)])
+
+
+_tree_fingerprints = jax.jit(lambda tree: jax.tree.map(_leaf_fingerprint, tree))
+
+
+def fingerprints(tree) -> dict:
+  """{path: {'dtype', 'shape', 'fp': [u32, u32]}} for every leaf; computed on device (collective on multi-host)."""
+  flat = _flatten(tree)
+  groups: dict = {}  # one jit per device set: a jitted call cannot mix arrays committed to different devices
+  for path, leaf in flat.items():
+    devices = frozenset(d.id for d in leaf.sharding.device_set) if isinstance(leaf, jax.Array) else None
+    groups.setdefault(devices, {})[path] = leaf
+  flat_fps = {}
+  for group in groups.values():
+    flat_fps.update(jax.device_get(_tree_fingerprints(group)))
+  out = {}
+  for path, leaf in flat.items():
+    dtype = leaf.dtype if hasattr(leaf, "dtype") else jnp.asarray(leaf).dtype  # python scalars as jit sees them
+    out[path] = {"dtype": str(dtype), "shape": list(np.shape(leaf)), "fp": [int(v) for v in flat_fps[path]]}
+  return out
+
+
+def _integrity_mismatches(tree, record: dict) -> tuple[list, int]:
+  """Paths of `tree` whose fingerprint differs from the one `record` holds for the same path.
+
+  Returns (mismatched paths, number of leaves not comparable: absent from the record, or restored with a
+  different dtype/shape than saved, e.g. a deliberate bf16 -> f32 restore).
+  """
+  saved_leaves = record.get("leaves", {})
+  bad, unchecked = [], 0
+  for path, info in fingerprints(tree).items():
+    saved = saved_leaves.get(path)
+    if saved is None or saved["dtype"] != info["dtype"] or saved["shape"] != info["shape"]:
+      unchecked += 1
+    elif saved["fp"] != info["fp"]:
+      bad.append(path)
+  return bad, unchecked
+
+
+# ------------------------------------------------------------------------------ step-directory checks
+def invalid_reason(step_dir: PathLike) -> Optional[str]:
+  """Why `step_dir` is not a complete checkpoint of ours, or None if its markers and metadata are sound.
+
+  Cheap file-level checks only (no array data is read): the commit marker orbax writes last, the step
+  metadata with its commit timestamp, every recorded item with its own commit marker, and parseable JSON
+  for the tree metadata and our JSON items. Values are checked later, against the fingerprints.
+  """
+  step_dir = epath.Path(step_dir)
+  if not (step_dir / _COMMIT).exists():
+    return f"no {_COMMIT} (the save never finished)"
+  try:
+    meta = _read_json(step_dir / _STEP_METADATA)
+  except (OSError, ValueError) as e:
+    return f"unreadable {_STEP_METADATA}: {type(e).__name__}: {e}"
+  if not isinstance(meta, dict) or not meta.get("commit_timestamp_nsecs"):
+    return f"{_STEP_METADATA} has no commit timestamp"
+  items = sorted(meta.get("item_handlers") or {})
+  if STATE not in items or INTEGRITY not in items:
+    return f"items {items}: expected at least {STATE!r} and {INTEGRITY!r}"
+  for item in items:
+    if not (step_dir / item / _COMMIT).exists():
+      return f"item {item!r} is missing or has no {_COMMIT}"
+  files = [step_dir / STATE / "_METADATA"] + [step_dir / k / f for k, f in _JSON_FILES.items() if k in items]
+  for path in files:
+    try:
+      _read_json(path)
+    except (OSError, ValueError) as e:
+      return f"unreadable {path.relative_to(step_dir)}: {type(e).__name__}: {e}"
+  return None
+
+
+def _step_dirs(directory: epath.Path) -> dict:
+  """{step: path} of finished-looking step directories (plain integer names)."""
+  if not directory.exists():
+    return {}
+  return {int(p.name): p for p in directory.iterdir() if p.name.isdigit() and p.is_dir()}
+
+
+def _quarantine(step_dir: epath.Path) -> epath.Path:
+  """Renames a bad step directory out of orbax's sight (its name no longer parses as a step); keeps the bytes."""
+  target = step_dir.parent / f"{step_dir.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+  n = 0
+  while target.exists():
+    n += 1
+    target = step_dir.parent / f"{step_dir.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{n}"
+  step_dir.rename(target)
+  return target
+
+
+def _sync(name: str) -> None:
+  """Barrier across processes (no-op for one process): after process 0 changed the directory listing."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process if `flag` is True on any process (a collective: all processes must call it)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.any(multihost_utils.process_allgather(np.array([int(bool(flag))], np.int32))))
+
+
+# ------------------------------------------------------------------------------------------ retention
+def _metric_value(metrics: Optional[dict], name: Optional[str]) -> Optional[float]:
+  """The finite value of metric `name`, or None (absent, not a number, NaN/inf: never 'best')."""
+  if name is None or not isinstance(metrics, dict) or name not in metrics:
+    return None
+  try:
+    value = float(metrics[name])
+  except (TypeError, ValueError):
+    return None
+  return value if math.isfinite(value) else None
+
+
+def _best_position(metrics_in_step_order: Sequence[Optional[dict]], name: Optional[str], mode: str) -> Optional[int]:
+  """Index of the best checkpoint; on ties the earliest wins (a later one must strictly improve)."""
+  best, best_value = None, None
+  for i, metrics in enumerate(metrics_in_step_order):
+    value = _metric_value(metrics, name)
+    if value is None:
+      continue
+    if best_value is None or (value > best_value if mode == "max" else value < best_value):
+      best, best_value = i, value
+  return best
+
+
+@dataclasses.dataclass
+class _KeepLatestAndBest:
+  """orbax PreservationPolicy: the `keep` highest steps plus the single best-by-metric step."""
+
+  keep: int
+  metric: Optional[str]
+  mode: str
+
+  def should_preserve(self, checkpoints: Sequence[Any], *, context: Any = None) -> Sequence[bool]:
+    order = sorted(range(len(checkpoints)), key=lambda i: checkpoints[i].step)
+    preserve = [False] * len(checkpoints)
+    for i in order[-self.keep:]:
+      preserve[i] = True
+    best = _best_position([checkpoints[i].metrics for i in order], self.metric, self.mode)
+    if best is not None:
+      preserve[order[best]] = True
+    return preserve
+
+
+# ----------------------------------------------------------------------------------- item conversion
+def _clean_metrics(metrics: Optional[dict]) -> Optional[dict]:
+  """{name: float} from scalars / 0-d arrays; anything else is a caller bug and raises."""
+  if metrics is None:
+    return None
+  out = {}
+  for name, value in metrics.items():
+    if np.ndim(value) != 0:
+      raise ValueError(f"checkpoint metrics[{name!r}]: expected a scalar, got shape {np.shape(value)}")
+    out[str(name)] = float(np.asarray(value))
+  return out
+
+
+def _allgather_text(text: str) -> list:
+  """Every process's `text`, in process order (a collective)."""
+  data = np.frombuffer(text.encode("utf-8"), np.uint8)
+  lengths = multihost_utils.process_allgather(np.array([data.size], np.int32)).reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:data.size] = data
+  gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+  return [bytes(gathered[i, :lengths[i]]).decode("utf-8") for i in range(len(lengths))]
+
+
+def _pack_data_state(data_state: dict) -> dict:
+  """JSON item holding every process's iterator state (each host reads its own shard of the data)."""
+  try:
+    text = json.dumps(data_state, sort_keys=True)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"checkpoint data_state: not JSON-serialisable ({e}); encode bytes e.g. as base64 text") from e
+  texts = [text] if jax.process_count() == 1 else _allgather_text(text)
+  return {"format": _FORMAT, "per_process": [json.loads(t) for t in texts]}
+
+
+def _unpack_data_state(packed: Optional[dict], step: int) -> Optional[dict]:
+  """This process's iterator state; None (with a warning) if the process count changed and states differ."""
+  if packed is None:
+    return None
+  per_process = packed["per_process"]
+  if len(per_process) == jax.process_count():
+    return per_process[jax.process_index()]
+  if all(s == per_process[0] for s in per_process):
+    return per_process[0]
+  logging.warning("checkpoint step %d: data-iterator state was saved by %d processes, this run has %d and the "
+                  "states differ; not restoring it (the data order restarts)", step, len(per_process),
+                  jax.process_count())
+  return None
+
+
+# ------------------------------------------------------------------------------- target tree checks
+def _saved_shapes(state_dir: epath.Path) -> dict:
+  """{path: shape} of the arrays saved in a pytree directory, from orbax's tree metadata (no data read)."""
+  tree = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+  return {path_str(p): tuple(leaf.shape) for p, leaf in leaves}
+
+
+def _check_target(saved: dict, abstract, where: str, *, allow_unused: bool) -> None:
+  """Raises ValueError naming the paths where the target tree and the checkpoint disagree (a caller bug)."""
+  wanted = {p: tuple(np.shape(leaf)) for p, leaf in _flatten(abstract).items()}
+  missing = sorted(set(wanted) - set(saved))
+  unused = sorted(set(saved) - set(wanted))
+  shapes = [f"{p}: checkpoint {saved[p]}, target {wanted[p]}" for p in sorted(wanted) if p in saved
+            and saved[p] != wanted[p]]
+  problems = []
+  if missing:
+    problems.append(f"{len(missing)} target leaves not in the checkpoint, e.g. {missing[:5]}")
+  if unused and not allow_unused:
+    problems.append(f"{len(unused)} checkpoint leaves not in the target, e.g. {unused[:5]}")
+  if shapes:
+    problems.append(f"{len(shapes)} shape mismatches, e.g. {'; '.join(shapes[:5])}")
+  if problems:
+    raise ValueError(f"{where}: checkpoint does not match the target tree: " + " | ".join(problems))
+  if unused:
+    logging.warning("%s: %d checkpoint leaves not restored (not in the target), e.g. %s", where, len(unused),
+                    unused[:5])
+
+
+def _with_shardings(abstract):
+  """Target leaves must say where to put the data; single-process runs default to device 0 (logged)."""
+  unplaced = [p for p, leaf in _flatten(abstract).items() if getattr(leaf, "sharding", None) is None]
+  if not unplaced:
+    return abstract
+  if jax.process_count() > 1:
+    raise ValueError(f"restore target: {len(unplaced)} leaves have no sharding (e.g. {unplaced[:3]}); pass "
+                     "jax.ShapeDtypeStruct leaves with .sharding set")
+  logging.info("restore target: %d leaves without sharding placed on %s, e.g. %s", len(unplaced),
+               jax.devices()[0], unplaced[:3])
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+  def place(leaf):
+    if getattr(leaf, "sharding", None) is not None:
+      return leaf
+    return jax.ShapeDtypeStruct(np.shape(leaf), getattr(leaf, "dtype", None) or jnp.asarray(leaf).dtype,
+                                sharding=device)
+  return jax.tree.map(place, abstract)
+
+
+# ---------------------------------------------------------------------------------------- preemption
+def _jax_preemption_sync_manager():
+  """jax's preemption sync manager when this is a multi-process run with jax.distributed up, else None.
+
+  Its C++ notifier owns SIGTERM in that case; installing a Python SIGTERM handler would silently replace it.
+  """
+  if jax.process_count() == 1:
+    return None
+  try:
+    from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return getattr(jax_distributed.global_state, "preemption_sync_manager", None)
+
+
+class PreemptionHandler:
+  """Turns SIGTERM/SIGINT into a flag the training loop polls; the handler itself only records the signal.
+
+  Single process: Python handlers for both signals. Multi-process with jax.distributed: jax's notifier keeps
+  SIGTERM, SIGINT is forwarded to it, and `preempted(step)` is jax's preemption sync point, so every process
+  answers True at the same step (they must all call it every step). A second SIGINT while the first is
+  pending falls through to the previous handler (Ctrl-C twice still interrupts).
+  """
+
+  def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
+    self.signals = tuple(signals)
+    self.received: Optional[int] = None  # the first signal number seen
+    self._previous: dict = {}
+    self._forwarded = False
+    self._sync_manager = None
+
+  def install(self) -> "PreemptionHandler":
+    """Installs the handlers; must run on the main thread (a Python signal rule)."""
+    if threading.current_thread() is not threading.main_thread():
+      raise RuntimeError("install_preemption_handler: signal handlers can only be installed from the main thread")
+    self._sync_manager = _jax_preemption_sync_manager()
+    for sig in self.signals:
+      if sig == signal.SIGTERM and self._sync_manager is not None:
+        continue
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    if self.received is not None and signum == signal.SIGINT:
+      previous = self._previous.get(signum)
+      if callable(previous):
+        previous(signum, frame)
+      raise KeyboardInterrupt
+    self.received = signum
+
+  def preempted(self, step: Optional[int] = None) -> bool:
+    """True once a preemption signal arrived (multi-process: at the agreed step; `step` is then required)."""
+    if jax.process_count() == 1:
+      return self.received is not None
+    if step is None:
+      raise ValueError("preempted(): multi-process runs must pass the current step on every process")
+    if self._sync_manager is None:
+      return _any_process(self.received is not None)  # no jax sync manager: agree with a small collective
+    if self.received is not None and not self._forwarded:
+      self._forwarded = True
+      os.kill(os.getpid(), signal.SIGTERM)  # hand SIGINT to jax's notifier, which runs the step agreement
+    return multihost_utils.reached_preemption_sync_point(int(step))
+
+  def uninstall(self) -> None:
+    """Restores the handlers that were installed before."""
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+    self._previous = {}
+
+
+def install_preemption_handler(signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> PreemptionHandler:
+  """Installs and returns a `PreemptionHandler` for `signals` (call from the main thread)."""
+  return PreemptionHandler(signals).install()
+
+
+# --------------------------------------------------------------------------------------- checkpointer
+def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+  """Explicit handlers so a fresh process can read metadata and restore before it has saved anything."""
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  state_handler = ocp.handlers.StandardCheckpointHandler()
+  registry.add(STATE, ocp.args.StandardSave, state_handler)
+  registry.add(STATE, ocp.args.StandardRestore, state_handler)
+  for item in (INTEGRITY, DATA):
+    json_handler = ocp.handlers.JsonCheckpointHandler()  # writes from the primary host (process 0) only
+    registry.add(item, ocp.args.JsonSave, json_handler)
+    registry.add(item, ocp.args.JsonRestore, json_handler)
+  return registry  # METRICS: CheckpointManager registers its own JSON handler under that name.
+
+
+def _as_path(directory: PathLike) -> epath.Path:
+  text = os.fspath(directory)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
+class Checkpointer:
+  """Owns one run's checkpoint directory: when to save, what to keep, and what is safe to restore.
+
+  All processes construct it and call `save`/`restore` together (orbax saves are collective); JSON items
+  and directory housekeeping are done by process 0.
+  """
+
+  def __init__(self, directory: PathLike, *, keep: int = 2, best_metric: Optional[str] = None,
+               best_mode: str = "max", save_every: int = 0, async_save: bool = True):
+    """Opens (creating if needed) a checkpoint directory.
+
+    Args:
+      directory: where step directories live (local path or a URL orbax understands, e.g. gs://).
+      keep: number of most recent checkpoints kept (>= 1).
+      best_metric: metric name whose best checkpoint is also kept (never deleted while best); None: off.
+      best_mode: 'max' or 'min' for `best_metric`.
+      save_every: a non-forced `save` writes when step % save_every == 0; 0 writes only forced saves.
+      async_save: write in a background thread after the device->host copy (`save` returns early).
+    """
+    if keep < 1:
+      raise ValueError(f"Checkpointer(keep={keep}): expected >= 1")
+    if best_mode not in ("max", "min"):
+      raise ValueError(f"Checkpointer(best_mode={best_mode!r}): expected 'max' or 'min'")
+    if save_every < 0:
+      raise ValueError(f"Checkpointer(save_every={save_every}): expected >= 0")
+    self.directory = _as_path(directory)
+    self.keep, self.best_metric, self.best_mode, self.save_every = keep, best_metric, best_mode, save_every
+    self._metrics_cache: dict = {}
+    self._preemption: Optional[PreemptionHandler] = None
+    if jax.process_index() == 0:
+      self._scan_directory()
+    _sync("checkpoint:scan")
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=_KeepLatestAndBest(keep, best_metric, best_mode),
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handler_registry())
+
+  def _scan_directory(self) -> None:
+    """Warns about half-written saves (orbax deletes them) and moves aside finished-looking but bad steps."""
+    if not self.directory.exists():
+      return
+    for path in self.directory.iterdir():
+      if ".orbax-checkpoint-tmp" in path.name:
+        logging.warning("checkpoint %s: half-written save of step %s (interrupted); ignored and removed",
+                        path, path.name.split(".")[0])
+    for step, path in sorted(_step_dirs(self.directory).items()):
+      reason = invalid_reason(path)
+      if reason is not None:
+        moved = _quarantine(path)
+        logging.warning("checkpoint step %d in %s is incomplete or corrupted (%s); moved to %s and not used",
+                        step, self.directory, reason, moved.name)
+
+  # -- queries
+  def all_steps(self) -> list:
+    """Steps with a checkpoint (including one still being written asynchronously), ascending."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def _metrics(self, step: int) -> Optional[dict]:
+    if step not in self._metrics_cache:
+      self._metrics_cache[step] = self._manager.metrics(step)
+    return self._metrics_cache[step]
+
+  def best_step(self) -> Optional[int]:
+    """Step with the best `best_metric` (ties: earliest); None if off or no checkpoint has that metric."""
+    steps = self.all_steps()
+    best = _best_position([self._metrics(s) for s in steps], self.best_metric, self.best_mode)
+    return None if best is None else steps[best]
+
+  def should_save(self, step: int) -> bool:
+    """Whether a non-forced `save` at `step` writes (the `save_every` schedule)."""
+    return self.save_every > 0 and step % self.save_every == 0
+
+  # -- saving
+  def save(self, step: int, state, *, data_state: Union[dict, Callable[[], dict], None] = None,
+           metrics: Optional[dict] = None, force: bool = False) -> bool:
+    """Saves `state` (+ data-iterator state + metrics) as checkpoint `step` if due; all processes call it.
+
+    Args:
+      step: number of completed training steps the state reflects.
+      state: pytree of jax arrays (e.g. a TrainState); sharded arrays are written shard by shard.
+      data_state: JSON-serialisable iterator state for resuming the data stream exactly, or a
+        zero-argument callable returning it (only called when a save happens).
+      metrics: flat {name: scalar}; `best_metric` among them makes this step a candidate for best.
+      force: save regardless of `save_every` (final step, preemption).
+
+    Returns:
+      True if a save was started (async: call `wait()`/`close()` before the process exits).
+
+    Raises:
+      ValueError: `step` is below the latest checkpoint (the run would fork its own history), or
+        metrics/data_state are malformed.
+    """
+    step = int(step)
+    if not force and not self.should_save(step):
+      return False
+    latest = self.latest_step()
+    if latest is not None and step <= latest:
+      if step == latest:
+        logging.info("checkpoint step %d already saved; not saving it again", step)
+        return False
+      raise ValueError(f"checkpoint save at step {step} but {self.directory} already has step {latest}: "
+                       "use a fresh directory to branch a run")
+    metrics = _clean_metrics(metrics)
+    items = {STATE: ocp.args.StandardSave(state),
+             INTEGRITY: ocp.args.JsonSave({"format": _FORMAT, "leaves": fingerprints(state)})}
+    data_state = data_state() if callable(data_state) else data_state
+    if data_state is not None:
+      items[DATA] = ocp.args.JsonSave(_pack_data_state(data_state))
+    if metrics is not None:
+      items[METRICS] = ocp.args.JsonSave(metrics)
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    if saved:
+      self._metrics_cache[step] = metrics
+      logging.info("checkpoint step %d -> %s%s", step, self.directory, f" {metrics}" if metrics else "")
+    return bool(saved)
+
+  def wait(self) -> None:
+    """Blocks until the last asynchronous save is committed (renamed into place)."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves, releases orbax resources and restores previous signal handlers."""
+    self.wait()
+    self._manager.close()
+    if self._preemption is not None:
+      self._preemption.uninstall()
+      self._preemption = None
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  # -- preemption
+  def install_preemption_handler(self) -> PreemptionHandler:
+    """Installs SIGTERM/SIGINT handling (see `PreemptionHandler`); `close()` uninstalls it."""
+    if self._preemption is None:
+      self._preemption = install_preemption_handler()
+    return self._preemption
+
+  def preempted(self, step: Optional[int] = None) -> bool:
+    """True when the loop should save (force=True), close and exit; False if no handler is installed."""
+    return self._preemption is not None and self._preemption.preempted(step)
+
+  # -- restoring
+  def restore(self, abstract_state, step: Optional[int] = None):
+    """Restores onto the shardings of `abstract_state`, whatever mesh or device count saved it.
+
+    Args:
+      abstract_state: pytree of jax.ShapeDtypeStruct (with .sharding) matching the saved state.
+      step: a specific step (errors are raised), or None for the latest complete checkpoint: a bad
+        one is moved aside with a warning naming its step and the previous one is tried.
+
+    Returns:
+      (state, data_state, metrics) or None when there is no (complete) checkpoint.
+
+    Raises:
+      ValueError: `abstract_state` does not match the checkpoint (paths/shapes named).
+      CorruptCheckpointError: the requested `step` is damaged.
+    """
+    self.wait()
+    abstract_state = _with_shardings(abstract_state)
+    if step is not None:
+      if step not in self.all_steps():
+        raise FileNotFoundError(f"no checkpoint step {step} in {self.directory} (have {self.all_steps()})")
+      return self._restore_step(step, abstract_state)
+    for candidate in reversed(self.all_steps()):
+      try:
+        return self._restore_step(candidate, abstract_state)
+      except CorruptCheckpointError as e:
+        self._set_aside(candidate, str(e))
+    return None
+
+  def _set_aside(self, step: int, reason: str) -> None:
+    """Moves a bad step out of the way (process 0) so later saves of that step are possible; warns."""
+    moved = None
+    if jax.process_index() == 0:
+      moved = _quarantine(self.directory / str(step)).name
+    logging.warning("checkpoint step %d in %s is corrupted (%s); moved to %s; falling back to the previous "
+                    "complete checkpoint", step, self.directory, reason, moved or "<step>.corrupt-*")
+    _sync(f"checkpoint:set_aside:{step}")
+    self._manager.reload()
+    self._metrics_cache.pop(step, None)
+
+  def _restore_step(self, step: int, abstract_state):
+    """One verified restore; CorruptCheckpointError (agreed by all processes) if the step cannot be trusted."""
+    step_dir = self.directory / str(step)
+    reason = invalid_reason(step_dir)
+    if reason is None:
+      try:
+        saved = _saved_shapes(step_dir / STATE)
+      except Exception as e:  # pylint: disable=broad-except  # any failure to read metadata = damaged step
+        reason = f"unreadable tree metadata: {type(e).__name__}: {e}"
+    if _any_process(reason is not None):
+      raise CorruptCheckpointError(reason or "another process could not read it")
+    _check_target(saved, abstract_state, f"{step_dir}/{STATE}", allow_unused=False)
+    result, reason = self._read_and_verify(step, step_dir, abstract_state)
+    if _any_process(reason is not None):
+      raise CorruptCheckpointError(reason or "another process could not read it")
+    return result
+
+  def _read_and_verify(self, step: int, step_dir: epath.Path, abstract_state):
+    """Reads all items and compares value fingerprints; returns (result, None) or (None, reason)."""
+    items = {STATE: ocp.args.StandardRestore(abstract_state), INTEGRITY: ocp.args.JsonRestore()}
+    for name in (DATA, METRICS):
+      if (step_dir / name).exists():
+        items[name] = ocp.args.JsonRestore()
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except  # target mismatches were ruled out above
+      return None, f"orbax restore failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    bad, unchecked = _integrity_mismatches(restored[STATE], restored[INTEGRITY])
+    if bad:
+      return None, f"values differ from the save-time fingerprints in {len(bad)} leaves, e.g. {bad[:3]}"
+    if unchecked:
+      logging.info("checkpoint step %d: %d leaves restored with another dtype/shape, not fingerprint-checked",
+                   step, unchecked)
+    data_state = _unpack_data_state(restored.get(DATA) if DATA in items else None, step)
+    metrics = restored.get(METRICS) if METRICS in items else None
+    logging.info("restored checkpoint step %d from %s", step, self.directory)
+    return (restored[STATE], data_state, metrics), None
+
+
+# ------------------------------------------------------------------------------------ params-only restore
+def _resolve_step_dir(path: epath.Path) -> epath.Path:
+  """A step directory from a step directory or a run directory (its latest complete step, read-only)."""
+  if (path / STATE).exists() or (path / _STEP_METADATA).exists():
+    return path
+  for step, step_dir in sorted(_step_dirs(path).items(), reverse=True):
+    reason = invalid_reason(step_dir)
+    if reason is None:
+      return step_dir
+    logging.warning("init checkpoint %s: step %d is incomplete or corrupted (%s); trying an earlier step",
+                    path, step, reason)
+  raise FileNotFoundError(f"{path}: no complete checkpoint (expected a step directory or a run directory "
+                          "containing <step>/state)")
+
+
+def restore_params(directory_or_step_path: PathLike, abstract_params, *, subtree: str = "params"):
+  """Restores only the `subtree` (e.g. 'params') of another run's saved state, e.g. to initialise from it.
+
+  Args:
+    directory_or_step_path: a run's checkpoint directory (its latest complete step is used) or one step
+      directory `<dir>/<step>`.
+    abstract_params: pytree of jax.ShapeDtypeStruct (with .sharding) for the leaves to load; every leaf
+      must exist in the checkpoint with the same shape (dtype may differ: it is cast).
+    subtree: '/'-separated path of the params inside the saved state ('' for the whole state).
+
+  Returns:
+    The restored pytree, structured like `abstract_params`.
+
+  Raises:
+    ValueError: leaves missing from the checkpoint or with other shapes (paths named).
+    CorruptCheckpointError: the step fails its completeness checks or value fingerprints.
+  """
+  step_dir = _resolve_step_dir(_as_path(directory_or_step_path))
+  reason = invalid_reason(step_dir)
+  if reason is not None:
+    raise CorruptCheckpointError(f"{step_dir}: {reason}")
+  keys = [k for k in subtree.split("/") if k]
+  target = _with_shardings(abstract_params)
+  for key in reversed(keys):
+    target = {key: target}
+  prefix = "/".join(keys) + "/" if keys else ""
+  saved = {p: s for p, s in _saved_shapes(step_dir / STATE).items() if p.startswith(prefix)}
+  if not saved:
+    raise ValueError(f"{step_dir / STATE}: no saved subtree {subtree!r}")
+  _check_target(saved, target, f"{step_dir / STATE}", allow_unused=True)
+  restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+      step_dir / STATE, args=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+  bad, _ = _integrity_mismatches(restored, _read_json(step_dir / INTEGRITY / _JSON_FILES[INTEGRITY]))
+  if bad:
+    raise CorruptCheckpointError(f"{step_dir}: values differ from the save-time fingerprints in {len(bad)} "
+                                 f"leaves, e.g. {bad[:3]}")
+  logging.info("initialised %d leaves of %r from %s", len(_flatten(restored)), subtree, step_dir)
+  for key in keys:
+    restored = restored[key]
+  return restored
+
+
+Checkpointer.restore_params = staticmethod(restore_params)
