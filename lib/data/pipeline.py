@@ -1,0 +1,367 @@
+"""Batch iterators: tokenise a split once, deterministic (seed, epoch) batch plans, buckets, resumable state."""
+
+import collections
+import logging
+import os
+from typing import Callable, Optional, Sequence
+
+import grain
+import numpy as np
+
+from lib.data import builders, packing
+from lib.data import tokenize as tok_lib
+from lib.data import transforms as T
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Real data lives beside the repository, never inside it.
+DEFAULT_DATA_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
+LABEL_KEY = {"conll2003": "ner", "brown_pos": "tags"}
+_FEATURE_CACHE = collections.OrderedDict()   # tokenised splits, so a second iterator costs nothing
+_FEATURE_CACHE_SIZE = 8
+
+
+# ---------------------------------------------------------------- sharding and reading
+
+def shard_range(n: int, shard_index: int, shard_count: int) -> tuple:
+  """Contiguous [start, end) of shard `shard_index` of `shard_count` over n examples (sizes differ by <= 1)."""
+  if shard_count < 1 or not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
+  return n * shard_index // shard_count, n * (shard_index + 1) // shard_count
+
+
+def read_shard(source, shard_index: int = 0, shard_count: int = 1) -> list:
+  """The examples of one shard of a random-access source (only those records are read)."""
+  start, end = shard_range(len(source), shard_index, shard_count)
+  return list(source.__getitems__(list(range(start, end)))) if end > start else []
+
+
+def _cached(key, build: Callable):
+  if key not in _FEATURE_CACHE:
+    _FEATURE_CACHE[key] = build()
+    while len(_FEATURE_CACHE) > _FEATURE_CACHE_SIZE:
+      _FEATURE_CACHE.popitem(last=False)
+  _FEATURE_CACHE.move_to_end(key)
+  return _FEATURE_CACHE[key]
+
+
+def _source_key(dataset, data_dir, cache_dir, label_names):
+  """Identity of the prepared data (the builder config name hashes the source files and labels)."""
+  b = builders.get_builder(dataset, data_dir, cache_dir, label_names)
+  return b.builder_config.name, b
+
+
+# ---------------------------------------------------------------- features (tokenised once per split)
+
+def token_cls_features(dataset, split, tokenizer, *, max_len, stride, label_all, owned_labels_only,
+                       data_dir, cache_dir=None, label_names=None, shard_index=0, shard_count=1):
+  """Windows of every sentence of a shard (see tokenize.windows_for_sentence) and stats/info."""
+  name, builder = _source_key(dataset, data_dir, cache_dir, label_names)
+  key = ("tok", dataset, split, name, tok_lib.tokenizer_fingerprint(tokenizer), max_len, stride, label_all,
+         owned_labels_only, shard_index, shard_count)
+
+  def build():
+    examples = read_shard(builder.as_data_source(split=split), shard_index, shard_count)
+    wp = tok_lib.WordPieces(tokenizer)
+    wp.prime(T._text(w) for e in examples for w in e["tokens"])    # one batched call over distinct words
+    prefix, suffix = tok_lib.special_wrap(tokenizer)
+    chain = [T.TokenizeWords(wp), T.AlignLabels(LABEL_KEY[dataset], max_len=max_len, stride=stride,
+                                                prefix=prefix, suffix=suffix, label_all=label_all,
+                                                owned_labels_only=owned_labels_only)]
+    windows, stats = [], collections.Counter()
+    for e in examples:
+      for t in chain:
+        e = t.map(e)
+      windows.extend(e)
+      stats["long_sentences"] += len(e) > 1
+      stats["cut_words"] += e[0]["cut_words"]
+    stats.update(unk_fallbacks=wp.unk_fallbacks, windows=len(windows), sentences=len(examples))
+    T.log_counts(f"{dataset}/{split} tokenisation", {k: stats[k] for k in ("unk_fallbacks", "cut_words")})
+    info = dict(stats, num_words=[len(e["tokens"]) for e in examples],
+                example_ids=[int(e["idx"]) for e in examples],
+                label_names=builders.label_names_of(dataset, data_dir, cache_dir, label_names))
+    return windows, info
+  return _cached(key, build)
+
+
+def seq_cls_features(dataset, split, tokenizer, *, max_len, data_dir, cache_dir=None, shard_index=0, shard_count=1):
+  """input_ids (with specials, truncated to max_len: counted and logged), label, example_id per sentence."""
+  name, builder = _source_key(dataset, data_dir, cache_dir, None)
+  key = ("seq", dataset, split, name, tok_lib.tokenizer_fingerprint(tokenizer), max_len, shard_index, shard_count)
+
+  def build():
+    examples = read_shard(builder.as_data_source(split=split), shard_index, shard_count)
+    ids = tokenizer([T._text(e["sentence"]) for e in examples], verbose=False)["input_ids"]
+    _, suffix = tok_lib.special_wrap(tokenizer)
+    feats, truncated = [], 0
+    for e, x in zip(examples, ids):
+      if len(x) > max_len:  # keep the closing special token so the model sees a well-formed sequence
+        truncated += 1
+        x = x[:max_len - len(suffix)] + suffix
+      feats.append(dict(input_ids=np.asarray(x, np.int32), label=int(e["label"]), example_id=int(e["idx"])))
+    T.log_counts(f"{dataset}/{split} tokenisation (max_len={max_len})", {"truncated_sentences": truncated})
+    return feats, dict(sentences=len(feats), truncated=truncated, example_ids=[f["example_id"] for f in feats],
+                       label_names=builders.label_names_of(dataset, data_dir, cache_dir))
+  return _cached(key, build)
+
+
+def lm_documents(dataset, split, tokenizer, *, data_dir, cache_dir=None, shard_index=0, shard_count=1):
+  """Tokenised documents wrapped in the tokenizer's specials ([CLS] .. [SEP], or .. <|endoftext|> for GPT-2)."""
+  name, builder = _source_key(dataset, data_dir, cache_dir, None)
+  key = ("lm", dataset, split, name, tok_lib.tokenizer_fingerprint(tokenizer), shard_index, shard_count)
+
+  def build():
+    examples = read_shard(builder.as_data_source(split=split), shard_index, shard_count)
+    ids = tokenizer([T._text(e["text"]) for e in examples], add_special_tokens=False, verbose=False)["input_ids"]
+    prefix, suffix = tok_lib.special_wrap(tokenizer)
+    if not prefix and not suffix and tokenizer.eos_token_id is not None:
+      suffix = [tokenizer.eos_token_id]
+    docs = [np.asarray(prefix + x + suffix, np.int32) for x in ids]
+    return docs, dict(documents=len(docs), tokens=int(sum(len(d) for d in docs)))
+  return _cached(key, build)
+
+
+# ---------------------------------------------------------------- epoch plans
+
+def train_plan(lengths, batch_size: int, seed: int, epoch: int, sort_chunk_batches: int = 50) -> list:
+  """Batches of one training epoch, a pure function of (seed, epoch).
+
+  Shuffle; drop the n % batch_size remainder (different examples each epoch); sort by length within
+  chunks of `sort_chunk_batches` batches so a batch holds similar lengths (little padding); shuffle the
+  batch order. sort_chunk_batches=0 disables the sorting.
+  """
+  lengths = np.asarray(lengths)
+  rng = np.random.default_rng([seed, epoch])
+  perm = rng.permutation(len(lengths))
+  perm = perm[:len(perm) // batch_size * batch_size]
+  chunk = max(1, sort_chunk_batches) * batch_size
+  batches = []
+  for c in range(0, len(perm), chunk):
+    idx = perm[c:c + chunk]
+    if sort_chunk_batches:
+      idx = idx[np.argsort(lengths[idx], kind="stable")]
+    batches += [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+  return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def eval_plan(lengths, batch_size: int) -> list:
+  """One pass over every example, sorted by length (little padding); the last batch may be partial."""
+  idx = np.argsort(np.asarray(lengths), kind="stable")
+  return [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+
+
+# ---------------------------------------------------------------- the iterator
+
+class BatchIterator:
+  """Iterator of numpy batch dicts with a JSON-serialisable state {pipeline, epoch, index}.
+
+  Training iterators run forever (a new deterministic plan each epoch); evaluation iterators make one pass.
+  Batch `index` of `epoch` is a pure function of the pipeline's arguments, so restoring a state resumes on
+  exactly the next batch.
+  """
+
+  def __init__(self, name: str, epoch_fn: Callable, train: bool, steps_per_epoch: Optional[int] = None,
+               info: Optional[dict] = None):
+    """epoch_fn(epoch) -> (batch specs, list of grain MapTransforms turning a spec into a batch)."""
+    self.name, self.train, self.info = name, train, dict(info or {})
+    self._epoch_fn = epoch_fn
+    self._epoch, self._index, self._ds_epoch, self._ds = 0, 0, None, None
+    specs, _ = epoch_fn(0)
+    if steps_per_epoch is not None and steps_per_epoch > len(specs):
+      raise ValueError(f"{name}: steps_per_epoch={steps_per_epoch} but this shard has only {len(specs)} batches")
+    self._steps = len(specs) if steps_per_epoch is None else steps_per_epoch
+    if self._steps == 0:
+      raise ValueError(f"{name}: no batches (fewer examples than the batch size?)")
+
+  def __len__(self):
+    return self._steps
+
+  def __iter__(self):
+    return self
+
+  def _dataset(self, epoch):
+    if self._ds_epoch != epoch:
+      specs, chain = self._epoch_fn(epoch)
+      specs = [dict(s, step=epoch * self._steps + i) for i, s in enumerate(specs[:self._steps])]
+      ds = grain.MapDataset.source(specs)
+      for t in chain:
+        ds = ds.map(t)
+      self._ds, self._ds_epoch = ds, epoch
+    return self._ds
+
+  def __next__(self) -> dict:
+    if self._index >= self._steps:
+      if not self.train:
+        raise StopIteration
+      self._epoch, self._index = self._epoch + 1, 0
+    batch = self._dataset(self._epoch)[self._index]
+    self._index += 1
+    return batch
+
+  def get_state(self) -> dict:
+    """JSON-serialisable position: the next batch is `index` of `epoch`."""
+    return {"pipeline": self.name, "epoch": self._epoch, "index": self._index}
+
+  def set_state(self, state: dict) -> None:
+    """Restores a position saved by get_state (of an iterator built with the same arguments)."""
+    if state.get("pipeline") != self.name:
+      raise ValueError(f"iterator state is for pipeline {state.get('pipeline')!r}, not {self.name!r}")
+    self._epoch, self._index = int(state["epoch"]), int(state["index"])
+
+  def reset(self) -> None:
+    """Back to the first batch of epoch 0."""
+    self._epoch, self._index = 0, 0
+
+
+def padding_stats(iterator: BatchIterator, num_batches: Optional[int] = None) -> dict:
+  """Token economy of the first `num_batches` (default: one epoch / the pass); the iterator's state is kept.
+
+  Returns:
+    dict batches, total_tokens (B*T summed), real_tokens (input_mask sum), fill_fraction = real/total,
+    padding_fraction = 1 - fill_fraction (dummy rows count as padding).
+  """
+  state = iterator.get_state()
+  iterator.reset()
+  n = len(iterator) if num_batches is None else min(num_batches, len(iterator))
+  real = total = 0
+  for _ in range(n):
+    mask = next(iterator)["input_mask"]
+    real += int(mask.sum())
+    total += mask.size
+  iterator.set_state(state)
+  fill = real / max(total, 1)
+  return dict(batches=n, total_tokens=total, real_tokens=real, fill_fraction=fill, padding_fraction=1 - fill)
+
+
+# ---------------------------------------------------------------- pipelines per task
+
+def _pipeline_name(dataset, split, kind, tokenizer, **kw):
+  args = ",".join(f"{k}={v}" for k, v in sorted(kw.items()))
+  return f"{dataset}/{split}/{kind}/tok={tok_lib.tokenizer_fingerprint(tokenizer)}/{args}"
+
+
+def _fine_tuning_iterator(name, feats, info, *, train, batch_size, max_len, seed, buckets, sort_chunk_batches,
+                          steps_per_epoch, pad_values, scalar_fields, bfloat16_keys):
+  lengths = np.array([len(f["input_ids"]) for f in feats])
+  tail = [T.PadToBucket(batch_size, buckets, pad_values, scalar_fields), T.CastDtypes(bfloat16_keys)]
+  fixed = None if train else eval_plan(lengths, batch_size)
+
+  def epoch_fn(epoch):
+    plan = train_plan(lengths, batch_size, seed, epoch, sort_chunk_batches) if train else fixed
+    return [{"indices": b.tolist()} for b in plan], [T.Gather(feats)] + tail
+  if train and len(lengths) % batch_size:
+    logging.info("%s: %d examples per epoch left out to keep the batch size fixed (different ones each epoch)",
+                 name, len(lengths) % batch_size)
+  return BatchIterator(name, epoch_fn, train, steps_per_epoch, info)
+
+
+def _buckets(max_len, buckets, shard_count, train):
+  if buckets is None and shard_count > 1 and train:
+    # Hosts must feed equal shapes to one jit step; per-host length buckets could differ.
+    logging.info("shard_count=%d: training batches use the single length max_len=%d", shard_count, max_len)
+    return [max_len]
+  return T.bucket_lengths(max_len, buckets)
+
+
+def token_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, train=False, shard_index=0,
+                      shard_count=1, data_dir=None, cache_dir=None, label_names=None, buckets=None, stride=None,
+                      label_all_subwords=False, sort_chunk_batches=50, steps_per_epoch=None, bfloat16_keys=()):
+  """Token-classification batches (conll2003, brown_pos); see make_batches."""
+  stride = stride or max(1, (max_len - 2) // 2)
+  data_dir = data_dir or DEFAULT_DATA_DIR
+  feats, info = token_cls_features(dataset, split, tokenizer, max_len=max_len, stride=stride,
+                                   label_all=label_all_subwords, owned_labels_only=not train, data_dir=data_dir,
+                                   cache_dir=cache_dir, label_names=label_names, shard_index=shard_index,
+                                   shard_count=shard_count)
+  name = _pipeline_name(dataset, split, "token_cls", tokenizer, b=batch_size, L=max_len, seed=seed, train=train,
+                        shard=f"{shard_index}of{shard_count}", stride=stride, all=label_all_subwords,
+                        buckets=buckets, sort=sort_chunk_batches, spe=steps_per_epoch)
+  pad = dict(input_ids=tokenizer.pad_token_id, token_type_ids=0, labels=-1)
+  scalars = {}
+  if not train:
+    pad.update(word_ids=-1, predict_mask=0)
+    scalars = {"example_id": "example_ids"}
+  return _fine_tuning_iterator(name, feats, info, train=train, batch_size=batch_size, max_len=max_len, seed=seed,
+                               buckets=_buckets(max_len, buckets, shard_count, train),
+                               sort_chunk_batches=sort_chunk_batches, steps_per_epoch=steps_per_epoch,
+                               pad_values=pad, scalar_fields=scalars, bfloat16_keys=bfloat16_keys)
+
+
+def seq_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, train=False, shard_index=0,
+                    shard_count=1, data_dir=None, cache_dir=None, buckets=None, sort_chunk_batches=50,
+                    steps_per_epoch=None, bfloat16_keys=()):
+  """Sentence-classification batches (sst2); see make_batches."""
+  data_dir = data_dir or DEFAULT_DATA_DIR
+  feats, info = seq_cls_features(dataset, split, tokenizer, max_len=max_len, data_dir=data_dir,
+                                 cache_dir=cache_dir, shard_index=shard_index, shard_count=shard_count)
+  name = _pipeline_name(dataset, split, "seq_cls", tokenizer, b=batch_size, L=max_len, seed=seed, train=train,
+                        shard=f"{shard_index}of{shard_count}", buckets=buckets, sort=sort_chunk_batches,
+                        spe=steps_per_epoch)
+  return _fine_tuning_iterator(name, feats, info, train=train, batch_size=batch_size, max_len=max_len, seed=seed,
+                               buckets=_buckets(max_len, buckets, shard_count, train),
+                               sort_chunk_batches=sort_chunk_batches, steps_per_epoch=steps_per_epoch,
+                               pad_values=dict(input_ids=tokenizer.pad_token_id, token_type_ids=0),
+                               scalar_fields={"label": "label", "example_id": "example_ids"},
+                               bfloat16_keys=bfloat16_keys)
+
+
+def lm_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, train=False, shard_index=0,
+               shard_count=1, data_dir=None, cache_dir=None, objective=None, mlm_rate=0.15,
+               whole_word_masking=False, steps_per_epoch=None, bfloat16_keys=()):
+  """Packed LM batches (text:*): rows of max_len tokens, documents shuffled per epoch; see make_batches."""
+  data_dir = data_dir or DEFAULT_DATA_DIR
+  objective = objective or ("mlm" if tokenizer.mask_token_id is not None else "clm")
+  if objective not in ("mlm", "clm"):
+    raise ValueError(f"objective must be 'mlm' or 'clm', got {objective!r}")
+  docs, info = lm_documents(dataset, split, tokenizer, data_dir=data_dir, cache_dir=cache_dir,
+                            shard_index=shard_index, shard_count=shard_count)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  if objective == "mlm":
+    last = T.MaskTokens(tokenizer, seed + 1000003 * shard_index, rate=mlm_rate, whole_word=whole_word_masking)
+  else:
+    last = T.NextTokenLabels()
+  fixed = None if train else packing.pack_stream(docs, max_len, pad_id)
+
+  def epoch_fn(epoch):
+    if train:
+      order = np.random.default_rng([seed, epoch]).permutation(len(docs))
+      packed = packing.pack_stream([docs[i] for i in order], max_len, pad_id)
+      n = len(packed["input_ids"]) // batch_size * batch_size
+    else:
+      packed, n = fixed, len(fixed["input_ids"])
+    specs = [{"rows": (s, min(s + batch_size, n))} for s in range(0, n, batch_size)]
+    return specs, [T.GatherRows(packed, batch_size, pad_id), last, T.CastDtypes(bfloat16_keys)]
+  name = _pipeline_name(dataset, split, objective, tokenizer, b=batch_size, L=max_len, seed=seed, train=train,
+                        shard=f"{shard_index}of{shard_count}", rate=mlm_rate, wwm=whole_word_masking,
+                        spe=steps_per_epoch)
+  return BatchIterator(name, epoch_fn, train, steps_per_epoch, dict(info, objective=objective))
+
+
+def make_batches(dataset: str, split: str, tokenizer, *, batch_size: int, max_len: int, seed: int = 0,
+                 train: bool = False, shard_index: int = 0, shard_count: int = 1, **kwargs) -> BatchIterator:
+  """The batch iterator of a dataset split (see the module docstring of lib.data for the batch specs).
+
+  Args:
+    dataset: conll2003 / brown_pos (token classification), sst2 (classification), text:<corpus> (packed LM).
+    split: train / validation / test.
+    tokenizer: a transformers PreTrainedTokenizerFast (BERT WordPiece or GPT-2 BPE).
+    batch_size: rows per batch (fixed; evaluation pads the last batch with dummy rows).
+    max_len: longest sequence (token tasks: window length; LM: row length).
+    seed: shuffling (and MLM masking) seed.
+    train: loop over epochs forever with an epoch-seeded reshuffle; else one ordered pass.
+    shard_index, shard_count: this process's contiguous shard of the split (e.g. jax.process_index/count).
+    **kwargs: data_dir, cache_dir, and per task: label_names, buckets, stride, label_all_subwords,
+      sort_chunk_batches (token_cls); buckets, sort_chunk_batches (sst2); objective ('mlm'|'clm'),
+      mlm_rate, whole_word_masking (LM); steps_per_epoch, bfloat16_keys (all).
+
+  Returns:
+    a BatchIterator (len = batches per epoch; get_state / set_state).
+  """
+  common = dict(batch_size=batch_size, max_len=max_len, seed=seed, train=train, shard_index=shard_index,
+                shard_count=shard_count, **kwargs)
+  if dataset in LABEL_KEY:
+    return token_cls_batches(dataset, split, tokenizer, **common)
+  if dataset == "sst2":
+    return seq_cls_batches(dataset, split, tokenizer, **common)
+  if dataset.startswith("text:"):
+    return lm_batches(dataset, split, tokenizer, **common)
+  raise ValueError(f"unknown dataset {dataset!r}; valid: {list(builders.DATASETS)}")
