@@ -1,14 +1,15 @@
-"""Checkpoints (orbax): periodic/final/preemption saves, verified resume with fallback, any-mesh and params-only restore.
+"""Checkpoints (orbax): when to save, what to keep, verified resume with fallback, any-mesh restore.
 
 A checkpoint is one orbax composite step directory `<dir>/<step>/` holding
   state/       the train-state pytree (orbax StandardSave: OCDBT + zarr, sharding-agnostic)
-  integrity/   JSON: per-leaf dtype, shape and a 64-bit value fingerprint computed on device at save time
+  integrity/   JSON: per-leaf dtype, shape and a 64-bit value fingerprint (computed on device)
   data_state/  JSON: the data-iterator state of every process (optional)
   metrics/     JSON: flat {name: float} (optional; used for best-by-metric retention)
-Orbax writes into `<step>.orbax-checkpoint-tmp/` and renames it after writing `commit_success.txt`, so a killed
-save never looks finished. A finished directory can still be damaged later (copy cut short, disk full, bit
-rot); `restore` checks markers, metadata and fingerprints, moves a bad step aside to `<step>.corrupt-<time>`
-(never deletes it) with a warning naming the step, and falls back to the previous complete checkpoint.
+Orbax writes into `<step>.orbax-checkpoint-tmp/` and renames it after writing `commit_success.txt`,
+so a killed save never looks finished. A finished directory can still be damaged later (copy cut
+short, disk full, bit rot): `restore` checks markers, metadata and fingerprints, moves a bad step
+aside to `<step>.corrupt-<time>` (never deletes it) with a warning naming the step, and falls back
+to the previous complete checkpoint.
 """
 
 import dataclasses
@@ -29,7 +30,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 STATE, INTEGRITY, DATA, METRICS = "state", "integrity", "data_state", "metrics"
-_JSON_FILES = {INTEGRITY: "metadata", DATA: "metadata", METRICS: "metrics"}  # orbax JsonCheckpointHandler file names
+# File name inside each JSON item directory, as orbax's JsonCheckpointHandler writes it.
+_JSON_FILES = {INTEGRITY: "metadata", DATA: "metadata", METRICS: "metrics"}
 _COMMIT = "commit_success.txt"  # orbax writes it last, just before the rename that finalises a step
 _STEP_METADATA = "_CHECKPOINT_METADATA"
 _FORMAT = 1
@@ -38,12 +40,12 @@ PathLike = Union[str, os.PathLike, epath.Path]
 
 
 class CorruptCheckpointError(RuntimeError):
-  """A checkpoint directory exists but cannot be trusted (half-written, truncated, or values changed)."""
+  """A checkpoint directory exists but cannot be trusted (half-written, truncated, altered)."""
 
 
-# ----------------------------------------------------------------------------------------------- paths
+# -------------------------------------------------------------------------------------------- paths
 def path_str(keypath) -> str:
-  """'params/encoder/layer_0/kernel' for a jax key path (dict keys, attributes and indices alike)."""
+  """'params/encoder/layer_0/kernel' for a jax key path (dict keys, attributes, indices alike)."""
   parts = []
   for k in keypath:
     for attr in ("key", "name", "idx"):
@@ -56,7 +58,7 @@ def path_str(keypath) -> str:
 
 
 def _flatten(tree) -> dict:
-  """{path_str: leaf} for a pytree; None nodes (e.g. optax EmptyState as orbax stores it) have no leaves."""
+  """{path_str: leaf}; None nodes (e.g. optax EmptyState as orbax stores it) have no leaves."""
   return {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -64,7 +66,7 @@ def _read_json(path: epath.Path) -> Any:
   return json.loads(path.read_text())
 
 
-# ---------------------------------------------------------------------------------- value fingerprints
+# ------------------------------------------------------------------------------- value fingerprints
 _M1, _M2, _M3 = np.uint32(0x9E3779B1), np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35)
 
 
@@ -83,13 +85,17 @@ def _bits_u32(x: jax.Array) -> jax.Array:
 
 
 def _leaf_fingerprint(x) -> jax.Array:
-  """Two uint32 sums of mixed bits, one position-weighted: exact integer arithmetic, so any sharding or
-  reduction order gives the same answer. Elementwise position from iotas (no reshape: keeps shards local)."""
+  """Two uint32 sums of mixed bits, one position-weighted.
+
+  Exact integer arithmetic, so any sharding or reduction order gives the same answer; positions come
+  from iotas rather than a reshape, which would move shards between devices.
+  """
   bits = _bits_u32(jnp.asarray(x))
   pos = jnp.zeros(bits.shape, jnp.uint32)
   stride = 1
   for axis in reversed(range(bits.ndim)):
-    pos = pos + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * np.uint32(stride % 2**32)
+    iota = jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis)
+    pos = pos + iota * np.uint32(stride % 2**32)
     stride *= bits.shape[axis]
   h = bits * _M1
   h = (h ^ (h >> 15)) * _M2
@@ -102,27 +108,31 @@ _tree_fingerprints = jax.jit(lambda tree: jax.tree.map(_leaf_fingerprint, tree))
 
 
 def fingerprints(tree) -> dict:
-  """{path: {'dtype', 'shape', 'fp': [u32, u32]}} for every leaf; computed on device (collective on multi-host)."""
+  """{path: {'dtype', 'shape', 'fp': [u32, u32]}} per leaf, computed on device (a collective)."""
   flat = _flatten(tree)
-  groups: dict = {}  # one jit per device set: a jitted call cannot mix arrays committed to different devices
+  groups: dict = {}  # one jit per device set: one call cannot mix arrays committed to other devices
   for path, leaf in flat.items():
-    devices = frozenset(d.id for d in leaf.sharding.device_set) if isinstance(leaf, jax.Array) else None
+    devices = None
+    if isinstance(leaf, jax.Array):
+      devices = frozenset(d.id for d in leaf.sharding.device_set)
     groups.setdefault(devices, {})[path] = leaf
   flat_fps = {}
   for group in groups.values():
     flat_fps.update(jax.device_get(_tree_fingerprints(group)))
   out = {}
   for path, leaf in flat.items():
-    dtype = leaf.dtype if hasattr(leaf, "dtype") else jnp.asarray(leaf).dtype  # python scalars as jit sees them
-    out[path] = {"dtype": str(dtype), "shape": list(np.shape(leaf)), "fp": [int(v) for v in flat_fps[path]]}
+    # Python scalars: the dtype jit gives them.
+    dtype = leaf.dtype if hasattr(leaf, "dtype") else jnp.asarray(leaf).dtype
+    out[path] = {"dtype": str(dtype), "shape": list(np.shape(leaf)),
+                 "fp": [int(v) for v in flat_fps[path]]}
   return out
 
 
 def _integrity_mismatches(tree, record: dict) -> tuple[list, int]:
   """Paths of `tree` whose fingerprint differs from the one `record` holds for the same path.
 
-  Returns (mismatched paths, number of leaves not comparable: absent from the record, or restored with a
-  different dtype/shape than saved, e.g. a deliberate bf16 -> f32 restore).
+  Returns (mismatched paths, number of leaves not comparable: absent from the record, or restored
+  with another dtype/shape than saved, e.g. a deliberate bf16 -> f32 restore).
   """
   saved_leaves = record.get("leaves", {})
   bad, unchecked = [], 0
@@ -135,13 +145,14 @@ def _integrity_mismatches(tree, record: dict) -> tuple[list, int]:
   return bad, unchecked
 
 
-# ------------------------------------------------------------------------------ step-directory checks
+# ---------------------------------------------------------------------------- step-directory checks
 def invalid_reason(step_dir: PathLike) -> Optional[str]:
-  """Why `step_dir` is not a complete checkpoint of ours, or None if its markers and metadata are sound.
+  """Why `step_dir` is not a complete checkpoint of ours, or None if markers and metadata are sound.
 
-  Cheap file-level checks only (no array data is read): the commit marker orbax writes last, the step
-  metadata with its commit timestamp, every recorded item with its own commit marker, and parseable JSON
-  for the tree metadata and our JSON items. Values are checked later, against the fingerprints.
+  Cheap file-level checks only (no array data is read): the commit marker orbax writes last, the
+  step metadata with its commit timestamp, every recorded item with its own commit marker, and
+  parseable JSON for the tree metadata and our JSON items. Values are checked at restore time,
+  against the fingerprints.
   """
   step_dir = epath.Path(step_dir)
   if not (step_dir / _COMMIT).exists():
@@ -158,7 +169,8 @@ def invalid_reason(step_dir: PathLike) -> Optional[str]:
   for item in items:
     if not (step_dir / item / _COMMIT).exists():
       return f"item {item!r} is missing or has no {_COMMIT}"
-  files = [step_dir / STATE / "_METADATA"] + [step_dir / k / f for k, f in _JSON_FILES.items() if k in items]
+  files = [step_dir / STATE / "_METADATA"]
+  files += [step_dir / item / name for item, name in _JSON_FILES.items() if item in items]
   for path in files:
     try:
       _read_json(path)
@@ -175,30 +187,30 @@ def _step_dirs(directory: epath.Path) -> dict:
 
 
 def _quarantine(step_dir: epath.Path) -> epath.Path:
-  """Renames a bad step directory out of orbax's sight (its name no longer parses as a step); keeps the bytes."""
-  target = step_dir.parent / f"{step_dir.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
-  n = 0
+  """Renames a bad step out of orbax's sight (name no longer parses as a step); keeps the bytes."""
+  stem = f"{step_dir.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+  target, n = step_dir.parent / stem, 0
   while target.exists():
     n += 1
-    target = step_dir.parent / f"{step_dir.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{n}"
+    target = step_dir.parent / f"{stem}-{n}"
   step_dir.rename(target)
   return target
 
 
 def _sync(name: str) -> None:
-  """Barrier across processes (no-op for one process): after process 0 changed the directory listing."""
+  """Barrier across processes (no-op for one): after process 0 changed the directory listing."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
 
 
 def _any_process(flag: bool) -> bool:
-  """True on every process if `flag` is True on any process (a collective: all processes must call it)."""
+  """True on every process if `flag` is True on any (a collective: every process must call it)."""
   if jax.process_count() == 1:
     return bool(flag)
   return bool(np.any(multihost_utils.process_allgather(np.array([int(bool(flag))], np.int32))))
 
 
-# ------------------------------------------------------------------------------------------ retention
+# ---------------------------------------------------------------------------------------- retention
 def _metric_value(metrics: Optional[dict], name: Optional[str]) -> Optional[float]:
   """The finite value of metric `name`, or None (absent, not a number, NaN/inf: never 'best')."""
   if name is None or not isinstance(metrics, dict) or name not in metrics:
@@ -210,7 +222,8 @@ def _metric_value(metrics: Optional[dict], name: Optional[str]) -> Optional[floa
   return value if math.isfinite(value) else None
 
 
-def _best_position(metrics_in_step_order: Sequence[Optional[dict]], name: Optional[str], mode: str) -> Optional[int]:
+def _best_position(metrics_in_step_order: Sequence[Optional[dict]], name: Optional[str],
+                   mode: str) -> Optional[int]:
   """Index of the best checkpoint; on ties the earliest wins (a later one must strictly improve)."""
   best, best_value = None, None
   for i, metrics in enumerate(metrics_in_step_order):
@@ -241,16 +254,27 @@ class _KeepLatestAndBest:
     return preserve
 
 
-# ----------------------------------------------------------------------------------- item conversion
-def _clean_metrics(metrics: Optional[dict]) -> Optional[dict]:
-  """{name: float} from scalars / 0-d arrays; anything else is a caller bug and raises."""
+# ---------------------------------------------------------------------------------- item conversion
+def _clean_metrics(metrics: Optional[dict], step: int) -> Optional[dict]:
+  """{name: float} from numeric scalars / 0-d arrays.
+
+  Other entries (reports, arrays) are left out of the checkpoint with a warning rather than failing
+  a save hours into a run.
+  """
   if metrics is None:
     return None
-  out = {}
+  out, skipped = {}, []
   for name, value in metrics.items():
-    if np.ndim(value) != 0:
-      raise ValueError(f"checkpoint metrics[{name!r}]: expected a scalar, got shape {np.shape(value)}")
-    out[str(name)] = float(np.asarray(value))
+    try:
+      out[str(name)] = float(np.asarray(value)) if np.ndim(value) == 0 else None
+    except (TypeError, ValueError):
+      out[str(name)] = None
+    if out[str(name)] is None:
+      del out[str(name)]
+      skipped.append(str(name))
+  if skipped:
+    logging.warning("checkpoint step %d: %d non-scalar metrics not stored with it: %s", step,
+                    len(skipped), skipped)
   return out
 
 
@@ -265,17 +289,18 @@ def _allgather_text(text: str) -> list:
 
 
 def _pack_data_state(data_state: dict) -> dict:
-  """JSON item holding every process's iterator state (each host reads its own shard of the data)."""
+  """JSON item holding every process's iterator state (each host reads its own shard of data)."""
   try:
     text = json.dumps(data_state, sort_keys=True)
   except (TypeError, ValueError) as e:
-    raise ValueError(f"checkpoint data_state: not JSON-serialisable ({e}); encode bytes e.g. as base64 text") from e
+    raise ValueError(f"checkpoint data_state: not JSON-serialisable ({e}); encode bytes e.g. as "
+                     "base64 text") from e
   texts = [text] if jax.process_count() == 1 else _allgather_text(text)
   return {"format": _FORMAT, "per_process": [json.loads(t) for t in texts]}
 
 
 def _unpack_data_state(packed: Optional[dict], step: int) -> Optional[dict]:
-  """This process's iterator state; None (with a warning) if the process count changed and states differ."""
+  """This process's iterator state; None (warned) if the process count changed and states differ."""
   if packed is None:
     return None
   per_process = packed["per_process"]
@@ -283,22 +308,22 @@ def _unpack_data_state(packed: Optional[dict], step: int) -> Optional[dict]:
     return per_process[jax.process_index()]
   if all(s == per_process[0] for s in per_process):
     return per_process[0]
-  logging.warning("checkpoint step %d: data-iterator state was saved by %d processes, this run has %d and the "
-                  "states differ; not restoring it (the data order restarts)", step, len(per_process),
-                  jax.process_count())
+  logging.warning("checkpoint step %d: data-iterator state was saved by %d processes, this run has "
+                  "%d and the states differ; not restoring it (the data order restarts)", step,
+                  len(per_process), jax.process_count())
   return None
 
 
 # ------------------------------------------------------------------------------- target tree checks
 def _saved_shapes(state_dir: epath.Path) -> dict:
-  """{path: shape} of the arrays saved in a pytree directory, from orbax's tree metadata (no data read)."""
+  """{path: shape} of the arrays saved in a pytree directory, from orbax's tree metadata."""
   tree = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree
   leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
   return {path_str(p): tuple(leaf.shape) for p, leaf in leaves}
 
 
 def _check_target(saved: dict, abstract, where: str, *, allow_unused: bool) -> None:
-  """Raises ValueError naming the paths where the target tree and the checkpoint disagree (a caller bug)."""
+  """Raises ValueError naming the paths where target and checkpoint disagree (a caller bug)."""
   wanted = {p: tuple(np.shape(leaf)) for p, leaf in _flatten(abstract).items()}
   missing = sorted(set(wanted) - set(saved))
   unused = sorted(set(saved) - set(wanted))
@@ -314,18 +339,19 @@ def _check_target(saved: dict, abstract, where: str, *, allow_unused: bool) -> N
   if problems:
     raise ValueError(f"{where}: checkpoint does not match the target tree: " + " | ".join(problems))
   if unused:
-    logging.warning("%s: %d checkpoint leaves not restored (not in the target), e.g. %s", where, len(unused),
-                    unused[:5])
+    logging.warning("%s: %d checkpoint leaves not restored (not in the target), e.g. %s", where,
+                    len(unused), unused[:5])
 
 
 def _with_shardings(abstract):
-  """Target leaves must say where to put the data; single-process runs default to device 0 (logged)."""
-  unplaced = [p for p, leaf in _flatten(abstract).items() if getattr(leaf, "sharding", None) is None]
+  """Target leaves must say where data goes; single-process runs default to device 0 (logged)."""
+  unplaced = [p for p, leaf in _flatten(abstract).items()
+              if getattr(leaf, "sharding", None) is None]
   if not unplaced:
     return abstract
   if jax.process_count() > 1:
-    raise ValueError(f"restore target: {len(unplaced)} leaves have no sharding (e.g. {unplaced[:3]}); pass "
-                     "jax.ShapeDtypeStruct leaves with .sharding set")
+    raise ValueError(f"restore target: {len(unplaced)} leaves have no sharding (e.g. "
+                     f"{unplaced[:3]}); pass jax.ShapeDtypeStruct leaves with .sharding set")
   logging.info("restore target: %d leaves without sharding placed on %s, e.g. %s", len(unplaced),
                jax.devices()[0], unplaced[:3])
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -333,16 +359,16 @@ def _with_shardings(abstract):
   def place(leaf):
     if getattr(leaf, "sharding", None) is not None:
       return leaf
-    return jax.ShapeDtypeStruct(np.shape(leaf), getattr(leaf, "dtype", None) or jnp.asarray(leaf).dtype,
-                                sharding=device)
+    dtype = getattr(leaf, "dtype", None) or jnp.asarray(leaf).dtype
+    return jax.ShapeDtypeStruct(np.shape(leaf), dtype, sharding=device)
   return jax.tree.map(place, abstract)
 
 
-# ---------------------------------------------------------------------------------------- preemption
+# --------------------------------------------------------------------------------------- preemption
 def _jax_preemption_sync_manager():
-  """jax's preemption sync manager when this is a multi-process run with jax.distributed up, else None.
+  """jax's preemption sync manager in a multi-process run with jax.distributed up, else None.
 
-  Its C++ notifier owns SIGTERM in that case; installing a Python SIGTERM handler would silently replace it.
+  Its C++ notifier owns SIGTERM then; a Python SIGTERM handler would silently replace it.
   """
   if jax.process_count() == 1:
     return None
@@ -354,12 +380,12 @@ def _jax_preemption_sync_manager():
 
 
 class PreemptionHandler:
-  """Turns SIGTERM/SIGINT into a flag the training loop polls; the handler itself only records the signal.
+  """Turns SIGTERM/SIGINT into a flag the training loop polls; the handler only records the signal.
 
-  Single process: Python handlers for both signals. Multi-process with jax.distributed: jax's notifier keeps
-  SIGTERM, SIGINT is forwarded to it, and `preempted(step)` is jax's preemption sync point, so every process
-  answers True at the same step (they must all call it every step). A second SIGINT while the first is
-  pending falls through to the previous handler (Ctrl-C twice still interrupts).
+  Single process: Python handlers for both signals. Multi-process with jax.distributed: jax's
+  notifier keeps SIGTERM, SIGINT is forwarded to it, and `preempted(step)` is jax's preemption sync
+  point, so every process answers True at the same step (all must call it every step). A second
+  SIGINT while the first is pending falls through to the previous handler (Ctrl-C twice interrupts).
   """
 
   def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
@@ -372,7 +398,8 @@ class PreemptionHandler:
   def install(self) -> "PreemptionHandler":
     """Installs the handlers; must run on the main thread (a Python signal rule)."""
     if threading.current_thread() is not threading.main_thread():
-      raise RuntimeError("install_preemption_handler: signal handlers can only be installed from the main thread")
+      raise RuntimeError("install_preemption_handler: signal handlers can only be installed from "
+                         "the main thread")
     self._sync_manager = _jax_preemption_sync_manager()
     for sig in self.signals:
       if sig == signal.SIGTERM and self._sync_manager is not None:
@@ -381,24 +408,28 @@ class PreemptionHandler:
     return self
 
   def _handle(self, signum, frame) -> None:
-    if self.received is not None and signum == signal.SIGINT:
+    if self.received is not None and signum == signal.SIGINT:  # impatient second Ctrl-C
       previous = self._previous.get(signum)
       if callable(previous):
         previous(signum, frame)
-      raise KeyboardInterrupt
+      elif previous != signal.SIG_IGN:
+        raise KeyboardInterrupt
+      return
     self.received = signum
 
   def preempted(self, step: Optional[int] = None) -> bool:
-    """True once a preemption signal arrived (multi-process: at the agreed step; `step` is then required)."""
+    """True once a preemption signal arrived (multi-process: at the agreed step; pass `step`)."""
     if jax.process_count() == 1:
       return self.received is not None
     if step is None:
-      raise ValueError("preempted(): multi-process runs must pass the current step on every process")
+      raise ValueError("preempted(): multi-process runs must pass the current step on every "
+                       "process")
     if self._sync_manager is None:
-      return _any_process(self.received is not None)  # no jax sync manager: agree with a small collective
+      # No jax sync manager: agree with a small collective (a host sync on every call).
+      return _any_process(self.received is not None)
     if self.received is not None and not self._forwarded:
       self._forwarded = True
-      os.kill(os.getpid(), signal.SIGTERM)  # hand SIGINT to jax's notifier, which runs the step agreement
+      os.kill(os.getpid(), signal.SIGTERM)  # hand SIGINT to jax's notifier (runs the agreement)
     return multihost_utils.reached_preemption_sync_point(int(step))
 
   def uninstall(self) -> None:
@@ -408,20 +439,21 @@ class PreemptionHandler:
     self._previous = {}
 
 
-def install_preemption_handler(signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> PreemptionHandler:
+def install_preemption_handler(
+    signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> PreemptionHandler:
   """Installs and returns a `PreemptionHandler` for `signals` (call from the main thread)."""
   return PreemptionHandler(signals).install()
 
 
-# --------------------------------------------------------------------------------------- checkpointer
+# ------------------------------------------------------------------------------------- checkpointer
 def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
-  """Explicit handlers so a fresh process can read metadata and restore before it has saved anything."""
+  """Explicit handlers, so a fresh process can read metadata and restore before any save."""
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
   state_handler = ocp.handlers.StandardCheckpointHandler()
   registry.add(STATE, ocp.args.StandardSave, state_handler)
   registry.add(STATE, ocp.args.StandardRestore, state_handler)
   for item in (INTEGRITY, DATA):
-    json_handler = ocp.handlers.JsonCheckpointHandler()  # writes from the primary host (process 0) only
+    json_handler = ocp.handlers.JsonCheckpointHandler()  # writes on the primary host (process 0)
     registry.add(item, ocp.args.JsonSave, json_handler)
     registry.add(item, ocp.args.JsonRestore, json_handler)
   return registry  # METRICS: CheckpointManager registers its own JSON handler under that name.
@@ -433,23 +465,23 @@ def _as_path(directory: PathLike) -> epath.Path:
 
 
 class Checkpointer:
-  """Owns one run's checkpoint directory: when to save, what to keep, and what is safe to restore.
+  """Owns one run's checkpoint directory: when to save, what to keep, what is safe to restore.
 
-  All processes construct it and call `save`/`restore` together (orbax saves are collective); JSON items
-  and directory housekeeping are done by process 0.
+  All processes construct it and call `save`/`restore` together (orbax saves are collective);
+  JSON items and directory housekeeping are written by process 0.
   """
 
   def __init__(self, directory: PathLike, *, keep: int = 2, best_metric: Optional[str] = None,
                best_mode: str = "max", save_every: int = 0, async_save: bool = True):
-    """Opens (creating if needed) a checkpoint directory.
+    """Opens (creating if needed) a checkpoint directory; moves aside damaged steps found in it.
 
     Args:
-      directory: where step directories live (local path or a URL orbax understands, e.g. gs://).
+      directory: where step directories live (local path, or a URL orbax understands).
       keep: number of most recent checkpoints kept (>= 1).
-      best_metric: metric name whose best checkpoint is also kept (never deleted while best); None: off.
+      best_metric: metric whose best checkpoint is also kept (never deleted while best).
       best_mode: 'max' or 'min' for `best_metric`.
-      save_every: a non-forced `save` writes when step % save_every == 0; 0 writes only forced saves.
-      async_save: write in a background thread after the device->host copy (`save` returns early).
+      save_every: a non-forced `save` writes when step % save_every == 0 (0: forced saves only).
+      async_save: write in a background thread after the device->host copy.
     """
     if keep < 1:
       raise ValueError(f"Checkpointer(keep={keep}): expected >= 1")
@@ -458,7 +490,8 @@ class Checkpointer:
     if save_every < 0:
       raise ValueError(f"Checkpointer(save_every={save_every}): expected >= 0")
     self.directory = _as_path(directory)
-    self.keep, self.best_metric, self.best_mode, self.save_every = keep, best_metric, best_mode, save_every
+    self.keep, self.best_metric, self.best_mode = keep, best_metric, best_mode
+    self.save_every = save_every
     self._metrics_cache: dict = {}
     self._preemption: Optional[PreemptionHandler] = None
     if jax.process_index() == 0:
@@ -467,22 +500,23 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=_KeepLatestAndBest(keep, best_metric, best_mode),
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handler_registry())
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          handler_registry=_handler_registry())
 
   def _scan_directory(self) -> None:
-    """Warns about half-written saves (orbax deletes them) and moves aside finished-looking but bad steps."""
+    """Warns about half-written saves (orbax deletes them); moves aside damaged finished steps."""
     if not self.directory.exists():
       return
     for path in self.directory.iterdir():
       if ".orbax-checkpoint-tmp" in path.name:
-        logging.warning("checkpoint %s: half-written save of step %s (interrupted); ignored and removed",
-                        path, path.name.split(".")[0])
+        logging.warning("checkpoint %s: half-written save of step %s (interrupted); ignored and "
+                        "removed", path, path.name.split(".")[0])
     for step, path in sorted(_step_dirs(self.directory).items()):
       reason = invalid_reason(path)
       if reason is not None:
         moved = _quarantine(path)
-        logging.warning("checkpoint step %d in %s is incomplete or corrupted (%s); moved to %s and not used",
-                        step, self.directory, reason, moved.name)
+        logging.warning("checkpoint step %d in %s is incomplete or corrupted (%s); moved to %s and "
+                        "not used", step, self.directory, reason, moved.name)
 
   # -- queries
   def all_steps(self) -> list:
@@ -498,7 +532,7 @@ class Checkpointer:
     return self._metrics_cache[step]
 
   def best_step(self) -> Optional[int]:
-    """Step with the best `best_metric` (ties: earliest); None if off or no checkpoint has that metric."""
+    """Step with the best `best_metric` (ties: the earliest); None if off or never measured."""
     steps = self.all_steps()
     best = _best_position([self._metrics(s) for s in steps], self.best_metric, self.best_mode)
     return None if best is None else steps[best]
@@ -510,22 +544,22 @@ class Checkpointer:
   # -- saving
   def save(self, step: int, state, *, data_state: Union[dict, Callable[[], dict], None] = None,
            metrics: Optional[dict] = None, force: bool = False) -> bool:
-    """Saves `state` (+ data-iterator state + metrics) as checkpoint `step` if due; all processes call it.
+    """Saves `state` (+ data-iterator state, metrics) as checkpoint `step` if due (all processes).
 
     Args:
       step: number of completed training steps the state reflects.
       state: pytree of jax arrays (e.g. a TrainState); sharded arrays are written shard by shard.
-      data_state: JSON-serialisable iterator state for resuming the data stream exactly, or a
+      data_state: JSON-serialisable iterator state to resume the data stream exactly, or a
         zero-argument callable returning it (only called when a save happens).
-      metrics: flat {name: scalar}; `best_metric` among them makes this step a candidate for best.
+      metrics: flat {name: scalar}; with `best_metric` among them the step competes for best.
       force: save regardless of `save_every` (final step, preemption).
 
     Returns:
-      True if a save was started (async: call `wait()`/`close()` before the process exits).
+      True if a save was started; async saves commit later (`wait()`/`close()` before exiting).
 
     Raises:
-      ValueError: `step` is below the latest checkpoint (the run would fork its own history), or
-        metrics/data_state are malformed.
+      ValueError: `step` is below the latest checkpoint (a fork of the run's history), or
+        `data_state` is not JSON-serialisable.
     """
     step = int(step)
     if not force and not self.should_save(step):
@@ -535,11 +569,11 @@ class Checkpointer:
       if step == latest:
         logging.info("checkpoint step %d already saved; not saving it again", step)
         return False
-      raise ValueError(f"checkpoint save at step {step} but {self.directory} already has step {latest}: "
-                       "use a fresh directory to branch a run")
-    metrics = _clean_metrics(metrics)
-    items = {STATE: ocp.args.StandardSave(state),
-             INTEGRITY: ocp.args.JsonSave({"format": _FORMAT, "leaves": fingerprints(state)})}
+      raise ValueError(f"checkpoint save at step {step} but {self.directory} already has step "
+                       f"{latest}: use a fresh directory to branch a run")
+    metrics = _clean_metrics(metrics, step)
+    record = {"format": _FORMAT, "leaves": fingerprints(state)}
+    items = {STATE: ocp.args.StandardSave(state), INTEGRITY: ocp.args.JsonSave(record)}
     data_state = data_state() if callable(data_state) else data_state
     if data_state is not None:
       items[DATA] = ocp.args.JsonSave(_pack_data_state(data_state))
@@ -548,7 +582,7 @@ class Checkpointer:
     saved = self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
     if saved:
       self._metrics_cache[step] = metrics
-      logging.info("checkpoint step %d -> %s%s", step, self.directory, f" {metrics}" if metrics else "")
+      logging.info("checkpoint step %d -> %s %s", step, self.directory, metrics or "")
     return bool(saved)
 
   def wait(self) -> None:
@@ -556,7 +590,7 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for pending saves, releases orbax resources and restores previous signal handlers."""
+    """Waits for pending saves, releases orbax resources, restores previous signal handlers."""
     self.wait()
     self._manager.close()
     if self._preemption is not None:
@@ -577,7 +611,10 @@ class Checkpointer:
     return self._preemption
 
   def preempted(self, step: Optional[int] = None) -> bool:
-    """True when the loop should save (force=True), close and exit; False if no handler is installed."""
+    """True when the loop should save (force=True), close and exit; False without a handler.
+
+    Multi-process runs must pass `step` on every process at every step (see PreemptionHandler).
+    """
     return self._preemption is not None and self._preemption.preempted(step)
 
   # -- restoring
@@ -585,22 +622,23 @@ class Checkpointer:
     """Restores onto the shardings of `abstract_state`, whatever mesh or device count saved it.
 
     Args:
-      abstract_state: pytree of jax.ShapeDtypeStruct (with .sharding) matching the saved state.
-      step: a specific step (errors are raised), or None for the latest complete checkpoint: a bad
-        one is moved aside with a warning naming its step and the previous one is tried.
+      abstract_state: pytree of jax.ShapeDtypeStruct (with .sharding) like the saved state.
+      step: a specific step (damage raises), or None for the latest complete checkpoint: a bad
+        one is moved aside with a warning naming its step, and the previous one is tried.
 
     Returns:
-      (state, data_state, metrics) or None when there is no (complete) checkpoint.
+      (state, data_state, metrics), or None when there is no (complete) checkpoint.
 
     Raises:
-      ValueError: `abstract_state` does not match the checkpoint (paths/shapes named).
+      ValueError: `abstract_state` does not match the checkpoint (paths and shapes named).
       CorruptCheckpointError: the requested `step` is damaged.
     """
     self.wait()
     abstract_state = _with_shardings(abstract_state)
     if step is not None:
       if step not in self.all_steps():
-        raise FileNotFoundError(f"no checkpoint step {step} in {self.directory} (have {self.all_steps()})")
+        raise FileNotFoundError(f"no checkpoint step {step} in {self.directory} "
+                                f"(have {self.all_steps()})")
       return self._restore_step(step, abstract_state)
     for candidate in reversed(self.all_steps()):
       try:
@@ -610,24 +648,24 @@ class Checkpointer:
     return None
 
   def _set_aside(self, step: int, reason: str) -> None:
-    """Moves a bad step out of the way (process 0) so later saves of that step are possible; warns."""
-    moved = None
+    """Moves a bad step out of the way (process 0), so the run can save that step again; warns."""
+    moved = "<step>.corrupt-*"
     if jax.process_index() == 0:
       moved = _quarantine(self.directory / str(step)).name
-    logging.warning("checkpoint step %d in %s is corrupted (%s); moved to %s; falling back to the previous "
-                    "complete checkpoint", step, self.directory, reason, moved or "<step>.corrupt-*")
+    logging.warning("checkpoint step %d in %s is corrupted (%s); moved to %s; falling back to the "
+                    "previous complete checkpoint", step, self.directory, reason, moved)
     _sync(f"checkpoint:set_aside:{step}")
     self._manager.reload()
     self._metrics_cache.pop(step, None)
 
   def _restore_step(self, step: int, abstract_state):
-    """One verified restore; CorruptCheckpointError (agreed by all processes) if the step cannot be trusted."""
+    """One verified restore; CorruptCheckpointError (agreed by all processes) if untrustworthy."""
     step_dir = self.directory / str(step)
     reason = invalid_reason(step_dir)
     if reason is None:
       try:
         saved = _saved_shapes(step_dir / STATE)
-      except Exception as e:  # pylint: disable=broad-except  # any failure to read metadata = damaged step
+      except Exception as e:  # pylint: disable=broad-except  # unreadable metadata = damaged step
         reason = f"unreadable tree metadata: {type(e).__name__}: {e}"
     if _any_process(reason is not None):
       raise CorruptCheckpointError(reason or "another process could not read it")
@@ -638,7 +676,7 @@ class Checkpointer:
     return result
 
   def _read_and_verify(self, step: int, step_dir: epath.Path, abstract_state):
-    """Reads all items and compares value fingerprints; returns (result, None) or (None, reason)."""
+    """Reads all items and compares value fingerprints: (result, None) or (None, reason)."""
     items = {STATE: ocp.args.StandardRestore(abstract_state), INTEGRITY: ocp.args.JsonRestore()}
     for name in (DATA, METRICS):
       if (step_dir / name).exists():
@@ -649,46 +687,47 @@ class Checkpointer:
       return None, f"orbax restore failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
     bad, unchecked = _integrity_mismatches(restored[STATE], restored[INTEGRITY])
     if bad:
-      return None, f"values differ from the save-time fingerprints in {len(bad)} leaves, e.g. {bad[:3]}"
+      return None, (f"values differ from the save-time fingerprints in {len(bad)} leaves, "
+                    f"e.g. {bad[:3]}")
     if unchecked:
-      logging.info("checkpoint step %d: %d leaves restored with another dtype/shape, not fingerprint-checked",
-                   step, unchecked)
-    data_state = _unpack_data_state(restored.get(DATA) if DATA in items else None, step)
-    metrics = restored.get(METRICS) if METRICS in items else None
+      logging.info("checkpoint step %d: %d leaves restored with another dtype/shape than saved, "
+                   "not fingerprint-checked", step, unchecked)
+    data_state = _unpack_data_state(restored[DATA] if DATA in items else None, step)
+    metrics = restored[METRICS] if METRICS in items else None
     logging.info("restored checkpoint step %d from %s", step, self.directory)
     return (restored[STATE], data_state, metrics), None
 
 
-# ------------------------------------------------------------------------------------ params-only restore
+# ------------------------------------------------------------------------------ params-only restore
 def _resolve_step_dir(path: epath.Path) -> epath.Path:
-  """A step directory from a step directory or a run directory (its latest complete step, read-only)."""
+  """A step directory given itself or a run directory (its latest complete step; read-only)."""
   if (path / STATE).exists() or (path / _STEP_METADATA).exists():
     return path
   for step, step_dir in sorted(_step_dirs(path).items(), reverse=True):
     reason = invalid_reason(step_dir)
     if reason is None:
       return step_dir
-    logging.warning("init checkpoint %s: step %d is incomplete or corrupted (%s); trying an earlier step",
-                    path, step, reason)
-  raise FileNotFoundError(f"{path}: no complete checkpoint (expected a step directory or a run directory "
-                          "containing <step>/state)")
+    logging.warning("init checkpoint %s: step %d is incomplete or corrupted (%s); trying an "
+                    "earlier step", path, step, reason)
+  raise FileNotFoundError(f"{path}: no complete checkpoint (expected a step directory, or a run "
+                          "directory containing <step>/state)")
 
 
 def restore_params(directory_or_step_path: PathLike, abstract_params, *, subtree: str = "params"):
-  """Restores only the `subtree` (e.g. 'params') of another run's saved state, e.g. to initialise from it.
+  """Restores only `subtree` (e.g. 'params') of another run's saved state: initialising from it.
 
   Args:
-    directory_or_step_path: a run's checkpoint directory (its latest complete step is used) or one step
-      directory `<dir>/<step>`.
-    abstract_params: pytree of jax.ShapeDtypeStruct (with .sharding) for the leaves to load; every leaf
-      must exist in the checkpoint with the same shape (dtype may differ: it is cast).
+    directory_or_step_path: a run's checkpoint directory (its latest complete step is used) or a
+      step directory `<dir>/<step>` written by `Checkpointer`.
+    abstract_params: pytree of jax.ShapeDtypeStruct (with .sharding) of the leaves to load; each
+      must exist in the checkpoint with the same shape (the dtype may differ: it is cast).
     subtree: '/'-separated path of the params inside the saved state ('' for the whole state).
 
   Returns:
     The restored pytree, structured like `abstract_params`.
 
   Raises:
-    ValueError: leaves missing from the checkpoint or with other shapes (paths named).
+    ValueError: leaves missing from the checkpoint or shaped differently (paths named).
     CorruptCheckpointError: the step fails its completeness checks or value fingerprints.
   """
   step_dir = _resolve_step_dir(_as_path(directory_or_step_path))
@@ -704,13 +743,15 @@ def restore_params(directory_or_step_path: PathLike, abstract_params, *, subtree
   if not saved:
     raise ValueError(f"{step_dir / STATE}: no saved subtree {subtree!r}")
   _check_target(saved, target, f"{step_dir / STATE}", allow_unused=True)
-  restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
-      step_dir / STATE, args=ocp.args.PyTreeRestore(
-          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-  bad, _ = _integrity_mismatches(restored, _read_json(step_dir / INTEGRITY / _JSON_FILES[INTEGRITY]))
+  args = ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+    restored = reader.restore(step_dir / STATE, args=args)
+  record = _read_json(step_dir / INTEGRITY / _JSON_FILES[INTEGRITY])
+  bad, _ = _integrity_mismatches(restored, record)
   if bad:
-    raise CorruptCheckpointError(f"{step_dir}: values differ from the save-time fingerprints in {len(bad)} "
-                                 f"leaves, e.g. {bad[:3]}")
+    raise CorruptCheckpointError(f"{step_dir}: values differ from the save-time fingerprints in "
+                                 f"{len(bad)} leaves, e.g. {bad[:3]}")
   logging.info("initialised %d leaves of %r from %s", len(_flatten(restored)), subtree, step_dir)
   for key in keys:
     restored = restored[key]

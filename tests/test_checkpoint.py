@@ -129,12 +129,13 @@ def test_save_every_force_and_step_order(tmp_path):
   assert not ck.save(7, _state(7), force=True)  # same step again (e.g. final save right after a periodic one)
   with pytest.raises(ValueError, match="already has step 7"):
     ck.save(5, _state(5), force=True)
-  with pytest.raises(ValueError, match="metrics"):
-    ck.save(8, _state(8), metrics={"vec": np.ones(3)}, force=True)
+  assert ck.save(8, _state(8), metrics={"vec": np.ones(3), "report": "text", "f1": np.float32(0.5)}, force=True)
+  ck.wait()
+  assert ck.restore(_abstract(_state(0)))[2] == {"f1": 0.5}  # non-scalars skipped (with a warning)
   with pytest.raises(ValueError, match="data_state"):
     ck.save(9, _state(9), data_state={"blob": b"raw"}, force=True)
   ck.close()
-  assert checkpoint.Checkpointer(tmp_path).all_steps() == [3, 6, 7]
+  assert checkpoint.Checkpointer(tmp_path).all_steps() == [3, 6, 7, 8]
 
 
 def test_async_save_is_safe_against_buffer_donation(tmp_path):
@@ -301,6 +302,9 @@ def test_sigint_sets_flag_and_uninstall_restores_handler():
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(0.05)
     assert handler.preempted() and handler.received == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C still interrupts
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.05)
   finally:
     handler.uninstall()
   assert signal.getsignal(signal.SIGINT) is before
