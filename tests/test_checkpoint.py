@@ -164,6 +164,58 @@ def test_target_mismatch_is_an_error_not_corruption(tmp_path):
   ck.close()
 
 
+class _ShuffledBatches:
+  """Toy data iterator with get_state/set_state: epoch-seeded permutations of 10 examples, batch 3."""
+
+  def __init__(self):
+    self.epoch, self.pos = 0, 0
+
+  def __next__(self) -> np.ndarray:
+    order = np.random.default_rng(self.epoch).permutation(10)
+    if self.pos + 3 > 10:
+      self.epoch, self.pos = self.epoch + 1, 0
+      order = np.random.default_rng(self.epoch).permutation(10)
+    batch = order[self.pos:self.pos + 3]
+    self.pos += 3
+    return batch
+
+  def get_state(self) -> dict:
+    return {"epoch": self.epoch, "pos": self.pos}
+
+  def set_state(self, state: dict) -> None:
+    self.epoch, self.pos = state["epoch"], state["pos"]
+
+
+def _toy_run(directory, stop_at: int, total: int = 11):
+  """A fit-loop in miniature: resume if possible, train to `stop_at` (preempted) or `total`."""
+  update = jax.jit(lambda w, b: w * 0.5 + jnp.sum(b).astype(jnp.float32))
+  data, seen = _ShuffledBatches(), []
+  w, start = jnp.zeros(()), 0
+  with checkpoint.Checkpointer(directory, save_every=4) as ck:
+    restored = ck.restore({"w": jax.ShapeDtypeStruct((), jnp.float32)})
+    if restored is not None:
+      (state, data_state, _), start = restored, ck.latest_step()
+      w = state["w"]
+      data.set_state(data_state)
+    for step in range(start + 1, total + 1):
+      batch = next(data)
+      seen.append(batch.tolist())
+      w = update(w, batch)
+      if step == stop_at:  # what the preemption branch does
+        ck.save(step, {"w": w}, data_state=data.get_state, force=True)
+        return seen, w
+      ck.save(step, {"w": w}, data_state=data.get_state)
+  return seen, w
+
+
+def test_resumed_run_sees_the_same_batches_as_an_uninterrupted_one(tmp_path):
+  reference_batches, reference_w = _toy_run(tmp_path / "a", stop_at=-1)
+  first, _ = _toy_run(tmp_path / "b", stop_at=6)  # periodic save at 4, preempted at 6
+  second, w = _toy_run(tmp_path / "b", stop_at=-1)
+  assert first + second == reference_batches
+  assert float(w) == float(reference_w)
+
+
 # ---------------------------------------------------------------------------- corruption / fallback
 def _truncate(path: str, keep_fraction: float = 0.5) -> None:
   with open(path, "r+b") as f:
