@@ -1,4 +1,4 @@
-"""Multi-host start-up: `jax.distributed.initialize` from arguments, WORKBENCH_* variables or a detected cluster."""
+"""Multi-host start-up: jax.distributed from arguments, WORKBENCH_* variables or the cluster."""
 
 import os
 from typing import Optional, Sequence, Union
@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Union
 import jax
 from absl import logging
 
-# Environment variables read when the corresponding argument is None (scripts pass flags as arguments).
+# Read when the corresponding argument is None (scripts pass their flags as arguments).
 ENV_COORDINATOR = "WORKBENCH_COORDINATOR"  # "host:port" of process 0
 ENV_NUM_PROCESSES = "WORKBENCH_NUM_PROCESSES"
 ENV_PROCESS_ID = "WORKBENCH_PROCESS_ID"
@@ -33,8 +33,8 @@ def _env_device_ids() -> Optional[list]:
   try:
     return [int(v) for v in value.split(",")]
   except ValueError:
-    raise ValueError(f"environment variable {ENV_LOCAL_DEVICE_IDS}={value!r}: expected comma-separated "
-                     "integers such as '0,1'") from None
+    raise ValueError(f"environment variable {ENV_LOCAL_DEVICE_IDS}={value!r}: expected "
+                     "comma-separated integers such as '0,1'") from None
 
 
 def detected_cluster() -> Optional[str]:
@@ -50,7 +50,8 @@ def detected_cluster() -> Optional[str]:
   if "OMPI_MCA_orte_hnp_uri" in env and int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
     return "ompi"
   hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
-  if len([h for h in hosts.split(",") if h.strip()]) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+  multi_host_tpu = len([h for h in hosts.split(",") if h.strip()]) > 1
+  if multi_host_tpu or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return "tpu"
   return None
 
@@ -100,18 +101,21 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   _initialized = True
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)  # INFO logs from process 0 only; warnings from everyone.
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
   return True
 
 
 def _check_explicit(coordinator_address, num_processes, process_id) -> None:
-  """Explicit configuration must be complete: jax would otherwise try cluster auto-detection and hang."""
-  missing = [name for name, value in ((ENV_COORDINATOR + " / coordinator_address", coordinator_address),
-                                      (ENV_NUM_PROCESSES + " / num_processes", num_processes),
-                                      (ENV_PROCESS_ID + " / process_id", process_id)) if value is None]
+  """Explicit configuration must be complete: jax would otherwise fall back to auto-detection."""
+  given = {f"{ENV_COORDINATOR} / coordinator_address": coordinator_address,
+           f"{ENV_NUM_PROCESSES} / num_processes": num_processes,
+           f"{ENV_PROCESS_ID} / process_id": process_id}
+  missing = [name for name, value in given.items() if value is None]
   if missing:
-    raise ValueError(f"distributed.initialize: incomplete configuration, missing {', '.join(missing)}")
+    raise ValueError("distributed.initialize: incomplete configuration, missing "
+                     + ", ".join(missing))
   if not 0 <= process_id < num_processes:
     raise ValueError(f"distributed.initialize: process_id={process_id} not in [0, {num_processes})")
 

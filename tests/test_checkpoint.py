@@ -1,4 +1,4 @@
-"""Tests for lib/checkpoint.py and lib/distributed.py: retention, resume, corruption fallback, preemption, meshes."""
+"""Tests for lib/checkpoint.py and lib/distributed.py: keep, resume, damage, preemption, meshes."""
 
 import glob
 import inspect
@@ -23,7 +23,7 @@ from lib import distributed
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# ------------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------------ helpers
 def _state(k: int) -> dict:
   """Toy train state whose every value is a known function of k (so references are plain numpy)."""
   return {"params": {"w": jnp.asarray(_ref_w(k)), "b": jnp.full((8,), k, jnp.bfloat16)},
@@ -35,14 +35,15 @@ def _ref_w(k: int) -> np.ndarray:
 
 
 def _abstract(tree):
-  """ShapeDtypeStructs placed like the given arrays (python scalars: default device, left to the Checkpointer)."""
+  """ShapeDtypeStructs placed like the given arrays (python scalars: left to the Checkpointer)."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype,
                                                      sharding=getattr(x, "sharding", None)), tree)
 
 
 def _assert_state_is(state, k: int) -> None:
   np.testing.assert_array_equal(np.asarray(state["params"]["w"]), _ref_w(k))
-  np.testing.assert_array_equal(np.asarray(state["params"]["b"], np.float32), np.full((8,), k, np.float32))
+  np.testing.assert_array_equal(np.asarray(state["params"]["b"], np.float32),
+                                np.full((8,), k, np.float32))
   np.testing.assert_array_equal(np.asarray(state["opt_state"][0]["mu"]), _ref_w(k) * 2)
   assert int(state["step"]) == k
 
@@ -68,7 +69,7 @@ def _run(code: str, *args, devices: int = 1, timeout: int = 60) -> subprocess.Co
   return out
 
 
-# ------------------------------------------------------------------------------ save / restore / keep
+# ---------------------------------------------------------------------------- save / restore / keep
 def test_roundtrip_restores_latest_with_data_state_and_metrics(tmp_path):
   _save_steps(tmp_path, [1, 2, 3], keep=5).close()
   ck = checkpoint.Checkpointer(tmp_path)
@@ -98,7 +99,8 @@ def test_flax_train_state_with_optax_roundtrip(tmp_path):
   ts = ts.apply_gradients(grads=grads)  # non-trivial mu/nu/count
   with checkpoint.Checkpointer(tmp_path) as ck:
     ck.save(1, ts, force=True)
-  fresh = train_state.TrainState.create(apply_fn=None, params=jax.tree.map(jnp.zeros_like, params), tx=tx)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  fresh = train_state.TrainState.create(apply_fn=None, params=zeros, tx=tx)
   with checkpoint.Checkpointer(tmp_path) as ck:
     restored, _, _ = ck.restore(_abstract(fresh))
   assert type(restored) is type(ts) and int(restored.step) == 1
@@ -118,7 +120,8 @@ def test_keeps_last_k_and_best(tmp_path, mode, values, best):
   on_disk = sorted(int(p) for p in os.listdir(tmp_path) if p.isdigit())
   assert on_disk == sorted({best, 5, 6})
   ck.close()
-  assert checkpoint.Checkpointer(tmp_path, keep=2, best_metric="acc", best_mode=mode).best_step() == best
+  reopened = checkpoint.Checkpointer(tmp_path, keep=2, best_metric="acc", best_mode=mode)
+  assert reopened.best_step() == best  # from the metrics stored on disk
 
 
 def test_save_every_force_and_step_order(tmp_path):
@@ -126,10 +129,11 @@ def test_save_every_force_and_step_order(tmp_path):
   saved = [s for s in range(1, 8) if ck.save(s, _state(s))]
   assert saved == [3, 6]
   assert ck.save(7, _state(7), force=True)
-  assert not ck.save(7, _state(7), force=True)  # same step again (e.g. final save right after a periodic one)
+  assert not ck.save(7, _state(7), force=True)  # same step again: final save after a periodic one
   with pytest.raises(ValueError, match="already has step 7"):
     ck.save(5, _state(5), force=True)
-  assert ck.save(8, _state(8), metrics={"vec": np.ones(3), "report": "text", "f1": np.float32(0.5)}, force=True)
+  metrics = {"vec": np.ones(3), "report": "text", "f1": np.float32(0.5)}
+  assert ck.save(8, _state(8), metrics=metrics, force=True)
   ck.wait()
   assert ck.restore(_abstract(_state(0)))[2] == {"f1": 0.5}  # non-scalars skipped (with a warning)
   with pytest.raises(ValueError, match="data_state"):
@@ -141,7 +145,7 @@ def test_save_every_force_and_step_order(tmp_path):
 def test_async_save_is_safe_against_buffer_donation(tmp_path):
   ck = checkpoint.Checkpointer(tmp_path, async_save=True)
   state = _state(4)
-  bump = jax.jit(lambda s: jax.tree.map(lambda x: x + 100 if x is not None else x, s), donate_argnums=0)
+  bump = jax.jit(lambda s: jax.tree.map(lambda x: x + 100, s), donate_argnums=0)
   ck.save(4, state, force=True)
   for _ in range(3):
     state = bump(state)  # overwrites (donates) the buffers the save copied from
@@ -165,7 +169,7 @@ def test_target_mismatch_is_an_error_not_corruption(tmp_path):
 
 
 class _ShuffledBatches:
-  """Toy data iterator with get_state/set_state: epoch-seeded permutations of 10 examples, batch 3."""
+  """Toy data iterator with get_state/set_state: epoch-seeded permutations of 10, batches of 3."""
 
   def __init__(self):
     self.epoch, self.pos = 0, 0
@@ -237,8 +241,8 @@ def _swap_state_from_step(step_dir: str) -> None:
 
 CORRUPTIONS = {
     "truncated_state_files": _truncate_state_files,
-    "truncated_largest_data_file": lambda d: _truncate(max(glob.glob(f"{d}/state/**/d/*", recursive=True),
-                                                           key=os.path.getsize), 0.3),
+    "truncated_largest_data_file": lambda d: _truncate(
+        max(glob.glob(f"{d}/state/**/d/*", recursive=True), key=os.path.getsize), 0.3),
     "no_commit_marker": lambda d: os.remove(os.path.join(d, "commit_success.txt")),
     "truncated_step_metadata": lambda d: _truncate(os.path.join(d, "_CHECKPOINT_METADATA")),
     "truncated_data_state_json": lambda d: _truncate(os.path.join(d, "data_state", "metadata")),
@@ -261,8 +265,11 @@ ck.close()
 
 @pytest.fixture(scope="module")
 def saved_in_other_process(tmp_path_factory):
-  """Steps 1-3 written by another process: tensorstore caches what this process wrote, which would hide
-  on-disk damage from an in-process restore (a resumed run is always a fresh process)."""
+  """Steps 1-3 written by another process.
+
+  tensorstore caches what this process wrote, which would hide on-disk damage from an in-process
+  restore (a resumed run is always a fresh process).
+  """
   directory = tmp_path_factory.mktemp("saved") / "ck"
   helpers = inspect.getsource(_ref_w) + inspect.getsource(_state)
   _run(_SAVE_STEPS_WORKER.format(helpers=helpers), directory)
@@ -270,7 +277,8 @@ def saved_in_other_process(tmp_path_factory):
 
 
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
-def test_corrupt_latest_is_skipped_with_warning(tmp_path, caplog, corruption, saved_in_other_process):
+def test_corrupt_latest_is_skipped_with_warning(tmp_path, caplog, corruption,
+                                                saved_in_other_process):
   shutil.copytree(saved_in_other_process, tmp_path, dirs_exist_ok=True)
   CORRUPTIONS[corruption](str(tmp_path / "3"))
   caplog.set_level("WARNING")
@@ -330,7 +338,7 @@ def test_fingerprint_is_sharding_independent_and_sensitive():
   assert checkpoint.fingerprints({"x": jnp.asarray(flipped)})["x"]["fp"] != base
 
 
-# ------------------------------------------------------------------------------------- params-only
+# -------------------------------------------------------------------------------------- params-only
 def test_restore_params_from_run_dir_and_step_dir(tmp_path):
   _save_steps(tmp_path / "run", [1, 2]).close()
   abstract_params = _abstract(_state(0)["params"])
@@ -369,8 +377,10 @@ _SIGTERM_WORKER = """
   directory, progress = sys.argv[1], sys.argv[2]
   ck = checkpoint.Checkpointer(directory, keep=2, save_every=1000)
   ck.install_preemption_handler()
-  state = {"w": jnp.zeros((4, 8), jnp.float32), "n": jnp.zeros((), jnp.int32), "h": jnp.zeros((3,), jnp.bfloat16)}
-  update = jax.jit(lambda s: {"w": s["w"] + 1.0, "n": s["n"] + 1, "h": s["h"] + 1}, donate_argnums=0)
+  state = {"w": jnp.zeros((4, 8), jnp.float32), "n": jnp.zeros((), jnp.int32),
+           "h": jnp.zeros((3,), jnp.bfloat16)}
+  update = jax.jit(lambda s: {"w": s["w"] + 1.0, "n": s["n"] + 1, "h": s["h"] + 1},
+                   donate_argnums=0)
   for step in range(1, 250):
     state = update(state)
     if step == 3:
@@ -389,9 +399,9 @@ _SIGTERM_WORKER = """
 
 def test_sigterm_mid_run_leaves_complete_checkpoint_at_current_step(tmp_path):
   progress = tmp_path / "progress"
-  proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_SIGTERM_WORKER), str(tmp_path / "ck"),
-                           str(progress)], cwd=REPO, env=_env(1), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_SIGTERM_WORKER),
+                           str(tmp_path / "ck"), str(progress)], cwd=REPO, env=_env(1),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 40
   while time.time() < deadline and not (progress.exists() and progress.read_text().strip() and
                                         int(progress.read_text()) >= 6):
@@ -405,7 +415,8 @@ def test_sigterm_mid_run_leaves_complete_checkpoint_at_current_step(tmp_path):
   assert step >= signalled_at
   with checkpoint.Checkpointer(tmp_path / "ck") as ck:
     assert ck.all_steps() == [3, step]
-    abstract = {"w": jax.ShapeDtypeStruct((4, 8), jnp.float32), "n": jax.ShapeDtypeStruct((), jnp.int32),
+    abstract = {"w": jax.ShapeDtypeStruct((4, 8), jnp.float32),
+                "n": jax.ShapeDtypeStruct((), jnp.int32),
                 "h": jax.ShapeDtypeStruct((3,), jnp.bfloat16)}
     state, data_state, _ = ck.restore(abstract)
   np.testing.assert_array_equal(np.asarray(state["w"]), np.full((4, 8), step, np.float32))
@@ -413,7 +424,7 @@ def test_sigterm_mid_run_leaves_complete_checkpoint_at_current_step(tmp_path):
   np.testing.assert_array_equal(np.asarray(state["h"], np.float32), np.full((3,), step, np.float32))
 
 
-# ---------------------------------------------------------------------------------- mesh changes
+# ------------------------------------------------------------------------------------- mesh changes
 _SAVE_ON_8 = """
   import sys
   import jax, numpy as np
@@ -443,7 +454,8 @@ _RESTORE_ON_1 = """
   with checkpoint.Checkpointer(sys.argv[1]) as ck:
     state, data_state, _ = ck.restore(abstract)
   assert data_state == {"epoch": 1}, data_state
-  for name, x in [("w", state["params"]["w"]), ("v", state["params"]["v"]), ("step", state["step"])]:
+  leaves = [("w", state["params"]["w"]), ("v", state["params"]["v"]), ("step", state["step"])]
+  for name, x in leaves:
     assert x.sharding == one
     np.save(os.path.join(sys.argv[2], name + ".npy"), np.asarray(x))
   p = checkpoint.restore_params(sys.argv[1], {"w": abstract["params"]["w"]})
@@ -464,7 +476,7 @@ def test_saved_on_8_devices_restores_on_1_bitwise(tmp_path):
   assert int(np.load(out / "step.npy")) == 5
 
 
-# -------------------------------------------------------------------------------------- multi-host
+# --------------------------------------------------------------------------------------- multi-host
 _TWO_PROCESS_WORKER = """
   import os, signal, sys, time
   from lib import distributed
@@ -506,8 +518,9 @@ def test_two_processes_agree_on_preemption_step_and_save_together(tmp_path):
   for pid in range(2):
     env = dict(_env(2), WORKBENCH_COORDINATOR=f"localhost:{port}", WORKBENCH_NUM_PROCESSES="2",
                WORKBENCH_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen([sys.executable, "-c", textwrap.dedent(_TWO_PROCESS_WORKER), str(tmp_path)],
-                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    cmd = [sys.executable, "-c", textwrap.dedent(_TWO_PROCESS_WORKER), str(tmp_path)]
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
   outs = [p.communicate(timeout=90) for p in procs]
   for p, (stdout, stderr) in zip(procs, outs):
     assert p.returncode == 0, stderr[-3000:]
@@ -518,14 +531,15 @@ def test_two_processes_agree_on_preemption_step_and_save_together(tmp_path):
     assert json.load(f)["per_process"] == [{"shard": 0, "pos": step}, {"shard": 1, "pos": step}]
   with checkpoint.Checkpointer(tmp_path) as ck:  # this single process restores the 4-device save
     state, data_state, _ = ck.restore({"w": jax.ShapeDtypeStruct((8, 4), jnp.float32)})
-  np.testing.assert_array_equal(np.asarray(state["w"]), np.arange(32, dtype=np.float32).reshape(8, 4) + step)
+  expected = np.arange(32, dtype=np.float32).reshape(8, 4) + step
+  np.testing.assert_array_equal(np.asarray(state["w"]), expected)
   assert data_state is None  # per-process iterator states cannot be mapped onto one process
 
 
 def test_distributed_single_process_is_noop_and_incomplete_config_raises(monkeypatch):
-  for var in ("WORKBENCH_COORDINATOR", "WORKBENCH_NUM_PROCESSES", "WORKBENCH_PROCESS_ID", "SLURM_JOB_ID",
-              "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES",
-              "MEGASCALE_COORDINATOR_ADDRESS"):
+  for var in ("WORKBENCH_COORDINATOR", "WORKBENCH_NUM_PROCESSES", "WORKBENCH_PROCESS_ID",
+              "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES",
+              "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS"):
     monkeypatch.delenv(var, raising=False)
   assert distributed.detected_cluster() is None
   assert distributed.initialize() is False
