@@ -490,10 +490,11 @@ _TWO_PROCESS_WORKER = """
   w0 = np.arange(32, dtype=np.float32).reshape(8, 4)
   w = jax.make_array_from_callback((8, 4), sharding, lambda idx: w0[idx])
   update = jax.jit(lambda x: x + 1.0, out_shardings=sharding)
-  ck = checkpoint.Checkpointer(sys.argv[1], keep=2)
+  ck = checkpoint.Checkpointer(sys.argv[1], keep=2, save_every=3)
   ck.install_preemption_handler()
   for step in range(1, 400):
     w = update(w)
+    ck.save(step, {"w": w}, data_state={"shard": pid, "pos": step})  # periodic, every 3 steps
     if pid == 1 and step == 5:
       os.kill(os.getpid(), signal.SIGTERM)  # only one host is told
     if ck.preempted(step):
@@ -527,6 +528,8 @@ def test_two_processes_agree_on_preemption_step_and_save_together(tmp_path):
   steps = [int(stdout.split("PREEMPTED")[1].split()[0]) for stdout, _ in outs]
   assert steps[0] == steps[1] >= 5, steps
   step = steps[0]
+  on_disk = sorted(int(p) for p in os.listdir(tmp_path) if p.isdigit())
+  assert on_disk == [3 * ((step - 1) // 3), step] if step % 3 else [step - 3, step], on_disk
   with open(tmp_path / str(step) / "data_state" / "metadata") as f:
     assert json.load(f)["per_process"] == [{"shard": 0, "pos": step}, {"shard": 1, "pos": step}]
   with checkpoint.Checkpointer(tmp_path) as ck:  # this single process restores the 4-device save
