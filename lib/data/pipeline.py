@@ -1,6 +1,8 @@
 """Batch iterators: tokenise a split once, deterministic (seed, epoch) batch plans, buckets, resumable state."""
 
 import collections
+import hashlib
+import json
 import logging
 import os
 from typing import Callable, Optional, Sequence
@@ -18,6 +20,8 @@ DEFAULT_DATA_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 LABEL_KEY = {"conll2003": "ner", "brown_pos": "tags"}
 _FEATURE_CACHE = collections.OrderedDict()   # tokenised splits, so a second iterator costs nothing
 _FEATURE_CACHE_SIZE = 8
+# Part of every tokenised-features cache key: bump when tokenisation, windowing or feature layout changes.
+FEATURES_VERSION = "1"
 
 
 # ---------------------------------------------------------------- sharding and reading
@@ -35,9 +39,48 @@ def read_shard(source, shard_index: int = 0, shard_count: int = 1) -> list:
   return list(source.__getitems__(list(range(start, end)))) if end > start else []
 
 
-def _cached(key, build: Callable):
+def _save_features(path, feats, info):
+  """Rows of equal-length 1-D int arrays plus int scalars -> one .npz (concatenated arrays + row lengths)."""
+  keys = list(feats[0]) if feats else []
+  arrays = [k for k in keys if np.ndim(feats[0][k]) == 1]
+  out = {"__info": np.array(json.dumps(info)), "__arrays": np.array(arrays, dtype=str),
+         "__len": np.array([len(f[arrays[0]]) for f in feats] if arrays else [0] * len(feats), np.int64)}
+  for k in keys:
+    out[k] = np.concatenate([f[k] for f in feats]) if k in arrays else np.array([f[k] for f in feats])
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.{os.getpid()}.tmp.npz"
+  np.savez(tmp, **out)
+  os.replace(tmp, path)   # atomic: concurrent readers see no file or the complete one
+
+
+def _load_features(path):
+  with np.load(path) as z:
+    cols = {k: z[k] for k in z.files}
+  info, arrays = json.loads(str(cols.pop("__info"))), set(cols.pop("__arrays").tolist())
+  ends = np.cumsum(cols.pop("__len"))
+  starts = (ends - np.diff(ends, prepend=0)).tolist()
+  ends = ends.tolist()
+  rows = [{} for _ in ends]
+  for k, v in cols.items():
+    if k in arrays:
+      for r, a, b in zip(rows, starts, ends):
+        r[k] = v[a:b]
+    else:
+      for r, x in zip(rows, v.tolist()):
+        r[k] = x
+  return rows, info
+
+
+def _cached(key, build: Callable, cache_dir):
+  """Features from memory, else from the on-disk cache (keyed by a hash of `key`), else built and saved."""
   if key not in _FEATURE_CACHE:
-    _FEATURE_CACHE[key] = build()
+    digest = hashlib.blake2b(repr((FEATURES_VERSION,) + key).encode(), digest_size=12).hexdigest()
+    path = os.path.join(os.path.abspath(cache_dir or builders.DEFAULT_CACHE_DIR), "tokenized", f"{digest}.npz")
+    if os.path.exists(path):
+      _FEATURE_CACHE[key] = _load_features(path)
+    else:
+      _FEATURE_CACHE[key] = build()
+      _save_features(path, *_FEATURE_CACHE[key])
     while len(_FEATURE_CACHE) > _FEATURE_CACHE_SIZE:
       _FEATURE_CACHE.popitem(last=False)
   _FEATURE_CACHE.move_to_end(key)
@@ -64,23 +107,25 @@ def token_cls_features(dataset, split, tokenizer, *, max_len, stride, label_all,
     wp = tok_lib.WordPieces(tokenizer)
     wp.prime(T._text(w) for e in examples for w in e["tokens"])    # one batched call over distinct words
     prefix, suffix = tok_lib.special_wrap(tokenizer)
-    chain = [T.TokenizeWords(wp), T.AlignLabels(LABEL_KEY[dataset], max_len=max_len, stride=stride,
-                                                prefix=prefix, suffix=suffix, label_all=label_all,
-                                                owned_labels_only=owned_labels_only)]
+    budget = tok_lib.window_budget(max_len, prefix, suffix)
+    tokenize = T.TokenizeWords(wp)
+    align = T.AlignLabels(LABEL_KEY[dataset], max_len=max_len, stride=stride, prefix=prefix, suffix=suffix,
+                          label_all=label_all, owned_labels_only=owned_labels_only)
     windows, stats = [], collections.Counter()
     for e in examples:
-      for t in chain:
-        e = t.map(e)
-      windows.extend(e)
-      stats["long_sentences"] += len(e) > 1
-      stats["cut_words"] += e[0]["cut_words"]
+      e = tokenize.map(e)
+      stats["cut_words"] += sum(len(p) > budget for p in e["pieces"])
+      wins = align.map(e)
+      windows.extend(wins)
+      stats["long_sentences"] += len(wins) > 1
     stats.update(unk_fallbacks=wp.unk_fallbacks, windows=len(windows), sentences=len(examples))
-    T.log_counts(f"{dataset}/{split} tokenisation", {k: stats[k] for k in ("unk_fallbacks", "cut_words")})
     info = dict(stats, num_words=[len(e["tokens"]) for e in examples],
                 example_ids=[int(e["idx"]) for e in examples],
                 label_names=builders.label_names_of(dataset, data_dir, cache_dir, label_names))
     return windows, info
-  return _cached(key, build)
+  windows, info = _cached(key, build, cache_dir)
+  T.log_counts(f"{dataset}/{split} tokenisation", {k: info[k] for k in ("unk_fallbacks", "cut_words")})
+  return windows, info
 
 
 def seq_cls_features(dataset, split, tokenizer, *, max_len, data_dir, cache_dir=None, shard_index=0, shard_count=1):
@@ -98,10 +143,11 @@ def seq_cls_features(dataset, split, tokenizer, *, max_len, data_dir, cache_dir=
         truncated += 1
         x = x[:max_len - len(suffix)] + suffix
       feats.append(dict(input_ids=np.asarray(x, np.int32), label=int(e["label"]), example_id=int(e["idx"])))
-    T.log_counts(f"{dataset}/{split} tokenisation (max_len={max_len})", {"truncated_sentences": truncated})
     return feats, dict(sentences=len(feats), truncated=truncated, example_ids=[f["example_id"] for f in feats],
                        label_names=builders.label_names_of(dataset, data_dir, cache_dir))
-  return _cached(key, build)
+  feats, info = _cached(key, build, cache_dir)
+  T.log_counts(f"{dataset}/{split} tokenisation (max_len={max_len})", {"truncated_sentences": info["truncated"]})
+  return feats, info
 
 
 def lm_documents(dataset, split, tokenizer, *, data_dir, cache_dir=None, shard_index=0, shard_count=1):
@@ -115,9 +161,10 @@ def lm_documents(dataset, split, tokenizer, *, data_dir, cache_dir=None, shard_i
     prefix, suffix = tok_lib.special_wrap(tokenizer)
     if not prefix and not suffix and tokenizer.eos_token_id is not None:
       suffix = [tokenizer.eos_token_id]
-    docs = [np.asarray(prefix + x + suffix, np.int32) for x in ids]
-    return docs, dict(documents=len(docs), tokens=int(sum(len(d) for d in docs)))
-  return _cached(key, build)
+    docs = [{"input_ids": np.asarray(prefix + x + suffix, np.int32)} for x in ids]
+    return docs, dict(documents=len(docs), tokens=int(sum(len(d["input_ids"]) for d in docs)))
+  docs, info = _cached(key, build, cache_dir)
+  return [d["input_ids"] for d in docs], info
 
 
 # ---------------------------------------------------------------- epoch plans
@@ -276,14 +323,13 @@ def token_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0,
                         shard=f"{shard_index}of{shard_count}", stride=stride, all=label_all_subwords,
                         buckets=buckets, sort=sort_chunk_batches, spe=steps_per_epoch)
   pad = dict(input_ids=tokenizer.pad_token_id, token_type_ids=0, labels=-1)
-  scalars = {}
   if not train:
     pad.update(word_ids=-1, predict_mask=0)
-    scalars = {"example_id": "example_ids"}
   return _fine_tuning_iterator(name, feats, info, train=train, batch_size=batch_size, max_len=max_len, seed=seed,
                                buckets=_buckets(max_len, buckets, shard_count, train),
                                sort_chunk_batches=sort_chunk_batches, steps_per_epoch=steps_per_epoch,
-                               pad_values=pad, scalar_fields=scalars, bfloat16_keys=bfloat16_keys)
+                               pad_values=pad, scalar_fields={"example_id": "example_ids"},
+                               bfloat16_keys=bfloat16_keys)
 
 
 def seq_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, train=False, shard_index=0,
@@ -365,3 +411,36 @@ def make_batches(dataset: str, split: str, tokenizer, *, batch_size: int, max_le
   if dataset.startswith("text:"):
     return lm_batches(dataset, split, tokenizer, **common)
   raise ValueError(f"unknown dataset {dataset!r}; valid: {list(builders.DATASETS)}")
+
+
+_COMMON_KEYS = {"dataset", "batch_size", "eval_batch_size", "max_len", "seed", "data_dir", "cache_dir",
+                "steps_per_epoch", "bfloat16_keys"}
+_TASK_KEYS = {"token_cls": {"label_names", "buckets", "stride", "label_all_subwords", "sort_chunk_batches"},
+              "seq_cls": {"buckets", "sort_chunk_batches"},
+              "lm": {"objective", "mlm_rate", "whole_word_masking"}}
+
+
+def from_config(data_cfg, tokenizer, split: str, *, train: bool, shard_index: int = 0,
+                shard_count: int = 1) -> BatchIterator:
+  """make_batches from a data sub-config (ConfigDict or dict); None values mean 'use the default'.
+
+  Keys: dataset, batch_size, max_len, seed, optional eval_batch_size (used when not training) and any
+  make_batches keyword valid for the dataset's task.
+
+  Raises:
+    ValueError: a key that is not valid for the dataset, naming it and listing the valid ones.
+  """
+  cfg = {k: v for k, v in dict(data_cfg).items() if v is not None}
+  dataset = cfg.get("dataset", "")
+  task = "token_cls" if dataset in LABEL_KEY else "seq_cls" if dataset == "sst2" else "lm"
+  unknown = sorted(set(cfg) - _COMMON_KEYS - _TASK_KEYS[task])
+  if unknown:
+    raise ValueError(f"data config: unknown keys {unknown} for dataset {dataset!r}; valid: "
+                     f"{sorted(_COMMON_KEYS | _TASK_KEYS[task])}")
+  eval_bs = cfg.pop("eval_batch_size", None)
+  if not train and eval_bs:
+    cfg["batch_size"] = eval_bs
+  if "buckets" in cfg:
+    cfg["buckets"] = list(cfg["buckets"])
+  return make_batches(cfg.pop("dataset"), split, tokenizer, train=train, shard_index=shard_index,
+                      shard_count=shard_count, **cfg)

@@ -119,17 +119,15 @@ def windows_for_sentence(pieces: list, labels, *, max_len: int, stride: int, pre
     max_len: window length including special tokens.
     stride: see plan_windows.
     prefix, suffix: special-token ids around each window.
-    label_all: label every sub-word with its word's label (else only the first).
-    owned_labels_only: put labels only where the window owns the word (evaluation: each word scored once).
+    label_all: label every sub-word with its word's label (else only the first); training only.
+    owned_labels_only: evaluation: a label only at the first sub-word of each word this window owns, so
+      each word is scored exactly once (label_all is ignored).
 
   Returns:
-    list of dicts input_ids, labels, word_ids, predict_mask (1-D int32 arrays, no padding) and
-    cut_words (words whose own pieces exceeded the window and were cut to fit; they keep their first piece).
+    list of dicts input_ids, labels, word_ids, predict_mask (1-D int32 arrays, no padding). A word with
+    more pieces than a window holds keeps its first `budget` pieces (callers count these: cut_words).
   """
-  budget = max_len - len(prefix) - len(suffix)
-  if budget < 1:
-    raise ValueError(f"max_len={max_len} leaves no room for words after {len(prefix) + len(suffix)} special tokens")
-  cut = sum(len(p) > budget for p in pieces)
+  budget = window_budget(max_len, prefix, suffix)
   pieces = [p[:budget] for p in pieces]
   counts = [len(p) for p in pieces]
   windows = plan_windows(counts, budget, stride) if sum(counts) > budget else [(0, len(pieces))]
@@ -144,10 +142,18 @@ def windows_for_sentence(pieces: list, labels, *, max_len: int, stride: int, pre
     for w in range(b, e):
       word_ids[pos] = w
       own[pos] = owner[w] == k
-      if labels is not None and (not owned_labels_only or own[pos]):
+      if labels is not None and not owned_labels_only:
         lab[pos:pos + (counts[w] if label_all else 1)] = labels[w]
+      elif labels is not None and own[pos]:
+        lab[pos] = labels[w]
       pos += counts[w]
     out.append(dict(input_ids=ids, labels=lab, word_ids=word_ids, predict_mask=own))
-  if out:
-    out[0]["cut_words"] = cut
   return out
+
+
+def window_budget(max_len: int, prefix, suffix) -> int:
+  """Word pieces that fit in one window next to the special tokens."""
+  budget = max_len - len(prefix) - len(suffix)
+  if budget < 1:
+    raise ValueError(f"max_len={max_len} leaves no room for words after {len(prefix) + len(suffix)} special tokens")
+  return budget
