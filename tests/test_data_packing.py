@@ -70,7 +70,7 @@ def test_model_attention_weights_are_zero_across_segments():
   batch = {k: np.asarray(v) for k, v in p.items()}
   for preset in ("bert-tiny", "gpt2-tiny"):
     cfg = model_config(preset)
-    cfg.num_layers = 1                     # the mask is built once and shared by every layer
+    cfg.num_layers, cfg.vocab_size = 1, 2048   # the mask is built once and shared by every layer
     module = models.build(cfg)
     params, _ = models.init_params(module, jax.random.PRNGKey(0), seq_len=32)
     _, inter = module.apply({"params": params}, **batch, deterministic=True, output_attentions=True)

@@ -90,6 +90,8 @@ def test_fixed_shapes_buckets_and_dummy_rows(tok):
   last = ev[-1]
   assert (last["example_ids"][72:] == -1).all() and (last["input_mask"][72:] == 0).all()
   assert (last["label"][72:] == -1).all() and (last["example_ids"][:72] >= 0).all()
+  it = data.make_batches("sst2", "validation", tok, batch_size=100, max_len=66, cache_dir=CACHE)
+  assert len(list(it)) == len(list(it)) == 9                     # each `for` over an eval iterator is a full pass
 
 
 def test_sst2_batches_match_the_tsv(tok):

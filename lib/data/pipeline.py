@@ -201,7 +201,8 @@ def eval_plan(lengths, batch_size: int) -> list:
 class BatchIterator:
   """Iterator of numpy batch dicts with a JSON-serialisable state {pipeline, epoch, index}.
 
-  Training iterators run forever (a new deterministic plan each epoch); evaluation iterators make one pass.
+  Training iterators run forever (a new deterministic plan each epoch); evaluation iterators make one pass
+  (iterating a finished one again starts a new pass).
   Batch `index` of `epoch` is a pure function of the pipeline's arguments, so restoring a state resumes on
   exactly the next batch.
   """
@@ -223,6 +224,8 @@ class BatchIterator:
     return self._steps
 
   def __iter__(self):
+    if not self.train and self._index >= self._steps:
+      self.reset()  # a finished evaluation pass starts over, so `for batch in it` works every eval round
     return self
 
   def _dataset(self, epoch):

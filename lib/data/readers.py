@@ -73,6 +73,31 @@ def repair_iob(tags: Sequence[str]):
   return out, fixed
 
 
+def _conll_sentences(path: str) -> list:
+  """Sentences of a CoNLL file with document ids; checks the column count and the NER tag syntax."""
+  sents, cur, doc_id, in_doc, first_line = [], [], -1, 0, 0
+  for line_no, line in enumerate(read_lines(path) + [""], 1):   # the sentinel flushes the last sentence
+    cols = line.split()
+    if cols and len(cols) != 4:
+      raise DataFormatError(f"{path}:{line_no}: expected 4 columns (word POS chunk NER), "
+                            f"got {len(cols)}: {line!r}")
+    if cols and cols[0] != "-DOCSTART-":
+      _check_tag(cols[3], None, path, line_no, line)
+      first_line = first_line if cur else line_no
+      cur.append(cols)
+      continue
+    if cur:
+      sents.append(dict(tokens=[c[0] for c in cur], pos=[c[1] for c in cur], chunk=[c[2] for c in cur],
+                        ner=[c[3] for c in cur], doc_id=max(doc_id, 0), sent_in_doc=in_doc, idx=len(sents),
+                        line=first_line))
+      cur, in_doc = [], in_doc + 1
+    if cols:  # -DOCSTART-
+      doc_id, in_doc = doc_id + 1, 0
+  if not sents:
+    raise DataFormatError(f"{path}: no sentences found")
+  return sents
+
+
 def read_conll(path: str, label_names: Optional[Sequence[str]] = None, repair: bool = True):
   """Parses a CoNLL-2003 file (`word POS chunk NER` per line, blank line between sentences).
 
@@ -90,51 +115,22 @@ def read_conll(path: str, label_names: Optional[Sequence[str]] = None, repair: b
     FileNotFoundError, DataFormatError: missing/empty file, wrong column count, bad or unknown tag.
   """
   label_set = set(label_names) if label_names is not None else None
-  sents, cur, doc_id, in_doc, first_line = [], [], -1, 0, 0
-  stats = collections.Counter()
-
-  def flush():
-    nonlocal cur, in_doc
-    if cur:
-      d = max(doc_id, 0)
-      sents.append(dict(tokens=[c[0] for c in cur], pos=[c[1] for c in cur], chunk=[c[2] for c in cur],
-                        ner=[c[3] for c in cur], doc_id=d, sent_in_doc=in_doc, idx=len(sents),
-                        line=first_line))
-      in_doc += 1
-      cur = []
-
-  for line_no, line in enumerate(read_lines(path), 1):
-    cols = line.split()
-    if not cols:
-      flush()
-      continue
-    if len(cols) != 4:
-      raise DataFormatError(f"{path}:{line_no}: expected 4 columns (word POS chunk NER), "
-                            f"got {len(cols)}: {line!r}")
-    if cols[0] == "-DOCSTART-":
-      flush()
-      doc_id, in_doc = doc_id + 1, 0
-      continue
-    _check_tag(cols[3], None, path, line_no, line)
-    if not cur:
-      first_line = line_no
-    cur.append(cols)
-  flush()
-  if not sents:
-    raise DataFormatError(f"{path}: no sentences found")
+  sents = _conll_sentences(path)
+  repairs = 0
   for s in sents:
     if repair:
       s["ner"], fixed = repair_iob(s["ner"])
-      stats["iob_repairs"] += fixed
+      repairs += fixed
     if label_set is not None:
       for k, tag in enumerate(s["ner"]):
         if tag not in label_set:  # sentence lines are contiguous, so the word's line is first line + k
           _check_tag(tag, label_set, path, s["line"] + k, read_lines(path)[s["line"] + k - 1])
-  stats.update(documents=max(doc_id + 1, 1), sentences=len(sents), tokens=sum(len(s["tokens"]) for s in sents))
-  if stats["iob_repairs"]:
+  if repairs:
     logging.warning("%s: repaired %d IOB tags (I-X after O or another type -> B-X, as conlleval reads them)",
-                    path, stats["iob_repairs"])
-  return sents, dict(stats)
+                    path, repairs)
+  stats = dict(documents=len({s["doc_id"] for s in sents}), sentences=len(sents),
+               tokens=sum(len(s["tokens"]) for s in sents), iob_repairs=repairs)
+  return sents, stats
 
 
 def label_sort_key(tag: str):
