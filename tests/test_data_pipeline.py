@@ -135,6 +135,18 @@ def test_shards_are_disjoint_and_cover_the_split(tok):
     data.shard_range(10, 2, 2)
 
 
+def test_multi_host_eval_can_run_equal_steps_with_dummy_batches(tok):
+  its = [data.make_batches("sst2", "validation", tok, batch_size=100, max_len=66, shard_index=i, shard_count=2,
+                           steps_per_epoch=6, cache_dir=CACHE) for i in range(2)]
+  for it in its:
+    batches = list(it)
+    assert len(batches) == 6 and {b["input_ids"].shape for b in batches} == {(100, 66)}
+    assert (batches[-1]["example_ids"] == -1).all() and (batches[-1]["input_mask"] == 0).all()
+  with pytest.raises(ValueError, match="steps_per_epoch=9999 but this shard has only"):
+    data.make_batches("sst2", "train", tok, batch_size=100, max_len=66, train=True, steps_per_epoch=9999,
+                      cache_dir=CACHE)
+
+
 def test_padding_stats_and_state_is_kept(tok):
   it = _conll(tok)
   _take(it, 3)

@@ -3,6 +3,7 @@
 import dataclasses
 import fcntl
 import hashlib
+import json
 import logging
 import os
 from typing import Optional, Sequence
@@ -195,16 +196,26 @@ def pos_label_names(data_dir: str) -> list:
 _DERIVED_LABELS = {}  # (dataset, source hash) -> labels; deriving Brown's tags reads the whole corpus
 
 
-def _derived_labels(dataset, data_dir, files_hash):
+def _derived_labels(dataset, data_dir, files_hash, cache_dir):
+  """Labels derived from the data, memoised in memory and in cache_dir/labels (keyed by the source hash)."""
   key = (dataset, files_hash)
+  path = os.path.join(cache_dir, "labels", f"{dataset}-{files_hash}.json")
+  if key not in _DERIVED_LABELS and os.path.exists(path):
+    with open(path) as f:
+      _DERIVED_LABELS[key] = tuple(json.load(f))
   if key not in _DERIVED_LABELS:
-    _DERIVED_LABELS[key] = tuple(ner_label_names(data_dir) if dataset == "conll2003" else pos_label_names(data_dir))
+    labels = ner_label_names(data_dir) if dataset == "conll2003" else pos_label_names(data_dir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(f"{path}.{os.getpid()}.tmp", "w") as f:
+      json.dump(labels, f)
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
+    _DERIVED_LABELS[key] = tuple(labels)
   return _DERIVED_LABELS[key]
 
 
-def _builder_and_config(dataset, data_dir, label_names, files_hash):
+def _builder_and_config(dataset, data_dir, label_names, files_hash, cache_dir):
   if dataset in ("conll2003", "brown_pos"):
-    labels = tuple(label_names) if label_names else _derived_labels(dataset, data_dir, files_hash)
+    labels = tuple(label_names) if label_names else _derived_labels(dataset, data_dir, files_hash, cache_dir)
     cls, sub = (WbConll2003, "conll2003") if dataset == "conll2003" else (WbBrownPos, "brown")
     return cls, dict(source_dir=os.path.join(data_dir, sub), label_names=labels)
   if dataset == "sst2":
@@ -223,12 +234,12 @@ def get_builder(dataset: str, data_dir: str, cache_dir: Optional[str] = None, la
   """
   if dataset not in DATASETS:
     raise ValueError(f"unknown dataset {dataset!r}; valid: {list(DATASETS)}")
-  files_hash = source_hash(source_files(dataset, data_dir), dataset)
-  cls, fields = _builder_and_config(dataset, data_dir, label_names, files_hash)
-  name = "h" + source_hash([], f"{files_hash}|{fields.get('label_names')}")
-  config = SourceConfig(name=name, version=cls.VERSION, description=f"{dataset} from {data_dir}", **fields)
   cache_dir = os.path.abspath(cache_dir or DEFAULT_CACHE_DIR)
   os.makedirs(cache_dir, exist_ok=True)
+  files_hash = source_hash(source_files(dataset, data_dir), dataset)
+  cls, fields = _builder_and_config(dataset, data_dir, label_names, files_hash, cache_dir)
+  name = "h" + source_hash([], f"{files_hash}|{fields.get('label_names')}")
+  config = SourceConfig(name=name, version=cls.VERSION, description=f"{dataset} from {data_dir}", **fields)
   builder = cls(config=config, data_dir=cache_dir, file_format="array_record")
   if not os.path.isdir(builder.data_dir):
     # A file lock makes concurrent builders (pytest-xdist workers, several users) build once.

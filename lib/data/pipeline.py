@@ -208,17 +208,30 @@ class BatchIterator:
   """
 
   def __init__(self, name: str, epoch_fn: Callable, train: bool, steps_per_epoch: Optional[int] = None,
-               info: Optional[dict] = None):
-    """epoch_fn(epoch) -> (batch specs, list of grain MapTransforms turning a spec into a batch)."""
+               info: Optional[dict] = None, empty_spec: Optional[dict] = None):
+    """Builds the iterator.
+
+    Args:
+      name: identifies the pipeline's arguments (checked by set_state).
+      epoch_fn: epoch -> (batch specs, list of grain MapTransforms turning a spec into a batch).
+      train: loop over epochs forever.
+      steps_per_epoch: batches per epoch (default: all of the plan). Training: at most the plan's length.
+        Evaluation: may exceed it; the extra batches are all dummy rows (so that every host of a
+        multi-host evaluation runs the same number of steps).
+      info: counts and metadata exposed as `.info`.
+      empty_spec: the spec of an all-dummy batch.
+    """
     self.name, self.train, self.info = name, train, dict(info or {})
     self._epoch_fn = epoch_fn
     self._epoch, self._index, self._ds_epoch, self._ds = 0, 0, None, None
-    specs, _ = epoch_fn(0)
-    if steps_per_epoch is not None and steps_per_epoch > len(specs):
+    self._empty_spec = empty_spec
+    specs, chain = epoch_fn(0)
+    if steps_per_epoch is not None and steps_per_epoch > len(specs) and (train or empty_spec is None):
       raise ValueError(f"{name}: steps_per_epoch={steps_per_epoch} but this shard has only {len(specs)} batches")
     self._steps = len(specs) if steps_per_epoch is None else steps_per_epoch
     if self._steps == 0:
       raise ValueError(f"{name}: no batches (fewer examples than the batch size?)")
+    self._build(0, specs, chain)
 
   def __len__(self):
     return self._steps
@@ -228,14 +241,18 @@ class BatchIterator:
       self.reset()  # a finished evaluation pass starts over, so `for batch in it` works every eval round
     return self
 
+  def _build(self, epoch, specs, chain):
+    """grain MapDataset of one epoch: batch specs (with their global step) mapped through the chain."""
+    specs = list(specs[:self._steps]) + [self._empty_spec] * (self._steps - len(specs))
+    specs = [dict(s, step=epoch * self._steps + i) for i, s in enumerate(specs)]
+    ds = grain.MapDataset.source(specs)
+    for t in chain:
+      ds = ds.map(t)
+    self._ds, self._ds_epoch = ds, epoch
+
   def _dataset(self, epoch):
     if self._ds_epoch != epoch:
-      specs, chain = self._epoch_fn(epoch)
-      specs = [dict(s, step=epoch * self._steps + i) for i, s in enumerate(specs[:self._steps])]
-      ds = grain.MapDataset.source(specs)
-      for t in chain:
-        ds = ds.map(t)
-      self._ds, self._ds_epoch = ds, epoch
+      self._build(epoch, *self._epoch_fn(epoch))
     return self._ds
 
   def __next__(self) -> dict:
@@ -301,13 +318,14 @@ def _fine_tuning_iterator(name, feats, info, *, train, batch_size, max_len, seed
   if train and len(lengths) % batch_size:
     logging.info("%s: %d examples per epoch left out to keep the batch size fixed (different ones each epoch)",
                  name, len(lengths) % batch_size)
-  return BatchIterator(name, epoch_fn, train, steps_per_epoch, info)
+  return BatchIterator(name, epoch_fn, train, steps_per_epoch, info, empty_spec={"indices": []})
 
 
 def _buckets(max_len, buckets, shard_count, train):
-  if buckets is None and shard_count > 1 and train:
+  del train
+  if buckets is None and shard_count > 1:
     # Hosts must feed equal shapes to one jit step; per-host length buckets could differ.
-    logging.info("shard_count=%d: training batches use the single length max_len=%d", shard_count, max_len)
+    logging.info("shard_count=%d: batches use the single length max_len=%d", shard_count, max_len)
     return [max_len]
   return T.bucket_lengths(max_len, buckets)
 
@@ -382,7 +400,8 @@ def lm_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, train=
   name = _pipeline_name(dataset, split, objective, tokenizer, b=batch_size, L=max_len, seed=seed, train=train,
                         shard=f"{shard_index}of{shard_count}", rate=mlm_rate, wwm=whole_word_masking,
                         spe=steps_per_epoch)
-  return BatchIterator(name, epoch_fn, train, steps_per_epoch, dict(info, objective=objective))
+  return BatchIterator(name, epoch_fn, train, steps_per_epoch, dict(info, objective=objective),
+                       empty_spec={"rows": (0, 0)})
 
 
 def make_batches(dataset: str, split: str, tokenizer, *, batch_size: int, max_len: int, seed: int = 0,
@@ -400,7 +419,9 @@ def make_batches(dataset: str, split: str, tokenizer, *, batch_size: int, max_le
     shard_index, shard_count: this process's contiguous shard of the split (e.g. jax.process_index/count).
     **kwargs: data_dir, cache_dir, and per task: label_names, buckets, stride, label_all_subwords,
       sort_chunk_batches (token_cls); buckets, sort_chunk_batches (sst2); objective ('mlm'|'clm'),
-      mlm_rate, whole_word_masking (LM); steps_per_epoch, bfloat16_keys (all).
+      mlm_rate, whole_word_masking (LM); steps_per_epoch, bfloat16_keys (all). With shard_count > 1 and
+      no explicit buckets every batch is padded to max_len (equal shapes on every host); multi-host
+      runs pass the same steps_per_epoch to every host (evaluation pads with all-dummy batches).
 
   Returns:
     a BatchIterator (len = batches per epoch; get_state / set_state).
