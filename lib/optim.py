@@ -110,9 +110,14 @@ def make_optimizer(cfg, labels, num_steps: int):
       m = float(mults.get(label, 1.0))
       groups[label] = optax.adamw(lambda s, m=m: m * schedule(s), b1=cfg.b1, b2=cfg.b2,
                                   eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
-  # Clip first, over all trainable gradients: inside the groups it would clip per label.
-  parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-  return optax.chain(*parts, optax.multi_transform(groups, _label_fn(labels))), schedule
+  label_fn = _label_fn(labels)
+  parts = []
+  if cfg.clip_norm > 0:
+    # Clip before the groups (inside them the norm would be per label), over trainable leaves
+    # only: gradients a caller passes for frozen leaves must not shrink the real ones.
+    trainable = lambda tree: jax.tree.map(peft.is_trainable, label_fn(tree))
+    parts.append(optax.masked(optax.clip_by_global_norm(cfg.clip_norm), trainable))
+  return optax.chain(*parts, optax.multi_transform(groups, label_fn)), schedule
 
 
 def _micro_batches(batch, k: int):

@@ -56,12 +56,15 @@ def _resolve(shape: Sequence[int], n: int, what: str) -> list:
   return shape
 
 
-def _granules(devices) -> list:
-  """Devices grouped by slice (TPU multi-slice), else by process (GPU hosts, CPU tests)."""
-  key = "slice_index" if hasattr(devices[0], "slice_index") else "process_index"
-  groups: dict = {}
-  for d in devices:
-    groups.setdefault(getattr(d, key), []).append(d)
+def _granules(devices, n: int) -> list:
+  """Devices grouped by slice (TPU multi-slice) if there are `n` slices, else by process (GPU
+  hosts, CPU tests), each group in device order."""
+  for key in ("slice_index", "process_index"):
+    groups: dict = {}
+    for d in devices:
+      groups.setdefault(getattr(d, key, 0), []).append(d)
+    if len(groups) == n:
+      break
   return [groups[k] for k in sorted(groups)]
 
 
@@ -81,7 +84,7 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   if math.prod(dcn) == 1:
     arr = mesh_utils.create_device_mesh(ici, devices)
   else:
-    granules = _granules(devices)
+    granules = _granules(devices, math.prod(dcn))
     if len(granules) != math.prod(dcn):
       raise ValueError(f"mesh dcn shape {dcn} needs {math.prod(dcn)} slices/processes, "
                        f"found {len(granules)}")

@@ -35,8 +35,9 @@ def default_config() -> ml_collections.ConfigDict:
     epochs: used only when num_steps == 0.
     log_every: log train metrics (means over the window) every this many steps.
     eval_every: call the eval callback every this many steps (0 = only at the end).
-    checkpoint_every: save every this many steps (0 = only at the end and on preemption).
-    keep: checkpoints to keep (the Checkpointer's business; here for the config's sake).
+    checkpoint_every: periodic saves, for `Checkpointer(save_every=...)` (0 = only at the end
+      and on preemption, which always save).
+    keep: checkpoints to keep, for `Checkpointer(keep=...)`.
     seed: parameter init and dropout keys.
     peak_flops: peak FLOP/s of ONE device for model-FLOPs utilisation (0 = don't report MFU),
       e.g. 989e12 for an H100 SXM (bf16 dense), 197e12 for a TPU v5e chip.
@@ -168,7 +169,7 @@ def make_train_step(loss_fn: Callable, tx, *, labels=None, accum_steps: int = 1,
                                                         accum_steps)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     params = merge(optax.apply_updates(trainable, updates))
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    tokens=_batch_tokens(batch))
     if schedule is not None:
       metrics["lr"] = schedule(state.step)
@@ -320,8 +321,9 @@ def _restore(state: TrainState, train_iter, checkpointer) -> TrainState:
                           state)
   jax.tree.map(lambda x: x.delete(), state)
   restored = checkpointer.restore(abstract)
-  if restored is None:
-    raise RuntimeError(f"checkpoint step {checkpointer.latest_step()} exists but did not restore")
+  if restored is None:  # every step was corrupt and has been set aside; a rerun starts afresh
+    raise RuntimeError(f"no usable checkpoint in {checkpointer.directory} (corrupt steps were moved "
+                       "aside); run again to start from scratch")
   state, data_state, _ = restored
   if data_state is not None and hasattr(train_iter, "set_state"):
     train_iter.set_state(data_state)
@@ -346,12 +348,14 @@ def fit(state: TrainState, train_step: Callable, train_iter, cfg, *, num_steps: 
     train_step: pure step from `make_train_step` (jitted here, state donated).
     train_iter: iterator of process-local numpy batches (this process's rows of the global
       batch); with get_state()/set_state() the data position is checkpointed and restored.
-    cfg: the `train` sub-config (log_every, eval_every, checkpoint_every, peak_flops).
+    cfg: the `train` sub-config (log_every, eval_every, peak_flops).
     num_steps: total optimizer steps (`num_train_steps`).
     batch_sharding: from `sharding.batch_sharding`.
     eval_fn: state -> dict of host scalars (e.g. span F1), run every cfg.eval_every and at the end.
-    checkpointer: a `lib.checkpoint.Checkpointer` (saves every cfg.checkpoint_every, at the end
-      and on SIGTERM/SIGINT; the eval metrics of the same step go along for best-by-metric).
+    checkpointer: a `lib.checkpoint.Checkpointer`: saves on its `save_every` schedule (build it
+      with save_every=cfg.checkpoint_every), at the last step and on SIGTERM/SIGINT (then fit
+      returns with preempted=True); the eval metrics of the same step go along for best-by-metric.
+      fit installs its preemption handler; the caller closes it.
     logdir: TensorBoard events and metrics.jsonl (process 0).
     flops_per_token: for MFU (`flops_per_token(...)`), with cfg.peak_flops.
 
@@ -394,16 +398,17 @@ def fit(state: TrainState, train_step: Callable, train_iter, cfg, *, num_steps: 
 
 def _after_step(state, step, last, cfg, log, train_iter, eval_fn, checkpointer) -> bool:
   """Logging, eval and checkpointing after `step`; returns whether training was preempted."""
-  preempted = checkpointer is not None and checkpointer.preempted()
+  preempted = checkpointer is not None and checkpointer.preempted(step)
   if preempted or _due(step, cfg.log_every, last):
     log.flush_train(step)
   t0, eval_metrics = time.perf_counter(), None
   if eval_fn is not None and _due(step, cfg.eval_every, last) and not preempted:
     eval_metrics = eval_fn(state)
     log.write(step, eval_metrics, "eval")
-  if checkpointer is not None and (preempted or _due(step, cfg.checkpoint_every, last)):
-    data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
-    checkpointer.save(step, state, data_state=data_state, metrics=eval_metrics, force=True)
+  if checkpointer is not None:
+    # The Checkpointer's save_every decides periodic saves; the last step and preemption force one.
+    checkpointer.save(step, state, data_state=getattr(train_iter, "get_state", None),
+                      metrics=eval_metrics, force=preempted or step == last)
     if preempted:
       logging.warning("preempted: saved checkpoint at step %d; stopping", step)
   log.pause(time.perf_counter() - t0)
