@@ -1,0 +1,97 @@
+"""Train-step speed: our jitted token-classification step vs Hugging Face PyTorch, same CPU, same run.
+
+  .venv/bin/python research/benchmark.py --models=minilm,bert-base --batch=32 --seq_len=128,32 \
+      --steps=10 --warmup=2
+
+For each model and sequence length, builds our fine-tuning step (lib.train.make_train_step with the
+NER loss and the lib.optim AdamW chain: weight decay 0.01, clip_by_global_norm 1.0, dropout on) and
+HF's BertForTokenClassification step (torch.optim.AdamW, clip_grad_norm_, loss.backward()), times them
+in alternating blocks, and prints examples/s (median step), their ratio, our compile time, our achieved
+FLOP/s (model FLOPs 6 N tokens + 12 L D T tokens; XLA's cost-analysis count shown beside it) and its
+fraction of a float32 (or bf16 x bf16 -> f32) jnp.dot peak measured in the same run.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["minilm", "bert-base"],
+                  "'minilm' (installed checkpoint) or presets of configs/common.py")
+flags.DEFINE_integer("batch", 32, "examples per step")
+flags.DEFINE_list("seq_len", ["128"], "sequence lengths, one row each (e.g. 128,32: 32 is the "
+                  "length our length-bucketed CoNLL pipeline mostly produces)")
+flags.DEFINE_integer("steps", 6, "timed steps per side")
+flags.DEFINE_integer("warmup", 1, "untimed steps per side after compilation")
+flags.DEFINE_integer("block", 1, "steps per side before switching sides")
+flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads for both sides (XLA via CPU affinity)")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype (params stay float32)")
+flags.DEFINE_enum("hf_dtype", None, ["float32", "bfloat16"], "HF side dtype if not --dtype "
+                  "(bfloat16 = torch.autocast)")
+flags.DEFINE_float("pad_frac", 0.0, "fraction of each row that is padding")
+flags.DEFINE_string("prng_impl", "threefry2x32", "jax_default_prng_impl (dropout key bits)")
+flags.DEFINE_string("xla_flags", "", "extra XLA_FLAGS")
+flags.DEFINE_enum("omp_wait_policy", "PASSIVE", ["PASSIVE", "ACTIVE", "default"],
+                  "torch's OpenMP workers: PASSIVE sleeps at barriers; on a shared, loaded CPU "
+                  "spinning workers made HF steps 2-10x slower, so PASSIVE is HF's best case here")
+
+
+def _setup_threads(n: int):
+  """Pins this process to n cores before jax starts: XLA:CPU sizes its pool from the affinity."""
+  cpus = sorted(os.sched_getaffinity(0))
+  if n < len(cpus):
+    os.sched_setaffinity(0, cpus[:n])
+  os.environ["XLA_FLAGS"] = " ".join(
+      [f for f in os.environ.get("XLA_FLAGS", "").split()
+       if not f.startswith("--xla_force_host_platform_device_count")]
+      + ["--xla_force_host_platform_device_count=1"] + FLAGS.xla_flags.split())
+  if FLAGS.omp_wait_policy != "default":
+    os.environ["OMP_WAIT_POLICY"] = FLAGS.omp_wait_policy   # read when torch loads libgomp
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(n)
+
+
+def _spec(name: str):
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from lib import bench, hf, models  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  if name == "minilm":
+    args, params = hf.import_checkpoint("minilm", "token_cls", 9, allow_new_heads=True)
+    factory = lambda: transformers.BertForTokenClassification.from_pretrained(
+        hf.minilm_dir(), num_labels=9)
+    return bench.ModelSpec(name, args, params, factory)
+  args = models.args_from_config(common.model_config(name))
+  factory = lambda: transformers.BertForTokenClassification(hf.hf_config(args, "token_cls", 9))
+  return bench.ModelSpec(name, args, None, factory)
+
+
+def main(argv):
+  del argv
+  _setup_threads(FLAGS.threads)
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_default_prng_impl", FLAGS.prng_impl)
+  import transformers  # pylint: disable=g-import-not-at-top
+  transformers.logging.set_verbosity_error()
+  from lib import bench  # pylint: disable=g-import-not-at-top
+  print(f"threads={FLAGS.threads} devices={jax.devices()} prng={FLAGS.prng_impl} "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
+        f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}", flush=True)
+  rows = []
+  for name in FLAGS.models:
+    spec = _spec(name)
+    for t in FLAGS.seq_len:
+      row = bench.benchmark_row(spec, FLAGS.batch, int(t), steps=FLAGS.steps, warmup=FLAGS.warmup,
+                                block=FLAGS.block, dtype=FLAGS.dtype, hf_dtype=FLAGS.hf_dtype,
+                                pad_frac=FLAGS.pad_frac)
+      print(f"{name} T={t}: ours steps {[round(x, 3) for x in row['ours_step_s']]} s, "
+            f"hf steps {[round(x, 3) for x in row['hf_step_s']]} s", flush=True)
+      rows.append(row)
+  print(bench.format_table(rows))
+
+
+if __name__ == "__main__":
+  app.run(main)
