@@ -149,7 +149,8 @@ def test_brown_token_without_tag(tmp_path):
 # ---------------------------------------------------------------- builders: other label sets, rebuilds
 
 def test_ner_labels_derived_from_other_datasets_and_rebuilt_on_change(tmp_path):
-  other = "-DOCSTART- -X- -X- O\n\nAspirin NN B-NP B-DRUG\nhelps VBZ B-VP O\n\nNew NNP B-NP B-GPE\nYork NNP I-NP I-GPE\n"
+  other = ("-DOCSTART- -X- -X- O\n\nAspirin NN B-NP B-DRUG\nhelps VBZ B-VP O\n\n"
+           "New NNP B-NP B-GPE\nYork NNP I-NP I-GPE\n")
   root = _conll_dir(tmp_path / "d", other, valid=other, test=other)
   cache = str(tmp_path / "cache")
   assert data.ner_label_names(root) == ["O", "B-DRUG", "I-DRUG", "B-GPE", "I-GPE"]
