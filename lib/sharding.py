@@ -175,9 +175,18 @@ def process_batch_range(sharding: NamedSharding, global_batch_size: int) -> tupl
 
 
 def shard_batch(batch: dict, sharding: NamedSharding) -> dict:
-  """Process-local numpy batch (this process's rows, see `process_batch_range`) -> global arrays."""
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                      batch)
+  """Process-local numpy batch (this process's rows, see `process_batch_range`) -> global arrays.
+
+  Raises:
+    ValueError: an entry without a leading batch axis (named).
+  """
+  def place(kp, x):
+    x = np.asarray(x)
+    if x.ndim == 0:
+      raise ValueError(f"batch[{peft.path_str(kp)!r}] is a scalar; every batch entry needs a "
+                       "leading batch axis")
+    return jax.make_array_from_process_local_data(sharding, x)
+  return jax.tree_util.tree_map_with_path(place, batch)
 
 
 def _bytes_per_device(x, sharding) -> int:

@@ -57,6 +57,8 @@ def test_batch_sharding_and_process_rows():
   placed = sharding.shard_batch(batch, bs)
   assert placed["input_ids"].sharding.shard_shape((16, 8)) == (4, 8)
   np.testing.assert_array_equal(np.asarray(placed["input_ids"]), batch["input_ids"])
+  with pytest.raises(ValueError, match="batch\\['step'\\] is a scalar"):
+    sharding.shard_batch(dict(batch, step=np.int32(3)), bs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,6 +111,8 @@ def test_optimizer_state_follows_parameter_sharding():
 def test_explain_sharding_table():
   s = setup((1, 8, 1))
   text = sharding.explain_sharding(s.state.params, opt_state=s.state.opt_state)
+  # Abstract state (ShapeDtypeStruct with .sharding, nothing allocated) gives the same table.
+  assert sharding.explain_sharding(s.abstract.params, opt_state=s.abstract.opt_state) == text
   lines = text.splitlines()
   row = next(l for l in lines if l.startswith("encoder/layer_0/mlp/mlp_in/kernel "))
   # (32, 64) float32 with embed -> fsdp=8: 4 * 64 * 4 bytes per device.
@@ -117,3 +121,17 @@ def test_explain_sharding_table():
   assert len(lines) == 1 + n + 2
   total = sum(x.size * 4 for x in jax.tree.leaves(s.state.params))
   assert f"{n} arrays, {total:,} bytes total" in lines[-2]
+
+
+def test_train_state_from_host_params_is_placed_by_the_rules():
+  s = setup((2, 2, 2), create=False)
+  rng = np.random.default_rng(0)
+  host = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), s.abstract.params)
+  state = train.train_state_from_params(host, s.tx, s.mesh, s.rules, s.logical, s.labels)
+  assert int(state.step) == 0
+  for x, a, h in zip(jax.tree.leaves(state.params), jax.tree.leaves(s.abstract.params),
+                     jax.tree.leaves(host)):
+    assert x.sharding == a.sharding
+    np.testing.assert_array_equal(np.asarray(x), h)
+  for x, a in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(s.abstract.opt_state)):
+    assert x.sharding == a.sharding and not np.asarray(x).any()  # Adam moments and counts start at 0

@@ -5,7 +5,6 @@ subprocess tests start; the parent sets XLA_FLAGS / JAX_PLATFORMS / PYTHONPATH i
 """
 
 import argparse
-import functools
 import json
 import os
 import signal
@@ -20,18 +19,12 @@ import numpy as np
 import pytest
 
 from lib import checkpoint, distributed, peft, sharding, train
-from training_helpers import (SyntheticIterator, make_loss_fn, setup, synthetic_batch,
-                              train_config)
+from training_helpers import (EVAL_SEEDS, SyntheticIterator, eval_step_fn, make_loss_fn, setup,
+                              synthetic_batch, train_config)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH = (2, 2, 2)
 DROPOUT = 0.1      # fit tests train with dropout, so the per-step keys must resume exactly too
-
-
-@functools.lru_cache(maxsize=None)
-def _mesh_setup():
-  """The tiny model on the (2, 2, 2) mesh; one compile of its train step serves several tests."""
-  return setup(MESH, dropout=DROPOUT)
 
 
 def _copy(state):
@@ -73,7 +66,7 @@ def test_accumulating_4_micro_batches_of_8_equals_one_batch_of_32():
 
 
 def test_frozen_leaves_bitwise_unchanged_and_stateless_fit_logs(tmp_path):
-  rules = [("classifier/.*", "head"), ("encoder/layer_1/mlp/.*", "train"), (".*", peft.FREEZE)]
+  rules = [("classifier/.*", "head"), ("encoder/layer_0/mlp/.*", "train"), (".*", peft.FREEZE)]
   s = setup(MESH, peft_rules=rules, dropout=DROPOUT, lr_mult={"head": 10.0})
   init = _flat_host(s.state.params)
   labels = peft.flatten_paths(s.labels)
@@ -82,7 +75,7 @@ def test_frozen_leaves_bitwise_unchanged_and_stateless_fit_logs(tmp_path):
                   batch_sharding=s.batch_sharding, logdir=str(tmp_path), flops_per_token=1e4)
   after = _flat_host(res.state.params)
   frozen = [k for k, l in labels.items() if l == peft.FREEZE]
-  assert len(frozen) > 20
+  assert len(frozen) > 15
   for k in frozen:
     assert after[k].tobytes() == init[k].tobytes(), k
   for k in (k for k, l in labels.items() if l != peft.FREEZE):
@@ -114,28 +107,21 @@ def test_combine_metrics_sums_counts_and_weights_means():
   assert train.combine_metrics(rows) == {"loss": 3.25, "n": 8.0, "weight": 4.0}
 
 
-def test_checkpoint_saved_on_8_devices_restores_on_1_with_same_eval_loss(tmp_path):
-  s8 = _mesh_setup()
-  ck = checkpoint.Checkpointer(tmp_path / "ckpt", save_every=0)
-  res = train.fit(_copy(s8.state), s8.train_step, SyntheticIterator(0), train_config(),
-                  num_steps=3, batch_sharding=s8.batch_sharding, checkpointer=ck)
-  ck.close()
-  eval_batches = [synthetic_batch(100 + i, 16) for i in range(2)]
-  loss_fn = make_loss_fn(s8.module)
-  eval_step = train.make_eval_step(lambda p, b: {"loss": loss_fn(p, b, None, False)[0]})
-  want = train.evaluate(eval_step, res.state, eval_batches, s8.batch_sharding)["loss"]
-
-  s1 = setup((1, 1, 1), devices=jax.devices()[:1], dropout=DROPOUT)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          s1.state)
-  restored, data_state, _ = checkpoint.Checkpointer(tmp_path / "ckpt").restore(abstract)
-  assert int(restored.step) == 3 and data_state == {"index": 3}
+def test_checkpoint_saved_on_8_devices_restores_on_1_with_same_eval_loss(reference):
+  # The reference worker trained 20 steps on the (2, 2, 2) mesh, evaluated, and saved.
+  ref_params, _, ref_dir = reference
+  want = [r for r in _read_jsonl(ref_dir / "logs" / "metrics.jsonl") if r["kind"] == "eval"]
+  assert [r["step"] for r in want] == [20]
+  s1 = setup((1, 1, 1), devices=jax.devices()[:1], dropout=DROPOUT, create=False)
+  restored, data_state, _ = checkpoint.Checkpointer(ref_dir / "ckpt").restore(s1.abstract)
+  assert int(restored.step) == 20 and data_state == {"index": 20}
   assert restored.params["classifier"]["kernel"].sharding.num_devices == 1
-  got = train.evaluate(eval_step, restored, eval_batches, s1.batch_sharding)["loss"]
-  assert got == pytest.approx(want, rel=1e-6)   # float32 reductions over 8 shards vs one
-  a, b = _flat_host(restored.params), _flat_host(res.state.params)
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  got = train.evaluate(eval_step_fn(s1.module), restored,
+                       [synthetic_batch(i, 16) for i in EVAL_SEEDS], s1.batch_sharding)
+  assert got["weight"] == 32
+  assert got["loss"] == pytest.approx(want[0]["loss"], rel=1e-6)  # f32 sums over 8 shards vs 1
+  for k, v in _flat_host(restored.params).items():
+    np.testing.assert_array_equal(v, ref_params[20][k], err_msg=k)
 
 
 # ------------------------------------------------------------------------------- subprocesses
@@ -161,21 +147,18 @@ def _run(cmd, cache, devices=8, timeout=180):
   return p.returncode, p.stdout + p.stderr
 
 
-@functools.lru_cache(maxsize=None)
-def _reference():
-  """The uninterrupted run, in this process, on the same mesh as the workers: 5 steps (losses,
-  params), then on to 20 (losses, params)."""
-  s = _mesh_setup()
-  it = SyntheticIterator(0)
-  res5 = train.fit(_copy(s.state), s.train_step, it, train_config(), num_steps=5,
-                   batch_sharding=s.batch_sharding)
-  params5 = _flat_host(res5.state.params)
-  res20 = train.fit(res5.state, s.train_step, it, train_config(), num_steps=20,
-                    batch_sharding=s.batch_sharding)
-  return {5: params5, 20: _flat_host(res20.state.params)}, _losses(res5.history + res20.history)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, jax_cache):
+  """The uninterrupted run (a worker on the same 8-device mesh): params after 5 and 20 steps,
+  per-step losses, and its directory (an eval row and a final checkpoint at step 20)."""
+  d = tmp_path_factory.mktemp("reference")
+  rc, out = _run(_worker_cmd(d, "--steps", 20, "--dump-at", 5, "--eval"), jax_cache)
+  assert rc == 0, out
+  params = {k: dict(np.load(d / f"params{k}.npz")) for k in (5, 20)}
+  return params, _losses(_read_jsonl(d / "logs" / "metrics.jsonl")), d
 
 
-def test_resume_after_sigkill_is_exact(tmp_path, jax_cache):
+def test_resume_after_sigkill_is_exact(tmp_path, jax_cache, reference):
   # 20 steps; the worker checkpoints every 5 and SIGKILLs itself when fetching the batch of
   # step 13 (after the step-10 save committed); the rerun resumes at 10 and trains 11..20.
   rc, out = _run(_worker_cmd(tmp_path, "--steps", 20, "--save-every", 5, "--kill-at", 12),
@@ -190,11 +173,11 @@ def test_resume_after_sigkill_is_exact(tmp_path, jax_cache):
   rows = _read_jsonl(tmp_path / "logs" / "metrics.jsonl")
   resumed = _losses(rows[len(killed):])
   assert sorted(resumed) == list(range(11, 21))
-  ref_params, ref_losses = _reference()
+  ref_params, ref_losses, _ = reference
   ref_params = ref_params[20]
   assert {**killed, **resumed} == ref_losses                       # bitwise: floats from JSON
   assert {k: killed[k] for k in (11, 12)} == {k: resumed[k] for k in (11, 12)}
-  final = dict(np.load(tmp_path / "params.npz"))
+  final = dict(np.load(tmp_path / "params20.npz"))
   assert final.keys() == ref_params.keys()
   for k in final:
     np.testing.assert_array_equal(final[k], ref_params[k], err_msg=k)
@@ -220,9 +203,7 @@ def test_sigterm_mid_run_leaves_complete_checkpoint_at_current_step(tmp_path, ja
   ck = checkpoint.Checkpointer(tmp_path / "ckpt")
   assert ck.all_steps() == [stopped]
   assert checkpoint.invalid_reason(tmp_path / "ckpt" / str(stopped)) is None
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          _mesh_setup().state)
-  state, data_state, _ = ck.restore(abstract)
+  state, data_state, _ = ck.restore(setup(MESH, dropout=DROPOUT, create=False).abstract)
   assert int(state.step) == stopped and data_state == {"index": stopped}
 
 
@@ -232,12 +213,13 @@ def _free_port() -> int:
     return sock.getsockname()[1]
 
 
-def test_two_processes_of_4_devices_match_one_process_of_8(tmp_path, jax_cache):
+def test_two_processes_of_4_devices_match_one_process_of_8(tmp_path, jax_cache, reference):
   port = _free_port()
-  procs = [subprocess.Popen(
-      _worker_cmd(tmp_path, "--steps", 5, "--mesh", "1,2,2", "--dcn", "2,1,1",
-                  "--coordinator", f"localhost:{port}", "--num-processes", 2, "--process-id", i),
-      env=_env(4, jax_cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  # Each process: 4 devices as a (1, 2, 2) slice; the two processes form the DCN data axis.
+  cmds = [_worker_cmd(tmp_path, "--steps", 5, "--mesh", "1,2,2", "--dcn", "2,1,1", "--coordinator",
+                      f"localhost:{port}", "--num-processes", 2, "--process-id", i) for i in range(2)]
+  procs = [subprocess.Popen(c, env=_env(4, jax_cache), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for c in cmds]
   outs = []
   try:
     for p in procs:
@@ -246,13 +228,13 @@ def test_two_processes_of_4_devices_match_one_process_of_8(tmp_path, jax_cache):
     for p in procs:
       p.kill()
   assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
-  ref_params, ref_losses = _reference()
+  ref_params, ref_losses, _ = reference
   ref_params = ref_params[5]
   losses = _losses(_read_jsonl(tmp_path / "logs" / "metrics.jsonl"))
   assert sorted(losses) == list(range(1, 6))
   for k in losses:  # the same sharded program; collectives across processes (gloo) may order sums
     assert losses[k] == pytest.approx(ref_losses[k], rel=1e-6), k
-  params = dict(np.load(tmp_path / "params.npz"))
+  params = dict(np.load(tmp_path / "params5.npz"))
   for k in params:
     np.testing.assert_allclose(params[k], ref_params[k], rtol=1e-5, atol=1e-6, err_msg=k)
   assert checkpoint.Checkpointer(tmp_path / "ckpt").latest_step() == 5
@@ -290,22 +272,33 @@ def _worker(argv):
   ap.add_argument("--coordinator")
   ap.add_argument("--num-processes", type=int)
   ap.add_argument("--process-id", type=int)
+  ap.add_argument("--eval", action="store_true", help="evaluate at the end (EVAL_SEEDS batches)")
+  ap.add_argument("--dump-at", type=int, default=0, help="also write the params at this step")
   a = ap.parse_args(argv)
   distributed.initialize(a.coordinator, a.num_processes, a.process_id)
   s = setup(tuple(int(x) for x in a.mesh.split(",")), dropout=DROPOUT,
             dcn=tuple(int(x) for x in a.dcn.split(",")))
   ck = checkpoint.Checkpointer(os.path.join(a.workdir, "ckpt"), save_every=a.save_every)
   rows = sharding.process_batch_range(s.batch_sharding, 16)
+  evals = [{k: v[rows[0]:rows[1]] for k, v in synthetic_batch(i, 16).items()} for i in EVAL_SEEDS]
+  eval_step = eval_step_fn(s.module)
+  eval_fn = (lambda st: train.evaluate(eval_step, st, evals, s.batch_sharding)) if a.eval else None
   it = _Interrupting(a.kill_at, a.slow, ck, seed=0, batch_size=16, rows=rows)
-  res = train.fit(s.state, s.train_step, it, train_config(), num_steps=a.steps,
-                  batch_sharding=s.batch_sharding, checkpointer=ck,
-                  logdir=os.path.join(a.workdir, "logs"))
+  state = s.state
+  for stop in sorted({a.dump_at, a.steps} - {0}):
+    last = stop == a.steps   # an earlier --dump-at segment runs without checkpoints and eval
+    res = train.fit(state, s.train_step, it, train_config(), num_steps=stop,
+                    batch_sharding=s.batch_sharding, checkpointer=ck if last else None,
+                    eval_fn=eval_fn if last else None,
+                    logdir=os.path.join(a.workdir, "logs"))
+    state = res.state
+    params = _flat_host(state.params)          # gathers across processes (all must call)
+    if distributed.is_main_process():
+      np.savez(os.path.join(a.workdir, f"params{int(state.step)}.npz"), **params)
+    if res.preempted:
+      break
   ck.close()
-  params = _flat_host(res.state.params)          # gathers across processes (all must call)
-  if distributed.is_main_process():
-    np.savez(os.path.join(a.workdir, "params.npz"), **params)
-  print(f"PREEMPTED {int(res.state.step)}" if res.preempted else f"DONE {int(res.state.step)}",
-        flush=True)
+  print(f"PREEMPTED {int(state.step)}" if res.preempted else f"DONE {int(state.step)}", flush=True)
 
 
 if __name__ == "__main__":

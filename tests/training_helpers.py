@@ -14,7 +14,7 @@ VOCAB, SEQ = 128, 8
 
 
 def tiny_args(dropout: float = 0.0) -> ModelArgs:
-  return ModelArgs(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128,
+  return ModelArgs(vocab_size=VOCAB, hidden_size=64, num_layers=1, num_heads=4, mlp_dim=128,
                    max_len=16, dropout_rate=dropout, attention_dropout_rate=dropout)
 
 
@@ -70,8 +70,9 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
 
 def setup(mesh_shape=(1, 1, 1), devices=None, peft_rules=peft.FULL_FINETUNE, num_steps=20,
           accum_steps=1, dropout=0.0, seed=0, rules=sharding.DEFAULT_RULES, dcn=(1, 1, 1),
-          **optim_overrides):
-  """Everything a test needs to train the tiny seq_cls BERT: a namespace of module, mesh, state..."""
+          create=True, **optim_overrides):
+  """Everything a test needs to train the tiny seq_cls BERT: a namespace of module, mesh, state
+  (only the sharded `abstract` state when not `create`)..."""
   module = models.build(tiny_args(dropout), head="seq_cls", num_labels=2)
   abstract, logical = models.abstract_params(module)
   labels = peft.label_params(abstract, peft_rules, log=False)
@@ -80,13 +81,27 @@ def setup(mesh_shape=(1, 1, 1), devices=None, peft_rules=peft.FULL_FINETUNE, num
   mesh_cfg.update({f"dcn_{a}": d for a, d in zip(sharding.MESH_AXES, dcn)})
   mesh = sharding.make_mesh(ml_collections.ConfigDict(mesh_cfg), devices)
   init_fn = lambda r: models.init_params(module, r)[0]
-  state = train.create_train_state(init_fn, jax.random.key(seed), tx, mesh, rules, logical, labels)
+  abstract = train.abstract_train_state(init_fn, tx, mesh, rules, logical, labels)
+  state = (train.create_train_state(init_fn, jax.random.key(seed), tx, mesh, rules, logical, labels)
+           if create else None)
   step = train.make_train_step(make_loss_fn(module), tx, labels=labels, accum_steps=accum_steps,
                                schedule=schedule, seed=seed)
   return types.SimpleNamespace(
       module=module, logical=logical, labels=labels, tx=tx, schedule=schedule, mesh=mesh,
-      rules=rules, init_fn=init_fn, state=state, train_step=step,
+      rules=rules, init_fn=init_fn, state=state, abstract=abstract, train_step=step,
       batch_sharding=sharding.batch_sharding(mesh, rules))
+
+
+def eval_step_fn(module):
+  """eval_step(state, batch) -> {'loss': mean loss, 'weight': examples} for train.evaluate."""
+  loss_fn = make_loss_fn(module)
+  def eval_fn(params, batch):
+    loss, m = loss_fn(params, batch, None, False)
+    return {"loss": loss, "weight": m["examples"]}
+  return train.make_eval_step(eval_fn)
+
+
+EVAL_SEEDS = (100, 101)
 
 
 def train_config(**overrides) -> ml_collections.ConfigDict:
