@@ -243,7 +243,24 @@ def combine_metrics(rows: list) -> dict:
 class FitResult(NamedTuple):
   state: TrainState
   history: list         # logged rows (train windows and evals), as written to metrics.jsonl
-  preempted: bool       # stopped early by SIGTERM/SIGINT after saving a checkpoint
+  preempted: bool       # stopped by SIGTERM/SIGINT after saving a checkpoint
+  early_stopped: bool   # stopped because eval_fn returned a true 'stop' (checkpoint saved)
+
+
+def scalar_metrics(row: dict, prefix: str = "") -> tuple[dict, list]:
+  """({name: float} of the numeric scalars in `row`, nested dicts as 'a/b'; [skipped names])."""
+  out, skipped = {}, []
+  for k, v in row.items():
+    name = f"{prefix}{k}"
+    if isinstance(v, dict):
+      sub, sk = scalar_metrics(v, name + "/")
+      out.update(sub)
+      skipped += sk
+    elif np.ndim(v) == 0 and np.issubdtype(np.asarray(v).dtype, np.number) or isinstance(v, bool):
+      out[name] = float(v)
+    else:
+      skipped.append(name)
+  return out, skipped
 
 
 def _is_main() -> bool:
@@ -295,10 +312,14 @@ class _Logger:
     self.reset_clock()
 
   def write(self, step: int, row: dict, prefix: str):
-    row = {k: v for k, v in row.items() if np.ndim(v) == 0}
+    """Logs the numeric scalars of `row` (nested dicts flattened as 'a/b')."""
+    row, skipped = scalar_metrics(row)
+    if skipped and _is_main():
+      logging.warning("%s step %d: %d non-numeric metrics not logged: %s", prefix, step,
+                      len(skipped), skipped)
     self.history.append({"step": step, "kind": prefix, **row})
     if not _is_main():
-      return
+      return row
     logging.info("%s step %d/%d | %s", prefix, step, self.num_steps,
                  " ".join(f"{k} {v:.5g}" for k, v in sorted(row.items())))
     if self.writer is not None:
@@ -307,6 +328,7 @@ class _Logger:
       self.writer.flush()
       self.jsonl.write(json.dumps({"step": step, "kind": prefix, **row}) + "\n")
       self.jsonl.flush()
+    return row
 
   def close(self):
     if self.writer is not None:
@@ -352,6 +374,7 @@ def fit(state: TrainState, train_step: Callable, train_iter, cfg, *, num_steps: 
     num_steps: total optimizer steps (`num_train_steps`).
     batch_sharding: from `sharding.batch_sharding`.
     eval_fn: state -> dict of host scalars (e.g. span F1), run every cfg.eval_every and at the end.
+      A true 'stop' entry ends training there (early stopping; every process must agree).
     checkpointer: a `lib.checkpoint.Checkpointer`: saves on its `save_every` schedule (build it
       with save_every=cfg.checkpoint_every), at the last step and on SIGTERM/SIGINT (then fit
       returns with preempted=True); the eval metrics of the same step go along for best-by-metric.
@@ -360,7 +383,8 @@ def fit(state: TrainState, train_step: Callable, train_iter, cfg, *, num_steps: 
     flops_per_token: for MFU (`flops_per_token(...)`), with cfg.peak_flops.
 
   Returns:
-    FitResult(state, history, preempted).
+    FitResult(state, history, preempted, early_stopped). After a stop, the script should skip
+    final work that the next (resumed) run will do anyway, and exit.
   """
   if checkpointer is not None:
     checkpointer.install_preemption_handler()
@@ -369,47 +393,47 @@ def fit(state: TrainState, train_step: Callable, train_iter, cfg, *, num_steps: 
   start = int(state.step)
   step_fn = jit_train_step(train_step, state, batch_sharding)
   log = _Logger(logdir, num_steps, flops_per_token, cfg.get("peak_flops", 0.0))
-  preempted, step = False, start
+  stop = None
   try:
     for step in range(start + 1, num_steps + 1):
       batch = next(train_iter, None)
-      if batch is None:
+      if batch is None:  # keep what was trained: evaluate and save the previous step as the last
         logging.warning("data ran out after %d of %d steps", step - 1, num_steps)
-        step -= 1
+        if step > start + 1:
+          _after_step(state, step - 1, step - 1, cfg, log, train_iter, eval_fn, checkpointer)
         break
       state, metrics = step_fn(state, sharding.shard_batch(batch, batch_sharding))
       log.add(metrics)
       if step == start + 1:  # compilation is not throughput
         jax.block_until_ready(metrics)
         log.reset_clock()
-      preempted = _after_step(state, step, num_steps, cfg, log, train_iter, eval_fn, checkpointer)
-      if preempted:
+      stop = _after_step(state, step, num_steps, cfg, log, train_iter, eval_fn, checkpointer)
+      if stop:
         break
-    else:
-      step = num_steps
-    if not preempted and step < num_steps:  # data ran out: keep what was trained
-      _after_step(state, step, step, cfg, log, train_iter, eval_fn, checkpointer)
   finally:
     log.close()
     if checkpointer is not None:
       checkpointer.wait()
-  return FitResult(state, log.history, preempted)
+  return FitResult(state, log.history, stop == "preempted", stop == "early_stop")
 
 
-def _after_step(state, step, last, cfg, log, train_iter, eval_fn, checkpointer) -> bool:
-  """Logging, eval and checkpointing after `step`; returns whether training was preempted."""
-  preempted = checkpointer is not None and checkpointer.preempted(step)
-  if preempted or _due(step, cfg.log_every, last):
+def _after_step(state, step, last, cfg, log, train_iter, eval_fn, checkpointer) -> Optional[str]:
+  """Logging, eval and checkpointing after `step`; returns 'preempted', 'early_stop' or None."""
+  stop = "preempted" if checkpointer is not None and checkpointer.preempted(step) else None
+  if stop or _due(step, cfg.log_every, last):
     log.flush_train(step)
   t0, eval_metrics = time.perf_counter(), None
-  if eval_fn is not None and _due(step, cfg.eval_every, last) and not preempted:
-    eval_metrics = eval_fn(state)
-    log.write(step, eval_metrics, "eval")
+  if eval_fn is not None and _due(step, cfg.eval_every, last) and not stop:
+    eval_metrics = dict(eval_fn(state))
+    if eval_metrics.pop("stop", False):
+      stop = "early_stop"
+    eval_metrics = log.write(step, eval_metrics, "eval")
   if checkpointer is not None:
-    # The Checkpointer's save_every decides periodic saves; the last step and preemption force one.
+    # The Checkpointer's save_every decides periodic saves; the last step and stops force one.
     checkpointer.save(step, state, data_state=getattr(train_iter, "get_state", None),
-                      metrics=eval_metrics, force=preempted or step == last)
-    if preempted:
-      logging.warning("preempted: saved checkpoint at step %d; stopping", step)
+                      metrics=eval_metrics, force=bool(stop) or step == last)
+  if stop:
+    logging.warning("%s at step %d%s; stopping", stop, step,
+                    "" if checkpointer is None else " (checkpoint saved)")
   log.pause(time.perf_counter() - t0)
-  return preempted
+  return stop

@@ -95,6 +95,24 @@ def test_frozen_leaves_bitwise_unchanged_and_stateless_fit_logs(tmp_path):
   assert [f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents")]
 
 
+def test_fit_stops_early_on_eval_request_and_when_data_runs_out(tmp_path):
+  s = setup((1, 1, 1), devices=jax.devices()[:1])
+  ck = checkpoint.Checkpointer(tmp_path / "ckpt", save_every=0)
+  evals = lambda st: {"acc": 0.5, "stop": int(st.step) >= 4}
+  res = train.fit(_copy(s.state), s.train_step, SyntheticIterator(0), train_config(eval_every=2),
+                  num_steps=10, batch_sharding=s.batch_sharding, eval_fn=evals, checkpointer=ck)
+  ck.close()
+  assert res.early_stopped and not res.preempted and int(res.state.step) == 4
+  assert [(r["step"], r) for r in res.history if r["kind"] == "eval"] == [
+      (2, {"step": 2, "kind": "eval", "acc": 0.5}), (4, {"step": 4, "kind": "eval", "acc": 0.5})]
+  assert ck.all_steps() == [4]
+  short = (b for _, b in zip(range(3), SyntheticIterator(0)))   # 3 batches, no get_state
+  res = train.fit(_copy(s.state), s.train_step, short, train_config(log_every=5), num_steps=10,
+                  batch_sharding=s.batch_sharding, eval_fn=lambda st: {"acc": 1.0})
+  assert int(res.state.step) == 3 and not res.early_stopped
+  assert [(r["kind"], r["step"]) for r in res.history] == [("train", 3), ("eval", 3)]
+
+
 def test_flops_per_token_formula():
   # PaLM: 6N + 12 L D T with everything trainable; frozen weights skip their weight gradient.
   assert train.flops_per_token(1000, 2, 8, 16) == 6 * 1000 + 12 * 2 * 8 * 16
