@@ -1,4 +1,4 @@
-"""Optax chains from an `optim` sub-config: AdamW, decay mask, schedules, clipping, label groups, accumulation."""
+"""Optax chains from an `optim` sub-config: AdamW, schedules, clipping, label groups, accumulation."""
 
 from typing import Callable
 
@@ -10,7 +10,7 @@ import optax
 from lib import peft
 
 SCHEDULES = ("linear", "cosine", "constant")
-# Leaf names that never get weight decay: biases and LayerNorm scales (and 'embedding' unless asked).
+# Leaf names never decayed: biases and LayerNorm scales (and 'embedding' unless asked).
 _NO_DECAY = ("bias", "scale")
 
 

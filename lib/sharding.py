@@ -1,4 +1,4 @@
-"""Device mesh, logical-axis -> mesh-axis rules, and the shardings of params, optimizer state and batches."""
+"""Device mesh, logical-axis -> mesh-axis rules, shardings of params, optimizer state and batches."""
 
 import math
 from typing import Optional, Sequence
@@ -206,13 +206,17 @@ def explain_sharding(params, shardings=None, opt_state=None, opt_shardings=None)
   flat = peft.flatten_paths(params)
   specs = peft.flatten_paths(shardings)
   width = max([len(p) for p in flat] + [4])
-  rows = [f"{'path':<{width}}  {'shape':<18} {'spec':<32} {'bytes/device':>14}"]
+  mesh = getattr(next(iter(specs.values()), None), "mesh", None)
+  rows = [f"mesh {dict(mesh.shape) if mesh is not None else None} "
+          f"({mesh.size if mesh is not None else 1} devices)",
+          f"{'path':<{width}}  {'shape':<18} {'spec':<32} {'bytes/device':>14}"]
   total = per_dev = 0
   for path, x in flat.items():
     b = _bytes_per_device(x, specs[path])
     per_dev += b
     total += int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-    rows.append(f"{path:<{width}}  {str(tuple(x.shape)):<18} {str(specs[path].spec):<32} {b:>14,}")
+    spec = getattr(specs[path], "spec", "-")
+    rows.append(f"{path:<{width}}  {str(tuple(x.shape)):<18} {str(spec):<32} {b:>14,}")
   rows.append(f"params: {len(flat)} arrays, {total:,} bytes total, {per_dev:,} bytes/device")
   if opt_state is not None:
     leaves = jax.tree.leaves(opt_state)

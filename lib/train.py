@@ -1,4 +1,4 @@
-"""TrainState, sharded state init, pure train/eval steps, and the fit loop (the one place jax.jit is called)."""
+"""TrainState, sharded init, pure train/eval steps, the fit loop (the one place jax.jit is called)."""
 
 import functools
 import json

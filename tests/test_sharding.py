@@ -118,7 +118,8 @@ def test_explain_sharding_table():
   # (32, 64) float32 with embed -> fsdp=8: 4 * 64 * 4 bytes per device.
   assert "(64, 128)" in row and "P('fsdp', 'tensor')" in row and row.endswith("4,096")
   n = len(jax.tree.leaves(s.state.params))
-  assert len(lines) == 1 + n + 2
+  assert len(lines) == 2 + n + 2
+  assert lines[0] == "mesh {'data': 1, 'fsdp': 8, 'tensor': 1} (8 devices)"
   total = sum(x.size * 4 for x in jax.tree.leaves(s.state.params))
   assert f"{n} arrays, {total:,} bytes total" in lines[-2]
 
