@@ -77,7 +77,7 @@ def _one_step(mesh_shape):
   return float(metrics["loss"]), train.to_host(s.state.params), args, s
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1), (1, 2, 4)])
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1)])
 def test_one_step_on_mesh_matches_one_device(mesh_shape):
   loss1, params1, _, _ = _one_step((1, 1, 1))
   loss, params, _, _ = _one_step(mesh_shape)
