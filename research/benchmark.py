@@ -29,15 +29,29 @@ flags.DEFINE_integer("steps", 6, "timed steps per side")
 flags.DEFINE_integer("warmup", 1, "untimed steps per side after compilation")
 flags.DEFINE_integer("block", 1, "steps per side before switching sides")
 flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads for both sides (XLA via CPU affinity)")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype (params stay float32)")
-flags.DEFINE_enum("hf_dtype", None, ["float32", "bfloat16"], "HF side dtype if not --dtype "
-                  "(bfloat16 = torch.autocast)")
+flags.DEFINE_list("dtype", ["float32", "bfloat16"], "our compute dtypes, one row each (params "
+                  "stay float32)")
+flags.DEFINE_enum("hf_dtype", "float32", ["float32", "bfloat16"], "HF side: float32 (plain, HF's "
+                  "default) or bfloat16 (torch.autocast)")
 flags.DEFINE_float("pad_frac", 0.0, "fraction of each row that is padding")
 flags.DEFINE_string("prng_impl", "threefry2x32", "jax_default_prng_impl (dropout key bits)")
+flags.DEFINE_bool("tune_malloc", True, "re-run under MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 "
+                  "MALLOC_TRIM_THRESHOLD_=64G: else glibc mmaps XLA's per-step buffers afresh and "
+                  "the step page-faults ~1 GB every call (~20% of a MiniLM step)")
 flags.DEFINE_string("xla_flags", "", "extra XLA_FLAGS")
 flags.DEFINE_enum("omp_wait_policy", "PASSIVE", ["PASSIVE", "ACTIVE", "default"],
                   "torch's OpenMP workers: PASSIVE sleeps at barriers; on a shared, loaded CPU "
                   "spinning workers made HF steps 2-10x slower, so PASSIVE is HF's best case here")
+
+
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+              "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
+
+
+def _maybe_reexec_with_malloc_env():
+  """glibc reads its tunables at start-up only, so the process re-executes itself once."""
+  if FLAGS.tune_malloc and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+    os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, **MALLOC_ENV))
 
 
 def _setup_threads(n: int):
@@ -71,6 +85,7 @@ def _spec(name: str):
 
 def main(argv):
   del argv
+  _maybe_reexec_with_malloc_env()
   _setup_threads(FLAGS.threads)
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_default_prng_impl", FLAGS.prng_impl)
@@ -79,17 +94,19 @@ def main(argv):
   from lib import bench  # pylint: disable=g-import-not-at-top
   print(f"threads={FLAGS.threads} devices={jax.devices()} prng={FLAGS.prng_impl} "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
+        f"malloc={ {k: os.environ.get(k) for k in MALLOC_ENV} } "
         f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}", flush=True)
   rows = []
   for name in FLAGS.models:
     spec = _spec(name)
     for t in FLAGS.seq_len:
-      row = bench.benchmark_row(spec, FLAGS.batch, int(t), steps=FLAGS.steps, warmup=FLAGS.warmup,
-                                block=FLAGS.block, dtype=FLAGS.dtype, hf_dtype=FLAGS.hf_dtype,
-                                pad_frac=FLAGS.pad_frac)
-      print(f"{name} T={t}: ours steps {[round(x, 3) for x in row['ours_step_s']]} s, "
-            f"hf steps {[round(x, 3) for x in row['hf_step_s']]} s", flush=True)
-      rows.append(row)
+      for dtype in FLAGS.dtype:
+        row = bench.benchmark_row(spec, FLAGS.batch, int(t), steps=FLAGS.steps,
+                                  warmup=FLAGS.warmup, block=FLAGS.block, dtype=dtype,
+                                  hf_dtype=FLAGS.hf_dtype, pad_frac=FLAGS.pad_frac)
+        print(f"{name} T={t} {row['dtype']}: ours steps {[round(x, 3) for x in row['ours_step_s']]}"
+              f" s, hf steps {[round(x, 3) for x in row['hf_step_s']]} s", flush=True)
+        rows.append(row)
   print(bench.format_table(rows))
 
 

@@ -39,3 +39,60 @@ def test_synthetic_batch_padding_and_labels():
   assert (b["input_ids"][b["input_mask"] == 0] == 0).all()
   assert (b["labels"][:, 0] == -1).all() and (b["labels"][:, 6] == -1).all()
   assert ((b["labels"] >= -1) & (b["labels"] < 5)).all()
+
+
+# ------------------------------------------------- the speed-motivated layer pieces (lib/models/layers.py)
+
+def test_dense_f32acc_grads_match_float32_autodiff():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax import lax
+  from lib.models import layers
+  rng = np.random.default_rng(0)
+  for xs, ks, n in [((2, 5, 8), (8, 3, 4), 1), ((2, 5, 3, 4), (3, 4, 8), 2)]:
+    x, k = rng.standard_normal(xs), rng.standard_normal(ks)
+    b = rng.standard_normal(ks[n:])
+    dims = ((tuple(range(len(xs) - n, len(xs))), tuple(range(n))), ((), ()))
+    ref = lambda x, k, b: jnp.sum(jnp.sin(lax.dot_general(x, k, dims) + b))
+    new = lambda x, k, b: jnp.sum(jnp.sin(layers.dense_f32acc(
+        x.astype(jnp.bfloat16), k.astype(jnp.bfloat16), b, n).astype(jnp.float32)))
+    args = [jnp.asarray(a, jnp.float32) for a in (x, k, b)]
+    for g_ref, g_new in zip(jax.grad(ref, (0, 1, 2))(*args), jax.grad(new, (0, 1, 2))(*args)):
+      assert g_new.shape == g_ref.shape and g_new.dtype == jnp.float32
+      assert float(jnp.abs(g_new - g_ref).max() / jnp.abs(g_ref).max()) < 3e-2  # bf16 inputs
+
+
+def test_dense_same_params_and_float32_output_as_dense_general():
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from lib.models import layers
+  args = models.ModelArgs(hidden_size=16, num_heads=2)
+  x = jax.random.normal(jax.random.key(1), (2, 3, 2, 8))
+  ours = layers.dense(args, 16, ("heads", "head_dim", "embed"), ("embed",), "out", axis=(-2, -1))
+  ref = nn.DenseGeneral(16, axis=(-2, -1), kernel_init=nn.initializers.normal(0.02),
+                        name="out")
+  p_ours = nn.meta.unbox(ours.init(jax.random.key(0), x))
+  p_ref = ref.init(jax.random.key(0), x)
+  jax.tree.map(np.testing.assert_array_equal, p_ours, p_ref)
+  np.testing.assert_allclose(ours.apply(p_ours, x), ref.apply(p_ref, x), rtol=1e-6, atol=1e-6)
+
+
+def test_hash_dropout_rate_scale_and_independence():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from lib.models import layers
+  x = jnp.ones((64, 128, 128), jnp.float32)
+  a = np.asarray(layers.hash_dropout(x, 0.1, jax.random.key(0)))
+  assert set(np.unique(a)) == {0.0, np.float32(1 / 0.9)}
+  keep = a > 0
+  assert abs(keep.mean() - 0.9) < 2e-3                                  # 1M draws: sd 3e-4
+  assert abs(keep[:, :, :64].mean() - keep[:, :, 64:].mean()) < 3e-3  # no position drift
+  flat = keep.reshape(-1).astype(np.float64)
+  assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 5e-3          # neighbours independent
+  np.testing.assert_array_equal(a, layers.hash_dropout(x, 0.1, jax.random.key(0)))
+  other = np.asarray(layers.hash_dropout(x, 0.1, jax.random.key(1))) > 0
+  assert abs(np.corrcoef(flat, other.reshape(-1))[0, 1]) < 5e-3      # keys independent
