@@ -1,14 +1,18 @@
 """Train-step speed: our jitted token-classification step vs Hugging Face PyTorch, same CPU, same run.
 
   .venv/bin/python research/benchmark.py --models=minilm,bert-base --batch=32 --seq_len=128,32 \
-      --steps=10 --warmup=2
+      --dtype=float32,bfloat16 --steps=5 --warmup=2
 
-For each model and sequence length, builds our fine-tuning step (lib.train.make_train_step with the
-NER loss and the lib.optim AdamW chain: weight decay 0.01, clip_by_global_norm 1.0, dropout on) and
-HF's BertForTokenClassification step (torch.optim.AdamW, clip_grad_norm_, loss.backward()), times them
-in alternating blocks, and prints examples/s (median step), their ratio, our compile time, our achieved
-FLOP/s (model FLOPs 6 N tokens + 12 L D T tokens; XLA's cost-analysis count shown beside it) and its
-fraction of a float32 (or bf16 x bf16 -> f32) jnp.dot peak measured in the same run.
+One row per model x sequence length x our compute dtype. Our side is the fine-tuning step as
+lib.train runs it (make_train_step with the NER loss and the lib.optim AdamW chain: weight decay
+0.01, clip_by_global_norm 1.0, dropout on, state donated); HF's is BertForTokenClassification in
+train mode with torch.optim.AdamW, clip_grad_norm_ and loss.backward() (float32 unless
+--hf_dtype=bfloat16, which uses torch.autocast). Steps alternate between the two sides; the table
+has median examples/s, their ratio (ours / HF), our compile time, our achieved FLOP/s (model FLOPs
+6 N tokens + 12 L D T tokens; XLA's cost-analysis count beside it) and its fraction of a jitted
+2048^2 jnp.dot peak (float32, or bf16 x bf16 -> f32 for bfloat16 rows) measured in the same row.
+The process pins itself to --threads cores (XLA sizes its pool from the affinity; torch gets
+set_num_threads) and re-executes itself once under glibc malloc settings (--tune_malloc).
 """
 
 import os
@@ -25,8 +29,9 @@ flags.DEFINE_list("models", ["minilm", "bert-base"],
 flags.DEFINE_integer("batch", 32, "examples per step")
 flags.DEFINE_list("seq_len", ["128"], "sequence lengths, one row each (e.g. 128,32: 32 is the "
                   "length our length-bucketed CoNLL pipeline mostly produces)")
-flags.DEFINE_integer("steps", 6, "timed steps per side")
-flags.DEFINE_integer("warmup", 1, "untimed steps per side after compilation")
+flags.DEFINE_integer("steps", 6, "timed steps per side (medians reported)")
+flags.DEFINE_integer("warmup", 2, "untimed steps per side after compilation (the first steps "
+                     "still grow the heap)")
 flags.DEFINE_integer("block", 1, "steps per side before switching sides")
 flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads for both sides (XLA via CPU affinity)")
 flags.DEFINE_list("dtype", ["float32", "bfloat16"], "our compute dtypes, one row each (params "
