@@ -44,3 +44,50 @@ def model_config(name: str) -> ml_collections.ConfigDict:
   cfg.param_dtype = "float32"  # storage dtype of the parameters
   cfg.remat = "none"           # none | full | dots (per-layer nn.remat policy)
   return cfg
+
+
+def finetune_base() -> ml_collections.ConfigDict:
+  """Fields shared by the fine-tuning configs (configs/ner.py, configs/sst2.py)."""
+  from lib import optim, sharding, train  # configs may use lib; lib never imports configs
+  c = ml_collections.ConfigDict()
+  c.task = "ner"                      # ner | classification
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(dict(
+      init_from="minilm",             # HF dir (config.json + weights), 'minilm', or our checkpoint dir
+      preset="",                      # random init from a configs/common.py preset instead of init_from
+      tokenizer="",                   # '' = the model source's own (else 'minilm' / gpt2-bpe)
+      dtype="float32", param_dtype="float32", remat="none",
+      dropout_rate=-1.0,              # < 0: keep the checkpoint's value
+  ))
+  # Any make_batches keyword of the dataset's task may be added; `dir` is the shared data folder,
+  # `max_train_examples` (0 = all) the first N training examples, for quick runs.
+  c.data = ml_collections.ConfigDict(dict(
+      dataset="conll2003", dir=DATA_DIR, cache_dir="", max_len=128,
+      batch_size=32, eval_batch_size=64, max_train_examples=0))
+  c.optim = optim.default_config()
+  c.optim.warmup_frac = 0.1
+  c.train = train.default_config()
+  c.train.num_steps = 0
+  c.train.epochs = 3
+  c.train.log_every = 50
+  c.train.eval_every = 0              # 0: once per epoch
+  c.train.checkpoint_every = 0        # 0: at each evaluation
+  c.train.patience = 0                # early stopping: evaluations without dev improvement (0 = off)
+  c.mesh = sharding.default_mesh_config()
+  c.sharding_rules = [list(r) for r in sharding.DEFAULT_RULES]
+  c.peft = ml_collections.ConfigDict(dict(rules=[[".*", "train"]]))   # ordered (regex, label) rules
+  return c
+
+
+def apply_variant(cfg: ml_collections.ConfigDict, variant: str, variants: dict):
+  """Applies the '+'-joined variants named in `variant` (e.g. 'quick+bf16') to `cfg`.
+
+  Raises:
+    ValueError: an unknown variant, listing the valid ones.
+  """
+  for name in [v for v in (variant or "").split("+") if v]:
+    if name not in variants:
+      raise ValueError(f"unknown config variant {name!r}; valid: {sorted(variants)}")
+    variants[name](cfg)
+  cfg.variant = variant or ""
+  return cfg

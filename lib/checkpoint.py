@@ -14,6 +14,7 @@ to the previous complete checkpoint.
 
 import dataclasses
 import json
+import logging as std_logging
 import math
 import os
 import signal
@@ -29,6 +30,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from lib import distributed
+
 STATE, INTEGRITY, DATA, METRICS = "state", "integrity", "data_state", "metrics"
 # File name inside each JSON item directory, as orbax's JsonCheckpointHandler writes it.
 _JSON_FILES = {INTEGRITY: "metadata", DATA: "metadata", METRICS: "metrics"}
@@ -37,6 +40,17 @@ _STEP_METADATA = "_CHECKPOINT_METADATA"
 _FORMAT = 1
 
 PathLike = Union[str, os.PathLike, epath.Path]
+
+
+class _QuietOrbax(std_logging.Filter):
+  """Drops orbax's INFO chatter (dozens of lines per save); its warnings and errors still show.
+  Our own checkpoint log lines say what was saved and restored."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+std_logging.getLogger("absl").addFilter(_QuietOrbax())
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -278,16 +292,6 @@ def _clean_metrics(metrics: Optional[dict], step: int) -> Optional[dict]:
   return out
 
 
-def _allgather_text(text: str) -> list:
-  """Every process's `text`, in process order (a collective)."""
-  data = np.frombuffer(text.encode("utf-8"), np.uint8)
-  lengths = multihost_utils.process_allgather(np.array([data.size], np.int32)).reshape(-1)
-  padded = np.zeros(int(lengths.max()), np.uint8)
-  padded[:data.size] = data
-  gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
-  return [bytes(gathered[i, :lengths[i]]).decode("utf-8") for i in range(len(lengths))]
-
-
 def _pack_data_state(data_state: dict) -> dict:
   """JSON item holding every process's iterator state (each host reads its own shard of data)."""
   try:
@@ -295,7 +299,7 @@ def _pack_data_state(data_state: dict) -> dict:
   except (TypeError, ValueError) as e:
     raise ValueError(f"checkpoint data_state: not JSON-serialisable ({e}); encode bytes e.g. as "
                      "base64 text") from e
-  texts = [text] if jax.process_count() == 1 else _allgather_text(text)
+  texts = [text] if jax.process_count() == 1 else distributed.allgather_text(text)
   return {"format": _FORMAT, "per_process": [json.loads(t) for t in texts]}
 
 

@@ -1,10 +1,13 @@
 """Multi-host start-up: jax.distributed from arguments, WORKBENCH_* variables or the cluster."""
 
+import json
 import os
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 # Read when the corresponding argument is None (scripts pass their flags as arguments).
 ENV_COORDINATOR = "WORKBENCH_COORDINATOR"  # "host:port" of process 0
@@ -123,3 +126,28 @@ def _check_explicit(coordinator_address, num_processes, process_id) -> None:
 def is_main_process() -> bool:
   """True on process 0: the one that logs, writes metadata and reports."""
   return jax.process_index() == 0
+
+
+def allgather_text(text: str) -> list:
+  """Every process's `text`, in process order (a collective; [text] for a single process)."""
+  if jax.process_count() == 1:
+    return [text]
+  data = np.frombuffer(text.encode("utf-8"), np.uint8)
+  lengths = multihost_utils.process_allgather(np.array([data.size], np.int32)).reshape(-1)
+  padded = np.zeros(max(int(lengths.max()), 1), np.uint8)
+  padded[:data.size] = data
+  gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+  return [bytes(gathered[i, :lengths[i]]).decode("utf-8") for i in range(len(lengths))]
+
+
+def allgather_json(obj: Any) -> list:
+  """Every process's JSON-serialisable `obj`, in process order (a collective)."""
+  return [json.loads(t) for t in allgather_text(json.dumps(obj))]
+
+
+def agree_int(value: int, how: str = "max") -> int:
+  """The max (or min) of an integer over all processes (a collective; `value` for one process)."""
+  if jax.process_count() == 1:
+    return int(value)
+  values = multihost_utils.process_allgather(np.array([int(value)], np.int64)).reshape(-1)
+  return int(values.max() if how == "max" else values.min())

@@ -188,3 +188,36 @@ def plot_curves(path_png: str, history: dict[str, Sequence[tuple[float, float]]]
   buf = io.BytesIO()
   fig.savefig(buf, format="png")
   _atomic_write_bytes(path_png, buf.getvalue())
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes UTF-8 text via a temp file and os.replace (readers never see half a file)."""
+  _atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_tsv_predictions(path: str, inputs: Sequence[str], gold: Sequence[str], pred: Sequence[str]) -> None:
+  """`input<TAB>gold<TAB>predicted` per example with a header line (classification predictions)."""
+  if not len(inputs) == len(gold) == len(pred):
+    raise ValueError(f"{path}: {len(inputs)} inputs, {len(gold)} gold and {len(pred)} predictions")
+  rows = ["input\tgold\tpredicted"]
+  for i, (x, g, p) in enumerate(zip(inputs, gold, pred)):
+    if "\t" in x or "\n" in x:
+      raise ValueError(f"{path}: example {i} contains a tab or newline: {x!r}")
+    rows.append(f"{x}\t{g}\t{p}")
+  write_text_atomic(path, "\n".join(rows) + "\n")
+
+
+def read_jsonl_history(path: str) -> list:
+  """Rows of a metrics.jsonl (lib.train's log); a step logged twice (resumed run) keeps the last row."""
+  if not os.path.exists(path):
+    return []
+  rows = {}
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          row = json.loads(line)
+        except ValueError as e:
+          raise ValueError(f"{path}:{n}: not JSON: {e}") from e
+        rows[(row["kind"], row["step"])] = row
+  return sorted(rows.values(), key=lambda r: (r["step"], r["kind"]))

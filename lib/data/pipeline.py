@@ -306,6 +306,18 @@ def _pipeline_name(dataset, split, kind, tokenizer, **kw):
   return f"{dataset}/{split}/{kind}/tok={tok_lib.tokenizer_fingerprint(tokenizer)}/{args}"
 
 
+def first_examples(feats, info, max_examples):
+  """Keeps the features of the first `max_examples` examples of a shard (0 = all); info follows."""
+  if not max_examples or max_examples >= len(info["example_ids"]):
+    return feats, info
+  keep = set(info["example_ids"][:max_examples])
+  info = dict(info, example_ids=info["example_ids"][:max_examples])
+  if "num_words" in info:
+    info["num_words"] = info["num_words"][:max_examples]
+  logging.info("using the first %d examples of the split (max_examples)", max_examples)
+  return [f for f in feats if f["example_id"] in keep], info
+
+
 def _fine_tuning_iterator(name, feats, info, *, train, batch_size, max_len, seed, buckets, sort_chunk_batches,
                           steps_per_epoch, pad_values, scalar_fields, bfloat16_keys):
   lengths = np.array([len(f["input_ids"]) for f in feats])
@@ -332,7 +344,8 @@ def _buckets(max_len, buckets, shard_count, train):
 
 def token_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, train=False, shard_index=0,
                       shard_count=1, data_dir=None, cache_dir=None, label_names=None, buckets=None, stride=None,
-                      label_all_subwords=False, sort_chunk_batches=50, steps_per_epoch=None, bfloat16_keys=()):
+                      label_all_subwords=False, sort_chunk_batches=50, steps_per_epoch=None, bfloat16_keys=(),
+                      max_examples=0):
   """Token-classification batches (conll2003, brown_pos); see make_batches."""
   stride = stride or max(1, (max_len - 2) // 2)
   data_dir = data_dir or DEFAULT_DATA_DIR
@@ -340,9 +353,10 @@ def token_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0,
                                    label_all=label_all_subwords, owned_labels_only=not train, data_dir=data_dir,
                                    cache_dir=cache_dir, label_names=label_names, shard_index=shard_index,
                                    shard_count=shard_count)
+  feats, info = first_examples(feats, info, max_examples)
   name = _pipeline_name(dataset, split, "token_cls", tokenizer, b=batch_size, L=max_len, seed=seed, train=train,
                         shard=f"{shard_index}of{shard_count}", stride=stride, all=label_all_subwords,
-                        buckets=buckets, sort=sort_chunk_batches, spe=steps_per_epoch)
+                        buckets=buckets, sort=sort_chunk_batches, spe=steps_per_epoch, n=max_examples)
   pad = dict(input_ids=tokenizer.pad_token_id, token_type_ids=0, labels=-1)
   if not train:
     pad.update(word_ids=-1, predict_mask=0)
@@ -355,14 +369,15 @@ def token_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0,
 
 def seq_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, train=False, shard_index=0,
                     shard_count=1, data_dir=None, cache_dir=None, buckets=None, sort_chunk_batches=50,
-                    steps_per_epoch=None, bfloat16_keys=()):
+                    steps_per_epoch=None, bfloat16_keys=(), max_examples=0):
   """Sentence-classification batches (sst2); see make_batches."""
   data_dir = data_dir or DEFAULT_DATA_DIR
   feats, info = seq_cls_features(dataset, split, tokenizer, max_len=max_len, data_dir=data_dir,
                                  cache_dir=cache_dir, shard_index=shard_index, shard_count=shard_count)
+  feats, info = first_examples(feats, info, max_examples)
   name = _pipeline_name(dataset, split, "seq_cls", tokenizer, b=batch_size, L=max_len, seed=seed, train=train,
                         shard=f"{shard_index}of{shard_count}", buckets=buckets, sort=sort_chunk_batches,
-                        spe=steps_per_epoch)
+                        spe=steps_per_epoch, n=max_examples)
   return _fine_tuning_iterator(name, feats, info, train=train, batch_size=batch_size, max_len=max_len, seed=seed,
                                buckets=_buckets(max_len, buckets, shard_count, train),
                                sort_chunk_batches=sort_chunk_batches, steps_per_epoch=steps_per_epoch,
@@ -418,7 +433,8 @@ def make_batches(dataset: str, split: str, tokenizer, *, batch_size: int, max_le
     train: loop over epochs forever with an epoch-seeded reshuffle; else one ordered pass.
     shard_index, shard_count: this process's contiguous shard of the split (e.g. jax.process_index/count).
     **kwargs: data_dir, cache_dir, and per task: label_names, buckets, stride, label_all_subwords,
-      sort_chunk_batches (token_cls); buckets, sort_chunk_batches (sst2); objective ('mlm'|'clm'),
+      sort_chunk_batches, max_examples (token_cls: the first N sentences of the shard); buckets,
+      sort_chunk_batches, max_examples (sst2); objective ('mlm'|'clm'),
       mlm_rate, whole_word_masking (LM); steps_per_epoch, bfloat16_keys (all). With shard_count > 1 and
       no explicit buckets every batch is padded to max_len (equal shapes on every host); multi-host
       runs pass the same steps_per_epoch to every host (evaluation pads with all-dummy batches).
@@ -439,8 +455,9 @@ def make_batches(dataset: str, split: str, tokenizer, *, batch_size: int, max_le
 
 _COMMON_KEYS = {"dataset", "batch_size", "eval_batch_size", "max_len", "seed", "data_dir", "cache_dir",
                 "steps_per_epoch", "bfloat16_keys"}
-_TASK_KEYS = {"token_cls": {"label_names", "buckets", "stride", "label_all_subwords", "sort_chunk_batches"},
-              "seq_cls": {"buckets", "sort_chunk_batches"},
+_TASK_KEYS = {"token_cls": {"label_names", "buckets", "stride", "label_all_subwords", "sort_chunk_batches",
+                            "max_examples"},
+              "seq_cls": {"buckets", "sort_chunk_batches", "max_examples"},
               "lm": {"objective", "mlm_rate", "whole_word_masking"}}
 
 

@@ -1,0 +1,42 @@
+"""CoNLL-2003 NER: MiniLM (the installed checkpoint) + token classifier, sentence-level context.
+
+  ./run.sh finetune --config=configs/ner.py --workdir=workdirs/ner
+  .venv/bin/python research/finetune.py --config=configs/ner.py:quick --workdir=/tmp/ner_quick
+
+Variants (`--config=configs/ner.py:<variant>`):
+  (none)  the full run: AdamW lr 1e-4, wd 0.01, 10% warmup then linear decay, batch 32, 3 epochs,
+          clip 1.0, seed 0, max 128 word-pieces per window (longer sentences are windowed, never cut).
+  quick   the first 1,000 training sentences, 2 epochs, full dev and test evaluation (smoke test / demo).
+  bf16    bfloat16 compute (params and optimizer state stay float32).
+
+Measured on this machine: MEASUREMENT PENDING.
+"""
+
+from configs import common
+
+
+def get_config(variant: str = ""):
+  c = common.finetune_base()
+  c.task = "ner"
+  c.data.dataset = "conll2003"
+  c.data.max_len = 128
+  c.data.stride = 32              # word-pieces of context kept when a long sentence is windowed
+  c.data.label_all_subwords = False
+  c.optim.lr = 1e-4
+  c.optim.weight_decay = 0.01
+  c.train.epochs = 3
+  c.train.patience = 0
+  return common.apply_variant(c, variant, {
+      "quick": _quick,
+      "bf16": _bf16,
+  })
+
+
+def _quick(c):
+  c.data.max_train_examples = 1000
+  c.train.epochs = 2
+  c.train.log_every = 5
+
+
+def _bf16(c):
+  c.model.dtype = "bfloat16"
