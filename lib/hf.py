@@ -84,6 +84,28 @@ _ARCHITECTURES = {
 }
 
 
+def head_of_hf_config(cfg: dict) -> tuple:
+  """(our head, num_labels, label names) of a HF config, from its `architectures` (first entry).
+
+  A config without `architectures` is taken as the bare model (head None).
+
+  Raises:
+    ValueError: an architecture we have no head for (lists the supported ones).
+  """
+  archs = cfg.get("architectures") or []
+  if not archs:
+    return None, 0, []
+  by_name = {name: head for (_, head), name in _ARCHITECTURES.items()}
+  if archs[0] not in by_name:
+    raise ValueError(f"HF architecture {archs[0]!r} is not supported; valid: {sorted(by_name)}")
+  head = by_name[archs[0]]
+  if head not in ("token_cls", "seq_cls"):
+    return head, 0, []
+  id2label = {int(k): v for k, v in (cfg.get("id2label") or {}).items()}
+  names = [id2label[i] for i in range(len(id2label))]
+  return head, len(names), names
+
+
 def hf_config(args: ModelArgs, head=None, num_labels=0, id2label=None):
   """A transformers BertConfig / GPT2Config describing our model (for export)."""
   import transformers  # pylint: disable=g-import-not-at-top
@@ -406,7 +428,7 @@ _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "spe
 
 
 def export_checkpoint(params: dict, args: ModelArgs, out_dir: str, head=None, num_labels: int = 0, *,
-                      id2label=None, tokenizer_dir: Optional[str] = None) -> str:
+                      id2label=None, tokenizer_dir: Optional[str] = None, tokenizer=None) -> str:
   """Writes a HF directory (config.json + model.safetensors [+ tokenizer files]) atomically.
 
   The directory is assembled next to `out_dir` and renamed into place, so a crash never leaves a
@@ -420,7 +442,9 @@ def export_checkpoint(params: dict, args: ModelArgs, out_dir: str, head=None, nu
   try:
     hf_config(args, head, num_labels, id2label).save_pretrained(tmp)
     save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer_dir:
+    if tokenizer is not None:   # a transformers tokenizer object writes its own files
+      tokenizer.save_pretrained(tmp)
+    elif tokenizer_dir:
       for name in _TOKENIZER_FILES:
         if os.path.exists(os.path.join(tokenizer_dir, name)):
           shutil.copy(os.path.join(tokenizer_dir, name), tmp)

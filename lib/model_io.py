@@ -195,3 +195,33 @@ def describe(source: str) -> ModelArgs:
     return read_model_json(path)["args"]
   raise FileNotFoundError(f"{source}: not a model source: expected 'minilm', a Hugging Face "
                           f"directory (config.json), or one of ours ({MODEL_JSON})")
+
+
+# ----------------------------------------------------------------------------- conversion
+
+def hf_to_ours(src: str, dst: str) -> LoadedModel:
+  """A HF checkpoint directory (or 'minilm') -> our model directory, head from its config.
+
+  Every tensor must fit (hf.CheckpointMismatchError otherwise); the tokenizer location is recorded.
+  """
+  path = hf.resolve_model_dir(src)
+  head, num_labels, names = hf.head_of_hf_config(hf.read_hf_config(path))
+  args, params = hf.import_checkpoint(path, head, num_labels)
+  save_model_dir(dst, args, params, head, num_labels, names)
+  if _has_tokenizer(path, args.arch):
+    meta = read_model_json(dst)
+    write_model_json(dst, meta.pop("args"), tokenizer=os.path.abspath(path) if src != "minilm"
+                     else "minilm", **{k: meta[k] for k in ("head", "num_labels", "label_names")})
+  return LoadedModel(args, head, num_labels, params, path)
+
+
+def ours_to_hf(src: str, dst: str, data_dir: str) -> LoadedModel:
+  """Our model directory or run workdir -> a HF directory (config.json, model.safetensors,
+  tokenizer files) that transformers loads with no missing or unexpected keys."""
+  meta = read_model_json(src)
+  model = load_model(src, meta["head"], meta["num_labels"])
+  tokenizer, _ = load_tokenizer(src, model.args.arch, data_dir)
+  id2label = dict(enumerate(meta["label_names"])) if meta["label_names"] else None
+  hf.export_checkpoint(model.params, model.args, dst, model.head, model.num_labels,
+                       id2label=id2label, tokenizer=tokenizer)
+  return model

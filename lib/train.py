@@ -422,8 +422,14 @@ def _after_step(state, step, last, cfg, log, train_iter, eval_fn, checkpointer) 
   stop = "preempted" if checkpointer is not None and checkpointer.preempted(step) else None
   if stop or _due(step, cfg.log_every, last):
     log.flush_train(step)
+  will_eval = eval_fn is not None and _due(step, cfg.eval_every, last) and not stop
+  if will_eval or (checkpointer is not None and (stop or step == last
+                                                 or checkpointer.should_save(step))):
+    # Steps still queued (async dispatch) are training time: finish them before the clock that
+    # eval and saving are excluded by starts.
+    jax.block_until_ready(state)
   t0, eval_metrics = time.perf_counter(), None
-  if eval_fn is not None and _due(step, cfg.eval_every, last) and not stop:
+  if will_eval:
     eval_metrics = dict(eval_fn(state))
     if eval_metrics.pop("stop", False):
       stop = "early_stop"
