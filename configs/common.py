@@ -75,8 +75,42 @@ def finetune_base() -> ml_collections.ConfigDict:
   c.train.patience = 0                # early stopping: evaluations without dev improvement (0 = off)
   c.mesh = sharding.default_mesh_config()
   c.sharding_rules = [list(r) for r in sharding.DEFAULT_RULES]
-  c.peft = ml_collections.ConfigDict(dict(rules=[[".*", "train"]]))   # ordered (regex, label) rules
+  # Ordered (regex, method) rules over parameter paths and model-level options (lib/peft):
+  # methods freeze | train | full | bitfit | lora(rank, alpha, dropout) | adalora(init_rank,
+  # target_rank, ...) | <group name>; options adapter(bottleneck) | prefix(length,
+  # reparam_hidden) | prompt(length).
+  c.peft = ml_collections.ConfigDict(dict(rules=[[".*", "train"]], options=[]))
   return c
+
+
+def peft_variants(head_rules, lora_targets: str = ".*/attention/(query|key|value|out)/kernel"):
+  """Config variants of the PEFT methods (lib/peft).
+
+  Args:
+    head_rules: [regex, method] rules first in every variant (the task head stays trainable).
+    lora_targets: regex of the kernels that lora/adalora adapt (default: the attention
+      projections; r=8 makes 0.65% of MiniLM's parameters trainable).
+
+  Learning rates are the usual ones for each method (higher than full fine-tuning's).
+  """
+  def rules(c, *extra, lr, options=(), rest="freeze"):
+    c.peft.rules = [list(r) for r in head_rules] + [list(r) for r in extra] + [[".*", rest]]
+    c.peft.options = list(options)
+    c.optim.lr = lr
+
+  return {
+      "lora": lambda c: rules(c, [lora_targets, "lora(rank=8, alpha=16, dropout=0.1)"], lr=5e-4),
+      # The same final budget as lora (rank 8 per matrix on average), starting from 12.
+      "adalora": lambda c: rules(c, [lora_targets, "adalora(init_rank=12, target_rank=8, "
+                                     "alpha=16, dropout=0.1, t_init=0.1, t_final=0.2, "
+                                     "delta_t=10)"], lr=5e-4),
+      "bitfit": lambda c: rules(c, lr=1e-3, rest="bitfit"),
+      # Houlsby: the adapters and the LayerNorms trainable.
+      "adapter": lambda c: rules(c, [".*_ln/.*", "train"], lr=1e-3,
+                                 options=["adapter(bottleneck=32)"]),
+      "prefix": lambda c: rules(c, lr=1e-3, options=["prefix(length=16, reparam_hidden=256)"]),
+      "prompt": lambda c: rules(c, lr=1e-2, options=["prompt(length=20)"]),
+  }
 
 
 def apply_variant(cfg: ml_collections.ConfigDict, variant: str, variants: dict):

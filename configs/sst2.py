@@ -9,6 +9,11 @@ Variants (`--config=configs/sst2.py:<variant>`):
           Evaluates on dev every 500 steps and at the end; the best dev checkpoint is tested.
   quick   the first 1,000 training sentences, full dev and test evaluation (smoke test / demo).
   bf16    bfloat16 compute.
+  lora, adalora, bitfit, adapter, prefix, prompt
+          parameter-efficient fine-tuning (configs/common.py:peft_variants, lib/peft): only the
+          method's parameters, the classifier and the pooler bias are trained (LoRA r=8 / AdaLoRA
+          12->8 on the attention projections and the pooler kernel). Combine with '+', e.g.
+          `quick+lora`.
 
 Measured on this machine: MEASUREMENT PENDING.
 """
@@ -28,6 +33,10 @@ def get_config(variant: str = ""):
   return common.apply_variant(c, variant, {
       "quick": _quick,
       "bf16": _bf16,
+      # The pooler is a pretrained projection: LoRA adapts its kernel too, its bias is trained.
+      **common.peft_variants(
+          [["classifier/.*", "train"], ["pooler/dense/bias", "train"]],
+          lora_targets=".*/attention/(query|key|value|out)/kernel|pooler/dense/kernel"),
   })
 
 

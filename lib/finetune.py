@@ -186,6 +186,17 @@ def _model(cfg, source, model_args, head, num_labels):
   return loaded.args, loaded.params
 
 
+def _with_peft(spec, args, params, head, num_labels, seed):
+  """PEFT (lib/peft): the model args of the config's `peft` spec and the parameters it adds
+  (freshly initialised); a spec of labels only returns its inputs."""
+  peft_args = peft.configure(args, spec)
+  if peft_args == args:
+    return args, params
+  module = models.build(peft_args, head, num_labels)
+  rng = jax.random.fold_in(jax.random.key(seed), 1)
+  return peft_args, peft.add_params(params, module, rng)
+
+
 def _best_state(state, ckpt):
   """The best-dev checkpoint's state (the final state if that is the best)."""
   best = ckpt.best_step()
@@ -227,11 +238,14 @@ def run(cfg, workdir: str, *, source: str = "", model_args=None,
   its = make_iterators(cfg, tokenizer)
   label_names = list(its["train"].info["label_names"])
   args, params = _model(cfg, source, model_args, task.HEAD, len(label_names))
+  spec = peft.spec_from_config(cfg.peft)
+  args, params = _with_peft(spec, args, params, task.HEAD, len(label_names), cfg.seed)
   module = models.build(args, task.HEAD, len(label_names))
   abstract, logical = models.abstract_params(module)
   labels = peft.label_params(abstract, [tuple(r) for r in cfg.peft.rules])
   num_steps = train.num_train_steps(cfg.train, len(its["train"]))
   tx, schedule = optim.make_optimizer(cfg.optim, labels, num_steps)
+  tx = peft.wrap_optimizer(tx, spec, num_steps)   # AdaLoRA's rank budget; else tx unchanged
   mesh, rules = sharding.make_mesh(cfg.mesh), [tuple(r) for r in cfg.sharding_rules]
   if explain_sharding:
     init_fn = lambda r: models.init_params(module, r)[0]
@@ -249,6 +263,7 @@ def run(cfg, workdir: str, *, source: str = "", model_args=None,
   step_fn = train.make_train_step(task.make_loss_fn(module), tx, labels=labels,
                                   accum_steps=cfg.optim.accum_steps, schedule=schedule,
                                   seed=cfg.seed)
+  step_fn = peft.with_rank_metrics(step_fn)       # AdaLoRA: logs the kept rank per matrix
   fpt = _flops_per_token(args, abstract, labels, cfg.data.max_len)
   return _fit_and_report(cfg, workdir, state, step_fn, its, evaluator, bsh, num_steps, fpt,
                          t_start)

@@ -375,8 +375,15 @@ def params_to_hf(params: dict, args: ModelArgs, head=None) -> dict:
   if args.arch == "gpt2" and head == "seq_cls" and np.any(flat.get("classifier/bias", 0) != 0):
     raise ValueError("classifier/bias is non-zero but HF GPT2ForSequenceClassification's `score` "
                      "layer has no bias; keep it frozen at zero to export this model")
+  entries = name_map(args, head)
+  unused = sorted(set(flat) - {p for ent in entries for p in ent.paths} - {"classifier/bias"})
+  if unused:
+    raise ValueError(f"params have {len(unused)} tensors with no Hugging Face equivalent: "
+                     f"{unused[:6]}{' ...' if len(unused) > 6 else ''}. PEFT parameters: fold "
+                     "LoRA/AdaLoRA and the prefix MLP in with peft.merge first (adapters, prefixes "
+                     "and prompts have none; LoRA adapters export with lib.peft.hf_export)")
   state = {}
-  for ent in name_map(args, head):
+  for ent in entries:
     missing = [p for p in ent.paths if p not in flat]
     if missing:
       raise KeyError(f"params lack {missing} needed for HF key {ent.hf_key}")

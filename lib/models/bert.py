@@ -6,7 +6,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from lib.models import heads
-from lib.models.layers import ModelArgs, attention_bias, embed, layer_norm, run_layers
+from lib.models.layers import (ModelArgs, SoftPrompt, attention_bias, embed, layer_norm, run_layers,
+                               strip_prompt)
 
 
 class BertEmbeddings(nn.Module):
@@ -49,8 +50,11 @@ class BertEncoder(nn.Module):
     if position_ids is None:
       position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     x = self.embeddings(input_ids, token_type_ids, position_ids, deterministic, inputs_embeds)
+    if self.args.prompt_len:   # prompt tuning: (B, P + T, D) through the layers, P stripped after
+      x, input_mask = SoftPrompt(self.args, name="prompt")(x, input_mask, segment_ids)
     bias = attention_bias(input_mask, segment_ids, causal=False)
-    return run_layers(self.args, x, bias, deterministic, output_attentions, pre_ln=False)
+    return strip_prompt(self.args, *run_layers(self.args, x, bias, deterministic,
+                                               output_attentions, pre_ln=False))
 
 
 class Bert(nn.Module):
@@ -80,9 +84,9 @@ class Bert(nn.Module):
       inter["attentions"] = attns
     a = self.args
     if self.head is None and self.pooler or self.head == "seq_cls":
-      outputs["pooled"] = heads.Pooler(a, name="pooler")(x)
+      outputs["pooled"] = heads.Pooler(a, name="pooler")(x, deterministic)
     if self.head == "mlm":
-      outputs["logits"] = heads.MlmHead(a, name="mlm")(x, self.encoder.attend)
+      outputs["logits"] = heads.MlmHead(a, name="mlm")(x, self.encoder.attend, deterministic)
     elif self.head == "token_cls":
       outputs["logits"] = heads.Classifier(a, self.num_labels, name="classifier")(x, deterministic)
     elif self.head == "seq_cls":

@@ -7,7 +7,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from lib.models import heads
-from lib.models.layers import ModelArgs, attention_bias, embed, layer_norm, run_layers
+from lib.models.layers import (ModelArgs, SoftPrompt, attention_bias, embed, layer_norm, run_layers,
+                               strip_prompt)
 
 
 class GptDecoder(nn.Module):
@@ -34,6 +35,8 @@ class GptDecoder(nn.Module):
       position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     x = self.word(input_ids) if inputs_embeds is None else inputs_embeds    # (B, T, D)
     x = nn.Dropout(a.dropout_rate)(x + self.position(position_ids), deterministic=deterministic)
+    if a.prompt_len:   # prompt tuning: (B, P + T, D) through the layers, P stripped after
+      x, input_mask = SoftPrompt(a, name="prompt")(x, input_mask, segment_ids)
     bias = attention_bias(input_mask, segment_ids, causal=True)
     # GPT-2 scales the init of residual projections by 1/sqrt(2 * num_layers).
     out_std = a.initializer_range / math.sqrt(2 * a.num_layers)
@@ -42,7 +45,7 @@ class GptDecoder(nn.Module):
     x = layer_norm(a, "final_ln")(x)
     # As HF, the last hidden state is reported after the final LayerNorm.
     hidden = hidden[:-1] + (x,)
-    return x, hidden, attns
+    return strip_prompt(a, x, hidden, attns)
 
 
 class Gpt(nn.Module):

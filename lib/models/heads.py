@@ -11,9 +11,10 @@ class Pooler(nn.Module):
   args: ModelArgs
 
   @nn.compact
-  def __call__(self, x):                                                # (B, T, D) -> (B, D)
+  def __call__(self, x, deterministic: bool = True):                    # (B, T, D) -> (B, D)
     a = self.args
-    return jnp.tanh(dense(a, a.hidden_size, ("embed", "mlp"), ("mlp",), "dense")(x[:, 0]))
+    return jnp.tanh(dense(a, a.hidden_size, ("embed", "mlp"), ("mlp",), "dense")(x[:, 0],
+                                                                            deterministic))
 
 
 class MlmHead(nn.Module):
@@ -21,9 +22,9 @@ class MlmHead(nn.Module):
   args: ModelArgs
 
   @nn.compact
-  def __call__(self, x, attend):                                        # (B, T, D) -> (B, T, V)
+  def __call__(self, x, attend, deterministic: bool = True):             # (B, T, D) -> (B, T, V)
     a = self.args
-    h = dense(a, a.hidden_size, ("embed", "mlp"), ("mlp",), "dense")(x)
+    h = dense(a, a.hidden_size, ("embed", "mlp"), ("mlp",), "dense")(x, deterministic)
     h = layer_norm(a, "ln")(activation_fn(a.activation)(h))
     bias = self.param("bias", P(nn.initializers.zeros, ("vocab",)), (a.vocab_size,), a.param_dtype)
     return attend(h) + bias.astype(h.dtype)
