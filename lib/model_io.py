@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from lib import checkpoint, hf, models
+from lib import checkpoint, hf, models, peft
 from lib.models import ModelArgs
 
 MODEL_JSON = "model.json"
@@ -217,11 +217,15 @@ def hf_to_ours(src: str, dst: str) -> LoadedModel:
 
 def ours_to_hf(src: str, dst: str, data_dir: str) -> LoadedModel:
   """Our model directory or run workdir -> a HF directory (config.json, model.safetensors,
-  tokenizer files) that transformers loads with no missing or unexpected keys."""
+  tokenizer files) that transformers loads with no missing or unexpected keys.
+
+  LoRA/AdaLoRA factors (and a prefix MLP) are merged in first (`peft.merge`); adapters, prefixes
+  and prompts have no HF equivalent (hf.params_to_hf names them)."""
   meta = read_model_json(src)
   model = load_model(src, meta["head"], meta["num_labels"])
   tokenizer, _ = load_tokenizer(src, model.args.arch, data_dir)
   id2label = dict(enumerate(meta["label_names"])) if meta["label_names"] else None
-  hf.export_checkpoint(model.params, model.args, dst, model.head, model.num_labels,
+  params, args = peft.merge(model.params, model.args)
+  hf.export_checkpoint(params, args, dst, model.head, model.num_labels,
                        id2label=id2label, tokenizer=tokenizer)
   return model

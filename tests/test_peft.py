@@ -115,10 +115,19 @@ def test_adapter_file_holds_only_trainable_leaves_and_round_trips(tmp_path):
   fresh = peft.add_params(_build(rules)[6], module, jax.random.key(7))   # other LoRA init
   loaded = peft.load_adapter(d, fresh)
   np.testing.assert_array_equal(_logits(module, loaded), _logits(module, trained))
-  other = models.init_params(models.build(dataclasses.replace(pargs, hidden_size=32),
-                                          "seq_cls", 2), jax.random.key(0))[0]
-  with pytest.raises(ValueError, match=r"encoder/layer_0/attention/query/lora_a: saved \(64, 4\)"):
-    peft.load_adapter(d, other)
+  flat = peft.flatten_paths(fresh)
+  flat["encoder/layer_0/attention/query/lora_a"] = np.zeros((64, 2), np.float32)   # rank 2
+  with pytest.raises(ValueError, match=r"query/lora_a: saved \(64, 4\), params have \(64, 2\)"):
+    peft.load_adapter(d, peft.unflatten_paths(flat))
+
+
+def test_remat_keeps_peft_paths_and_outputs():
+  """nn.remat's lifted Block takes the prefixes of the MLP reparameterisation as an argument."""
+  rules = HEAD + [[QV, "lora(4, 8)"]] + FREEZE_REST
+  _, pargs, module, params, _, _, _ = _build(rules, ["prefix(2, 8)"])
+  remat = models.build(dataclasses.replace(pargs, remat="full"), "seq_cls", 2)
+  assert jax.tree.structure(models.abstract_params(remat)[0]) == jax.tree.structure(params)
+  np.testing.assert_allclose(_logits(remat, params), _logits(module, params), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- every method
@@ -213,9 +222,9 @@ def _padded(ids, n_pad, pad_id=0):
   return np.concatenate([ids, np.full((b, n_pad), pad_id, np.int32)], 1), mask
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt2"])
-@pytest.mark.parametrize("options", [["prefix(3)"], ["prefix(3, 16)"], ["prompt(4)"],
-                                     ["prefix(2)", "prompt(3)", "adapter(4)"]])
+@pytest.mark.parametrize("arch,options", [
+    ("bert", ["prefix(3)", "prompt(4)"]), ("bert", ["prefix(3, 16)"]), ("gpt2", ["prompt(4)"]),
+    ("gpt2", ["prefix(2, 16)", "prompt(3)", "adapter(4)"])])
 def test_prefix_and_prompt_ignore_padding(arch, options):
   """Real positions give the same outputs with or without padding after them, and padded keys
   get no attention from any query (prefix columns do)."""
@@ -388,6 +397,12 @@ EXPORT_CASES = [
      [[".*/attention/(query|value)/kernel|.*/mlp_out/kernel", "lora(4, 16)"],
       [".*/attention/key/kernel", "lora(2, 4)"], [".*", "freeze"]]),
 ]
+
+
+def test_pinned_torch_and_peft_versions():
+  """requirements-test.txt pins peft==0.21.2 beside torch==2.13.0 (the CPU wheel)."""
+  assert hf_peft.__version__ == "0.21.2"
+  assert torch.__version__.split("+")[0] == "2.13.0"
 
 
 def _hf_config(arch, num_labels):

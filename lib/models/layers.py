@@ -15,7 +15,7 @@ P = nn.with_logical_partitioning
 
 
 class LoraArgs(NamedTuple):
-  """Low-rank update of a Dense kernel: W + alpha/rank * A.B, or with `svd` (AdaLoRA) A.diag(E).B."""
+  """Low-rank update of a Dense kernel: W + alpha/rank * A.B; with `svd` (AdaLoRA) A.diag(E).B."""
   rank: int
   alpha: float
   dropout: float = 0.0     # on the input of the low-rank path only
@@ -284,7 +284,7 @@ class Attention(nn.Module):
       k, v, bias = self._prepend_prefix(k, v, bias, prefix)           # (B, P + T, H, Dh)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(a.head_dim).astype(q.dtype)
     # Softmax in float32 whatever the compute dtype: bf16 logits lose the small differences.
-    probs = jax.nn.softmax(logits.astype(jnp.float32) + bias, axis=-1)  # (B, H, T, T)
+    probs = jax.nn.softmax(logits.astype(jnp.float32) + bias, axis=-1)  # (B, H, T, [P +] T)
     dropped = Dropout(a.attention_dropout_rate)(probs, deterministic=deterministic)
     ctx = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(v.dtype), v).astype(x.dtype)  # (B, T, H, Dh)
     out = dense(a, a.hidden_size, ("heads", "head_dim", "embed"), ("embed",), "out",

@@ -148,7 +148,8 @@ def adalora_ranks(params) -> dict:
 
 
 def rank_metrics(params) -> dict:
-  """{'adalora_rank/<module path>': kept rank, 'adalora_rank/total': sum} (empty without AdaLoRA)."""
+  """{'adalora_rank/<module path>': kept rank, 'adalora_rank/total': their sum}; {} without
+  AdaLoRA."""
   flat = flatten_paths(params)
   ranks = {f"adalora_rank/{mod}": jnp.count_nonzero(flat[f"{mod}/lora_e"]).astype(jnp.int32)
            for mod in _modules(flat)}

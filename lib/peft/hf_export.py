@@ -101,7 +101,8 @@ def _trainable_extras(flat, lab, entries, lora_modules, head) -> tuple:
     else:
       to_save.add(module)
   if problems:
-    raise ValueError("cannot export as a Hugging Face PEFT LoRA adapter:\n  " + "\n  ".join(problems))
+    raise ValueError("cannot export as a Hugging Face PEFT LoRA adapter:\n  "
+                     + "\n  ".join(problems))
   return ("lora_only" if lora_biases else "none"), sorted(to_save)
 
 
