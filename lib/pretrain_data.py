@@ -142,8 +142,8 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int, out_dir: str, *, lowe
                           special_tokens=list(WORDPIECE_SPECIALS), show_progress=False)
   os.makedirs(out_dir, exist_ok=True)
   tok.save_model(out_dir)                                                   # vocab.txt
-  fast = transformers.BertTokenizerFast(vocab_file=os.path.join(out_dir, "vocab.txt"),
-                                        do_lower_case=lowercase, strip_accents=lowercase)
+  fast = transformers.BertTokenizerFast(vocab=tok.get_vocab(), do_lower_case=lowercase,
+                                        strip_accents=lowercase)
   fast.save_pretrained(out_dir)
   logging.info("trained a WordPiece vocabulary of %d tokens on %d documents -> %s", len(fast),
                len(texts), out_dir)

@@ -6,7 +6,9 @@
   .venv/bin/python research/generate.py --model=/tmp/clm_quick --prompt="To be" --temperature=0.8 \
       --top_k=40 --top_p=0.95 --num_samples=3 --seed=1
 
-The same --seed gives the same samples; --top_k=1 gives the greedy continuation.
+Prints `[seed S] 'prompt' -> 'continuation'` per prompt and sample (Python string literals, so
+newlines stay visible). The same --seed gives the same samples; --top_k=1 gives the greedy
+continuation.
 """
 
 import os
@@ -53,7 +55,7 @@ def main(argv):
   for i in range(FLAGS.num_samples):
     texts = sampling.generate(step, state, tokenizer, FLAGS.prompt, args, bsh, seed=FLAGS.seed + i)
     for prompt, text in zip(FLAGS.prompt, texts):
-      print(f"[seed {FLAGS.seed + i}] {prompt}{text}")
+      print(f"[seed {FLAGS.seed + i}] {prompt!r} -> {text!r}")
 
 
 if __name__ == "__main__":
