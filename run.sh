@@ -3,7 +3,8 @@
 #   ./run.sh setup                 create .venv, install pinned requirements + MiniLM weights
 #   ./run.sh test [pytest args]    install test requirements too, run the test suite
 #   ./run.sh finetune [flags]      research/finetune.py   (default: --config=configs/ner.py)
-#   ./run.sh pretrain [flags]      research/pretrain_mlm.py
+#   ./run.sh pretrain [flags]      research/pretrain_mlm.py (--config=configs/mlm.py or clm.py)
+#   ./run.sh generate [flags]      research/generate.py   (sample from a GPT-2 workdir)
 #   ./run.sh convert [flags]       research/convert.py
 #   ./run.sh benchmark [flags]     research/benchmark.py  (needs torch: installs test requirements)
 #   ./run.sh data_benchmark [flags] research/data_benchmark.py
@@ -57,9 +58,10 @@ case "$cmd" in
     if [[ $# -eq 0 ]]; then set -- --config=configs/ner.py --workdir=workdirs/ner; fi
     exec "$PY" research/finetune.py "$@" ;;
   pretrain) setup; exec "$PY" research/pretrain_mlm.py "$@" ;;
+  generate) setup; exec "$PY" research/generate.py "$@" ;;
   convert) setup; exec "$PY" research/convert.py "$@" ;;
   benchmark) setup_test; exec "$PY" research/benchmark.py "$@" ;;
   data_benchmark) setup; exec "$PY" research/data_benchmark.py "$@" ;;
-  help|-h|--help) sed -n '2,10p' "$0" ;;
-  *) echo "unknown command: $cmd" >&2; sed -n '2,10p' "$0" >&2; exit 2 ;;
+  help|-h|--help) sed -n '2,11p' "$0" ;;
+  *) echo "unknown command: $cmd" >&2; sed -n '2,11p' "$0" >&2; exit 2 ;;
 esac

@@ -20,9 +20,10 @@ import pytest
 
 from configs import clm as clm_config
 from configs import common
+from configs import sst2 as sst2_config
 from configs import mlm as mlm_config
-from lib import (checkpoint, data, hf, model_io, models, optim, peft, pretrain, pretrain_data,
-                 sampling, train)
+from lib import (checkpoint, data, finetune, hf, model_io, models, optim, peft, pretrain,
+                 pretrain_data, sampling, train)
 from lib.models import ModelArgs
 from lib.tasks import clm, mlm
 
@@ -317,15 +318,19 @@ def test_mlm_run_writes_a_checkpoint_that_finetuning_starts_from(tmp_path):
   for a, b in zip(jax.tree.leaves(saved["encoder"]), jax.tree.leaves(loaded.params["encoder"])):
     np.testing.assert_array_equal(a, b)
   assert loaded.params["classifier"]["kernel"].shape == (32, 9)
-  # research/finetune.py from the workdir at lr 0: its checkpoint keeps the encoder bit for bit.
+  # A fine-tuning run (what research/finetune.py runs) from the workdir at lr 0: its checkpoint
+  # keeps the encoder bit for bit, and it found the tokenizer through model.json.
+  ft_cfg = sst2_config.get_config("quick")
+  ft_cfg.model.init_from = workdir
+  ft_cfg.optim.lr = 0.0
+  ft_cfg.train.num_steps = 2
+  ft_cfg.data.update(max_train_examples=64, batch_size=8, cache_dir=CACHE)
   ft = str(tmp_path / "ft")
-  _script("finetune.py", "--config=configs/sst2.py:quick", f"--workdir={ft}",
-          f"--config.model.init_from={workdir}", "--config.optim.lr=0",
-          "--config.train.num_steps=2", "--config.data.max_train_examples=64",
-          "--config.data.batch_size=8", f"--config.data.cache_dir={CACHE}")
+  finetune.run(ft_cfg, ft, source=workdir)
   after = model_io.load_model(ft, "seq_cls", 2)
   for a, b in zip(jax.tree.leaves(saved["encoder"]), jax.tree.leaves(after.params["encoder"])):
     np.testing.assert_array_equal(a, b)
+  assert model_io.read_model_json(ft)["init_from"] == workdir
 
 
 def test_clm_script_samples_and_generate_loads_the_workdir(tmp_path):
