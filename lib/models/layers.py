@@ -42,7 +42,7 @@ class ModelArgs:
   dtype: str = "float32"            # compute dtype
   param_dtype: str = "float32"      # storage dtype
   remat: str = "none"               # none | full | dots
-  # Parameter-efficient fine-tuning, set by lib/peft.py from a config's `peft` spec; the defaults
+  # Parameter-efficient fine-tuning, set by peft.configure from a config's `peft` spec; the defaults
   # build the plain model (same parameters, same numerics).
   lora: tuple = ()                  # ((regex over kernel paths, LoraArgs | None), ...): first
                                     # full match wins; a matching Dense gets lora_a/lora_b(/lora_e)

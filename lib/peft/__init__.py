@@ -18,5 +18,5 @@ from lib.peft.labels import (FREEZE, FULL_FINETUNE, LORA_LEAVES, flatten_paths, 
                              split_trainable)
 from lib.peft.params import (add_params, load_adapter, merge, save_adapter, trainable_count,
                              unflatten_paths, unmerge)
-from lib.peft.spec import (METHODS, OPTIONS, Method, Spec, base_args, configure, has_peft,
-                           parse_method, parse_option, parse_spec, spec_from_config)
+from lib.peft.spec import (METHODS, OPTIONS, Method, Spec, base_args, configure, parse_method,
+                           parse_option, parse_spec, spec_from_config)

@@ -219,6 +219,3 @@ def base_args(args: ModelArgs) -> ModelArgs:
   return dataclasses.replace(args, lora=(), adapter_dim=0, prefix_len=0, prefix_hidden=0,
                              prompt_len=0)
 
-
-def has_peft(args: ModelArgs) -> bool:
-  return args != base_args(args)
