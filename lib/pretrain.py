@@ -194,8 +194,19 @@ def _state(cfg, module, params, tx, mesh, rules, logical, labels):
                                   labels)
 
 
+def objective_fns(cfg, module):
+  """(loss_fn, eval_fn, fraction of the positions the output layer runs on) of cfg.objective."""
+  if cfg.objective == "clm":
+    return clm.make_loss_fn(module), clm.make_eval_fn(module), 1.0
+  slots = cfg.predictions_per_row
+  if slots < 0:
+    slots = mlm.prediction_slots(cfg.data.max_len, cfg.data.mlm_rate, cfg.data.whole_word_masking)
+  fraction = slots / cfg.data.max_len if slots else 1.0
+  return mlm.make_loss_fn(module, slots), mlm.make_eval_fn(module, slots), fraction
+
+
 def run(cfg, workdir: str, *, model_args=None, explain_sharding: bool = False) -> Optional[dict]:
-  """Pretrains (MLM or CLM), evaluates on the held-out splits, writes the outputs; resumes a workdir.
+  """Pretrains (MLM or CLM), evaluates the held-out splits, writes the outputs; resumes a workdir.
 
   Args:
     cfg: a configs/mlm.py or configs/clm.py config.
@@ -237,18 +248,10 @@ def run(cfg, workdir: str, *, model_args=None, explain_sharding: bool = False) -
     model_io.write_model_json(workdir, args, task.HEAD, tokenizer=tok_where,
                               init_from=cfg.model.init_from or "random", objective=cfg.objective)
   bsh = sharding.batch_sharding(mesh, rules)
-  if cfg.objective == "mlm":
-    slots = cfg.predictions_per_row
-    if slots < 0:
-      slots = mlm.prediction_slots(cfg.data.max_len, cfg.data.mlm_rate,
-                                   cfg.data.whole_word_masking)
-    loss_fn, eval_fn = mlm.make_loss_fn(module, slots), mlm.make_eval_fn(module, slots)
-    head_fraction = slots / cfg.data.max_len if slots else 1.0
-    sampler = None
-  else:
-    loss_fn, eval_fn, head_fraction = clm.make_loss_fn(module), clm.make_eval_fn(module), 1.0
-    sampler = Sampler(module, tokenizer, cfg, bsh, os.path.join(workdir, "samples.txt")) \
-        if cfg.samples.prompts else None
+  loss_fn, eval_fn, head_fraction = objective_fns(cfg, module)
+  sampler = None
+  if cfg.objective == "clm" and cfg.samples.prompts:
+    sampler = Sampler(module, tokenizer, cfg, bsh, os.path.join(workdir, "samples.txt"))
   evaluator = Evaluator(cfg.objective, train.make_eval_step(eval_fn), held_out, bsh,
                         cfg.data.eval_batches, sampler)
   step_fn = train.make_train_step(loss_fn, tx, labels=labels, accum_steps=cfg.optim.accum_steps,

@@ -67,7 +67,8 @@ class Mixture:
 
   def set_state(self, state: dict) -> None:
     if state.get("pipeline") != self.name:
-      raise ValueError(f"iterator state is for pipeline {state.get('pipeline')!r}, not {self.name!r}")
+      raise ValueError(f"iterator state is for pipeline {state.get('pipeline')!r}, "
+                       f"not {self.name!r}")
     self._epoch, self._index = int(state["epoch"]), int(state["index"])
     self._order = self._plan(self._epoch)
     for n, s in state["parts"].items():

@@ -2,7 +2,8 @@
 
 The sampler is a pure `fn(params, batch)` (a fixed-shape lax loop), compiled by lib.train like any
 eval step; `generate` is the host-side wrapper (tokenise, batch, decode). Row i's randomness is
-fold_in(key(seed), i) folded with the step, so a row's sample does not depend on the batch around it.
+fold_in(key(seed), i) folded with the step, so a row's sample does not depend on the rest of the
+batch.
 """
 
 import dataclasses
@@ -74,6 +75,9 @@ def make_sample_fn(module, sample: SampleArgs):
   """
   def fn(params, batch):
     ids, plen = batch["input_ids"], batch["prompt_len"]
+    if ids.shape[1] > module.args.max_len:
+      raise ValueError(f"prompt + max_new_tokens = {ids.shape[1]} tokens exceeds the model's "
+                       f"max_len {module.args.max_len}")
     keys = jax.vmap(jax.random.wrap_key_data)(batch["key"])
     rows = jnp.arange(ids.shape[0])
 

@@ -7,7 +7,8 @@ from lib.tasks import common
 
 HEAD = "lm"
 # Batch (packed rows from lib.data text:*): input_ids, input_mask, segment_ids, position_ids,
-# labels (B, T) int32: the next token of the same segment, -1 at a segment's last token and on padding.
+# labels (B, T) int32: the next token of the same segment, -1 at a segment's last token and on
+# padding.
 
 
 def make_loss_fn(module):
@@ -26,7 +27,7 @@ def make_loss_fn(module):
 
 
 def make_eval_fn(module):
-  """eval_fn(params, batch) -> scalar metrics, for lib.train.evaluate (means weighted by 'weight')."""
+  """eval_fn(params, batch) -> scalar metrics for lib.train.evaluate (means weighted by 'weight')."""
   loss_fn = make_loss_fn(module)
   return lambda params, batch: loss_fn(params, batch, None, False)[1]
 

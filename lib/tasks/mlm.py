@@ -1,4 +1,4 @@
-"""Masked LM (BERT, no NSP): batch spec, loss on the masked positions only, masked-token accuracy."""
+"""Masked LM (BERT, no NSP): batch spec, loss on the masked positions only, masked accuracy."""
 
 import math
 
@@ -9,7 +9,7 @@ from lib.tasks import common
 
 HEAD = "mlm"
 # Batch (packed rows from lib.data text:*): input_ids (corrupted), input_mask, segment_ids,
-# position_ids, labels (B, T) int32; labels are the original id at the chosen positions, -1 elsewhere.
+# position_ids, labels (B, T) int32; labels: the original id at the chosen positions, else -1.
 
 # Whole-word masking keeps the word that crosses a row's budget whole: extra slots for its pieces.
 WHOLE_WORD_SLACK = 16
@@ -76,7 +76,7 @@ def make_loss_fn(module, slots: int = 0):
 
 
 def make_eval_fn(module, slots: int = 0):
-  """eval_fn(params, batch) -> scalar metrics, for lib.train.evaluate (means weighted by 'weight')."""
+  """eval_fn(params, batch) -> scalar metrics for lib.train.evaluate (means weighted by 'weight')."""
   loss_fn = make_loss_fn(module, slots)
   return lambda params, batch: loss_fn(params, batch, None, False)[1]
 
