@@ -13,7 +13,10 @@ Variants (`--config=configs/ner.py:<variant>`):
           method's parameters and the classifier are trained (LoRA r=8 / AdaLoRA 12->8 on the
           attention projections). Combine with '+', e.g. `quick+lora`.
 
-Measured on this machine: MEASUREMENT PENDING.
+Measured on this machine (2 CPU cores, seed 0, `./run.sh finetune`): test entity F1 0.8579
+(P 0.8528, R 0.8630), dev F1 0.9016 (best of the three epochs: epoch 2), 1,314 steps, 531 s wall.
+Seeds 1 and 2: test F1 0.8620 and 0.8623 (mean of three seeds 0.8607). Hugging Face PyTorch on
+the same machine kind: test F1 0.8624, 1,330 s.
 """
 
 from configs import common

@@ -15,7 +15,9 @@ Variants (`--config=configs/sst2.py:<variant>`):
           12->8 on the attention projections and the pooler kernel). Combine with '+', e.g.
           `quick+lora`.
 
-Measured on this machine: MEASUREMENT PENDING.
+Measured on this machine (2 CPU cores, seed 0): test accuracy 0.8962, dev 0.8933 (best of the
+evaluations at steps 500..2,104: step 2,000), 2,104 steps, 651 s wall. Hugging Face PyTorch on
+the same machine kind: test 0.9001, dev 0.8933, 1,485 s.
 """
 
 from configs import common

@@ -265,11 +265,28 @@ def run(cfg, workdir: str, *, source: str = "", model_args=None,
                                   seed=cfg.seed)
   step_fn = peft.with_rank_metrics(step_fn)       # AdaLoRA: logs the kept rank per matrix
   fpt = _flops_per_token(args, abstract, labels, cfg.data.max_len)
+  sizes = _state_sizes(state, labels)
+  logging.info("trainable %d of %d parameters (%.3f%%); optimizer state %.1f MB",
+               sizes["trainable_params"], sizes["params"], sizes["trainable_percent"],
+               sizes["optimizer_state_bytes"] / 1e6)
   return _fit_and_report(cfg, workdir, state, step_fn, its, evaluator, bsh, num_steps, fpt,
+                         sizes,
                          t_start)
 
 
-def _fit_and_report(cfg, workdir, state, step_fn, its, evaluator, bsh, num_steps, fpt, t_start):
+def _state_sizes(state, labels) -> dict:
+  """Parameter counts (all, trainable) and optimizer-state bytes of a train state."""
+  sizes = [(x.size, peft.is_trainable(l)) for x, l in zip(jax.tree.leaves(state.params),
+                                                          jax.tree.leaves(labels))]
+  total, trainable = sum(n for n, _ in sizes), sum(n for n, t in sizes if t)
+  opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state))
+  return dict(params=total, trainable_params=trainable,
+              trainable_percent=100.0 * trainable / max(total, 1),
+              optimizer_state_bytes=int(opt_bytes))
+
+
+def _fit_and_report(cfg, workdir, state, step_fn, its, evaluator, bsh, num_steps, fpt, sizes,
+                    t_start):
   """fit with dev evaluation, early stopping and checkpoints; then test and the output files."""
   metric = DEV_METRIC[cfg.task]
   eval_every = cfg.train.eval_every or len(its["train"])  # 0: once per epoch
@@ -310,7 +327,8 @@ def _fit_and_report(cfg, workdir, state, step_fn, its, evaluator, bsh, num_steps
       wall_s=time.perf_counter() - t_start, fit_s=fit_s, eval_s=eval_s[0], train_s=train_s,
       examples_per_s=steps_run * cfg.data.batch_size / train_s, tokens_per_s=tokens / train_s,
       padding_fraction=data.padding_stats(its["train"])["padding_fraction"],
-      peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+      median_step_s=_median_step_s(res.history),
+      peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **sizes)
   out = {"dev": results["validation"][0], "test": results["test"][0], "train": train_block,
          "workdir": os.path.abspath(workdir)}
   if jax.process_index() == 0:
@@ -318,6 +336,12 @@ def _fit_and_report(cfg, workdir, state, step_fn, its, evaluator, bsh, num_steps
   logging.info("dev %s %.4f | test %s %.4f | %d steps, wall %.0f s", metric,
                out["dev"][metric], metric, out["test"][metric], final_step, train_block["wall_s"])
   return out
+
+
+def _median_step_s(history) -> float:
+  """Median seconds per step over the logged training windows (NaN if none was timed)."""
+  rates = [r["steps_per_s"] for r in history if r["kind"] == "train" and r.get("steps_per_s")]
+  return float(1.0 / np.median(rates)) if rates else float("nan")
 
 
 def _report(task_name, split, result, label_names, step) -> str:
