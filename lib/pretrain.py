@@ -289,27 +289,36 @@ def _fit_and_report(cfg, workdir, state, step_fn, train_it, evaluator, bsh, num_
   if res.preempted:
     logging.warning("preempted: rerun the same command to resume from the checkpoint")
     return None
-  train_rows = [r for r in res.history if r["kind"] == "train"]
   evals = [r for r in res.history if r["kind"] == "eval"]
-  tokens = sum(r.get("tokens", 0.0) for r in train_rows)
-  train_s = max(fit_s - eval_s[0], 1e-9)
-  timed = [r for r in train_rows if "tokens_per_s" in r]
-  train_block = dict(
-      steps=int(res.state.step), steps_this_process=int(res.state.step) - start,
-      wall_s=time.perf_counter() - t_start, fit_s=fit_s, eval_s=eval_s[0], train_s=train_s,
-      tokens_this_process=tokens, tokens_per_s=tokens / train_s,
-      tokens_per_s_steady=float(np.median([r["tokens_per_s"] for r in timed])) if timed else None,
-      mfu=float(np.median([r["mfu"] for r in timed if "mfu" in r])) if any(
-          "mfu" in r for r in timed) else None,
-      peak_flops=tcfg.peak_flops, flops_per_token=fpt, packing=packing,
-      peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-  out = {"held_out": _strip_row(evals[-1]) if evals else {}, "train": train_block,
+  # A run resumed at its last step trained nothing here: evaluate the final state for the report.
+  held_out = _strip_row(evals[-1]) if evals else dict(
+      train.scalar_metrics(evaluator(res.state))[0], step=int(res.state.step))
+  train_block = _train_block(res, start, t_start, fit_s, eval_s[0], tcfg.peak_flops, fpt, packing)
+  out = {"held_out": held_out, "train": train_block,
          "workdir": os.path.abspath(workdir)}
   if jax.process_index() == 0:
     write_outputs(workdir, cfg, out)
   logging.info("held-out %s | %d steps, %.0f tokens/s, wall %.0f s", _summary(cfg, out),
                train_block["steps"], train_block["tokens_per_s"], train_block["wall_s"])
   return out
+
+
+def _train_block(res, start, t_start, fit_s, eval_s, peak_flops, fpt, packing) -> dict:
+  """Steps, times, throughput (all tokens / training time, and the median of the log windows),
+  MFU, packing and memory of a finished fit."""
+  train_rows = [r for r in res.history if r["kind"] == "train"]
+  tokens = sum(r.get("tokens", 0.0) for r in train_rows)
+  train_s = max(fit_s - eval_s, 1e-9)
+  timed = [r for r in train_rows if "tokens_per_s" in r]
+  median = lambda k: float(np.median([r[k] for r in timed if k in r])) if any(
+      k in r for r in timed) else None
+  return dict(
+      steps=int(res.state.step), steps_this_process=int(res.state.step) - start,
+      wall_s=time.perf_counter() - t_start, fit_s=fit_s, eval_s=eval_s, train_s=train_s,
+      tokens_this_process=tokens, tokens_per_s=tokens / train_s,
+      tokens_per_s_steady=median("tokens_per_s"), mfu=median("mfu"), peak_flops=peak_flops,
+      flops_per_token=fpt, packing=packing,
+      peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
 
 def _strip_row(row: dict) -> dict:

@@ -30,7 +30,9 @@ from lib.tasks import clm, mlm
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("WORKBENCH_TEST_DATA_CACHE",
                        os.path.join(tempfile.gettempdir(), "workbench_data_test"))
-BF16_RTOL = 0.01   # stated tolerance: bf16 compute changes the loss by < 1% (observed ~0.1%)
+# Stated tolerance: bf16 compute changes the loss by < 0.1% relative (observed <= 5e-5 on CPU, where
+# the Dense layers accumulate bf16 products in float32 and attention runs in float32).
+BF16_RTOL = 1e-3
 
 
 def _tiny(arch, vocab, dropout=0.0, **kw) -> ModelArgs:
@@ -149,7 +151,7 @@ def test_packed_clm_loss_equals_the_sum_of_unpacked_documents():
 def test_bf16_loss_within_tolerance_of_fp32(objective, bert_tok, gpt_tok):
   tok, arch = (bert_tok, "bert") if objective == "mlm" else (gpt_tok, "gpt2")
   batch = _first_batch(tok, objective)
-  args = _tiny(arch, len(tok))
+  args = _tiny(arch, len(tok), num_layers=2, initializer_range=0.2)   # peaked logits
   module, params = _init(args, mlm.HEAD if objective == "mlm" else clm.HEAD)
   make = (lambda m: mlm.make_loss_fn(m, 16)) if objective == "mlm" else clm.make_loss_fn
   losses = {}
@@ -294,6 +296,7 @@ def _tiny_run_config(cfg, dataset="text:shakespeare"):
 
 def test_mlm_run_writes_a_checkpoint_that_finetuning_starts_from(tmp_path):
   cfg = _tiny_run_config(mlm_config.get_config(""))
+  cfg.mesh.update(data=2, fsdp=2, tensor=2)    # the sharding rules on 8 simulated devices
   args = models.args_from_config(dict(common.model_config("bert-tiny"), **TINY))
   workdir = str(tmp_path / "mlm")
   out = pretrain.run(cfg, workdir, model_args=args)
@@ -352,13 +355,14 @@ def test_clm_script_samples_and_generate_loads_the_workdir(tmp_path):
   h = metrics["held_out"]
   assert h["perplexity"] == pytest.approx(np.exp(h["loss"]), rel=1e-6)
   assert model_io.read_model_json(workdir)["tokenizer"] == os.path.join(workdir, "tokenizer")
-  # The same prompts (same batch shape) as the samples printed at the last evaluation.
-  gen = lambda *a: [l.split("] ", 1)[1] for l in _script(
-      "generate.py", f"--model={workdir}", "--prompt=ROMEO:", "--prompt=The jury said that",
-      "--max_new_tokens=8", *a).splitlines() if l.startswith("[seed 0]")]
-  greedy = gen("--greedy")
-  assert len(greedy) == 2 and greedy == gen("--top_k=1", "--temperature=0.7")
-  for line in greedy:
+  # generate.py with top-k=1 on the same prompts (same batch shape) reproduces the greedy samples
+  # printed at the last evaluation.
+  out = _script("generate.py", f"--model={workdir}", "--prompt=ROMEO:",
+                "--prompt=The jury said that", "--max_new_tokens=8", "--top_k=1",
+                "--temperature=0.7")
+  lines = [l.split("] ", 1)[1] for l in out.splitlines() if l.startswith("[seed 0]")]
+  assert len(lines) == 2
+  for line in lines:
     assert f"[greedy] {line}" in samples
 
 
