@@ -5,11 +5,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
+from lib import atomic
 from lib.models import ModelArgs
 
 # Buffers HF keeps in some state dicts; they carry no learned values.
@@ -443,10 +443,7 @@ def export_checkpoint(params: dict, args: ModelArgs, out_dir: str, head=None, nu
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   state = params_to_hf(params, args, head)
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
-  try:
+  with atomic.directory(out_dir, ".tmp-export-") as tmp:
     hf_config(args, head, num_labels, id2label).save_pretrained(tmp)
     save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:   # a transformers tokenizer object writes its own files
@@ -455,16 +452,6 @@ def export_checkpoint(params: dict, args: ModelArgs, out_dir: str, head=None, nu
       for name in _TOKENIZER_FILES:
         if os.path.exists(os.path.join(tokenizer_dir, name)):
           shutil.copy(os.path.join(tokenizer_dir, name), tmp)
-    if os.path.exists(out_dir):
-      old = tmp + ".old"
-      os.rename(out_dir, old)
-      os.rename(tmp, out_dir)
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, out_dir)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
   return out_dir
 
 

@@ -12,8 +12,6 @@ Sources a run can initialise from (`load_model`):
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from typing import Optional
 
 import jax
@@ -21,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from lib import checkpoint, hf, models, peft
+from lib import atomic, checkpoint, hf, models, peft
 from lib.models import ModelArgs
 
 MODEL_JSON = "model.json"
@@ -72,20 +70,11 @@ def read_model_json(directory: str) -> dict:
 def save_model_dir(out_dir: str, args: ModelArgs, params, head=None, num_labels: int = 0,
                    label_names=None) -> str:
   """Writes model.json + params/ (orbax) into `out_dir`, assembled beside it and renamed into place."""
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-model-", dir=parent)
-  try:
+  with atomic.directory(out_dir, ".tmp-model-") as tmp:
     host = jax.tree.map(np.asarray, params)
     with ocp.PyTreeCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, PARAMS_DIR), host)
     write_model_json(tmp, args, head, num_labels, label_names)
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
   return out_dir
 
 

@@ -4,33 +4,17 @@ import io
 import json
 import logging
 import os
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
 
-from lib import metrics
+from lib import atomic, metrics
 
 log = logging.getLogger(__name__)
 
 
 def _atomic_write_bytes(path: str, data: bytes) -> None:
-  """Writes `data` to a temp file beside `path`, fsyncs, then os.replace()s it: readers never see half a file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  # Same directory as the target so os.replace is a rename on one filesystem (atomic on POSIX).
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by others.
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  atomic.write_bytes(path, data)
 
 
 def _check_field(value: str, where: str) -> None:

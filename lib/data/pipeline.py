@@ -5,7 +5,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import grain
 import numpy as np

@@ -14,12 +14,10 @@ import collections
 import json
 import os
 import re
-import shutil
-import tempfile
 
 import numpy as np
 
-from lib import hf
+from lib import atomic, hf
 from lib.models.layers import ModelArgs, lora_for
 from lib.peft.labels import flatten_paths, is_trainable, peft_kind
 from lib.peft.spec import base_args
@@ -153,18 +151,9 @@ def export_hf_adapter(out_dir: str, params, labels, args: ModelArgs, head=None, 
       state[f"{PREFIX}{m}.base_layer.bias"] = tensor()
   dropout = max((l.dropout for _, l in args.lora if l is not None), default=0.0)
   config = _config(args, head, loras, bias, to_save, base_model_name_or_path, dropout)
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=parent)
-  try:
+  with atomic.directory(out_dir, ".tmp-adapter-") as tmp:
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()},
               os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
       json.dump(config, f, indent=2)
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
   return out_dir

@@ -3,13 +3,11 @@
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import numpy as np
 
-from lib import models
+from lib import atomic, models
 from lib.models.layers import ModelArgs, lora_for
 from lib.peft.labels import flatten_paths, is_trainable, peft_kind
 from lib.peft.spec import base_args
@@ -155,10 +153,7 @@ def save_adapter(directory: str, params, labels, args: ModelArgs) -> str:
   flat = {p: np.asarray(v) for p, v in flatten_paths(params).items() if is_trainable(lab[p])}
   store = {p: v.astype(np.float32) if v.dtype.name in ("bfloat16", "float16") else v
            for p, v in flat.items()}
-  parent = os.path.dirname(os.path.abspath(directory))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=parent)
-  try:
+  with atomic.directory(directory, ".tmp-adapter-") as tmp:
     save_file({p: np.ascontiguousarray(v) for p, v in store.items()},
               os.path.join(tmp, ADAPTER_WEIGHTS))
     meta = dict(format=1, peft=_peft_fields(args), base_args=dataclasses.asdict(base_args(args)),
@@ -166,12 +161,6 @@ def save_adapter(directory: str, params, labels, args: ModelArgs) -> str:
                         for p, v in flat.items()})
     with open(os.path.join(tmp, ADAPTER_JSON), "w") as f:
       json.dump(meta, f, indent=1, default=list)
-    if os.path.exists(directory):
-      shutil.rmtree(directory)
-    os.rename(tmp, directory)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
   return directory
 
 
