@@ -151,3 +151,18 @@ def agree_int(value: int, how: str = "max") -> int:
     return int(value)
   values = multihost_utils.process_allgather(np.array([int(value)], np.int64)).reshape(-1)
   return int(values.max() if how == "max" else values.min())
+
+
+def define_flags() -> None:
+  """Defines --coordinator, --num_processes and --process_id for a research script."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("coordinator", None, "multi-host: host:port of process 0")
+  flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+  flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+
+
+def initialize_from_flags() -> bool:
+  """`initialize` from the flags of `define_flags` (then the environment, then auto-detection)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  return initialize(f.coordinator, f.num_processes, f.process_id)

@@ -34,21 +34,12 @@ def _task(name: str):
 def data_config(data_cfg, split: str, batch_divisor: int = 1) -> dict:
   """The config's `data` block as `lib.data.from_config` keywords for one split.
 
-  `dir` becomes data_dir; `max_train_examples` applies to the training split only; the global
-  batch sizes are divided among `batch_divisor` processes.
+  See `data.config_kwargs`; `max_train_examples` applies to the training split only.
   """
-  d = dict(data_cfg)
-  d["data_dir"] = d.pop("dir")
+  d = data.config_kwargs(data_cfg, batch_divisor)
   n = d.pop("max_train_examples", 0)
   if split == "train" and n:
     d["max_examples"] = n
-  if not d.get("cache_dir"):
-    d.pop("cache_dir", None)
-  for key in ("batch_size", "eval_batch_size"):
-    if key in d and d[key] % batch_divisor:
-      raise ValueError(f"data.{key}={d[key]} is not divisible by the {batch_divisor} processes")
-    if key in d:
-      d[key] //= batch_divisor
   return d
 
 

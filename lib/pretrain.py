@@ -18,8 +18,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from lib import (bench, checkpoint, distributed, model_io, models, optim, peft, pretrain_data,
-                 reporting, sampling, sharding, train)
+from lib import (bench, checkpoint, data, distributed, model_io, models, optim, peft,
+                 pretrain_data, reporting, sampling, sharding, train)
 from lib.tasks import clm, mlm
 
 OBJECTIVES = {"mlm": mlm, "clm": clm}
@@ -35,18 +35,11 @@ def _objective(name: str):
 def data_config(cfg, batch_divisor: int = 1) -> dict:
   """The config's `data` block as `lib.data.from_config` keywords (`dataset` may list corpora).
 
-  `dir` becomes data_dir, `eval_batches` is the caller's; batch sizes are divided among processes.
+  See `data.config_kwargs`; `eval_batches` is the caller's.
   """
-  d = dict(cfg.data)
-  d["data_dir"] = d.pop("dir")
+  d = data.config_kwargs(cfg.data, batch_divisor)
   d.pop("eval_batches", None)
-  if not d.get("cache_dir"):
-    d.pop("cache_dir", None)
   d.update(objective=cfg.objective, seed=cfg.seed)
-  for key in ("batch_size", "eval_batch_size"):
-    if d[key] % batch_divisor:
-      raise ValueError(f"data.{key}={d[key]} is not divisible by the {batch_divisor} processes")
-    d[key] //= batch_divisor
   return d
 
 

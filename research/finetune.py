@@ -24,16 +24,14 @@ config_flags.DEFINE_config_file("config", None, "configs/<task>.py[:variant]", l
 flags.DEFINE_string("workdir", None, "outputs and checkpoints (an existing run is resumed)")
 flags.DEFINE_bool("explain_sharding", False, "print path, shape, PartitionSpec and bytes per "
                   "device of every parameter (and totals), then exit")
-flags.DEFINE_string("coordinator", None, "multi-host: host:port of process 0")
-flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
-flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+distributed.define_flags()   # --coordinator, --num_processes, --process_id (multi-host)
 flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+  distributed.initialize_from_flags()
   from lib import finetune, models  # pylint: disable=g-import-not-at-top  # after distributed init
   cfg = FLAGS.config
   if not FLAGS.workdir and not FLAGS.explain_sharding:

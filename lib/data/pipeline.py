@@ -461,6 +461,28 @@ _TASK_KEYS = {"token_cls": {"label_names", "buckets", "stride", "label_all_subwo
               "lm": {"objective", "mlm_rate", "whole_word_masking"}}
 
 
+def config_kwargs(data_cfg, batch_divisor: int = 1) -> dict:
+  """A script config's `data` block as `from_config` keywords.
+
+  `dir` (the shared data folder) becomes data_dir, an empty cache_dir means the default, and the
+  global batch sizes are divided among `batch_divisor` processes (each loads its own rows).
+
+  Raises:
+    ValueError: a batch size not divisible by the number of processes.
+  """
+  d = dict(data_cfg)
+  if "dir" in d:
+    d["data_dir"] = d.pop("dir")
+  if not d.get("cache_dir"):
+    d.pop("cache_dir", None)
+  for key in ("batch_size", "eval_batch_size"):
+    if key in d and d[key] % batch_divisor:
+      raise ValueError(f"data.{key}={d[key]} is not divisible by the {batch_divisor} processes")
+    if key in d:
+      d[key] //= batch_divisor
+  return d
+
+
 def from_config(data_cfg, tokenizer, split: str, *, train: bool, shard_index: int = 0,
                 shard_count: int = 1) -> BatchIterator:
   """make_batches from a data sub-config (ConfigDict or dict); None values mean 'use the default'.
