@@ -21,7 +21,8 @@ Variants (`--config=configs/mlm.py:<variant>`, combine with '+'):
   minilm     continued pretraining of the installed MiniLM on the CoNLL-2003 training text: its MLM
              head (which the checkpoint lacks) is initialised, the decoder tied to the word
              embeddings; lr 5e-5 (the new head 20x), 300 steps (~5 epochs of that text), about 11
-             minutes (0.5 steps/s).
+             minutes (0.5 steps/s). Measured: held-out CoNLL MLM loss 4.90, masked accuracy 25.5%;
+             configs/ner.py fine-tuned from it: test F1 0.8613 (from the original MiniLM: 0.8579).
   wordpiece  a new uncased WordPiece vocabulary of 8,192 tokens trained on the corpora with the
              `tokenizers` library (saved in <workdir>/tokenizer, recorded in model.json).
   wwm        whole-word masking.
