@@ -3,7 +3,8 @@
 Outputs in the workdir: model.json; checkpoints/ (latest for resume, best on the dev metric);
 TensorBoard events and metrics.jsonl; metrics.json (dev, test, train blocks); report.txt;
 test_predictions.conll (NER: `word gold predicted`) or test_predictions.tsv (classification);
-curves.png.
+curves.png; adapter/ when some parameters were frozen (PEFT): the best checkpoint's trainable
+leaves alone (peft.save_adapter).
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ from typing import Optional
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from lib import (checkpoint, data, distributed, metrics, model_io, models, optim, peft, reporting,
                  sharding, train)
@@ -261,8 +263,7 @@ def run(cfg, workdir: str, *, source: str = "", model_args=None,
                sizes["trainable_params"], sizes["params"], sizes["trainable_percent"],
                sizes["optimizer_state_bytes"] / 1e6)
   return _fit_and_report(cfg, workdir, state, step_fn, its, evaluator, bsh, num_steps, fpt,
-                         sizes,
-                         t_start)
+                         sizes, t_start, adapter=(args, labels))
 
 
 def _state_sizes(state, labels) -> dict:
@@ -277,8 +278,12 @@ def _state_sizes(state, labels) -> dict:
 
 
 def _fit_and_report(cfg, workdir, state, step_fn, its, evaluator, bsh, num_steps, fpt, sizes,
-                    t_start):
-  """fit with dev evaluation, early stopping and checkpoints; then test and the output files."""
+                    t_start, adapter=None):
+  """fit with dev evaluation, early stopping and checkpoints; then test and the output files.
+
+  `adapter`: (model args, label tree); when some parameters are frozen, the best state's
+  trainable leaves are also written to <workdir>/adapter (peft.save_adapter).
+  """
   metric = DEV_METRIC[cfg.task]
   eval_every = cfg.train.eval_every or len(its["train"])  # 0: once per epoch
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep,
@@ -322,11 +327,28 @@ def _fit_and_report(cfg, workdir, state, step_fn, its, evaluator, bsh, num_steps
       peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **sizes)
   out = {"dev": results["validation"][0], "test": results["test"][0], "train": train_block,
          "workdir": os.path.abspath(workdir)}
+  if adapter is not None:
+    _save_adapter(workdir, state.params, *adapter)
   if jax.process_index() == 0:
     write_outputs(workdir, cfg, out, results, evaluator.label_names)
   logging.info("dev %s %.4f | test %s %.4f | %d steps, wall %.0f s", metric,
                out["dev"][metric], metric, out["test"][metric], final_step, train_block["wall_s"])
   return out
+
+
+def _save_adapter(workdir, params, args, labels) -> None:
+  """<workdir>/adapter: the trainable leaves of a run that froze some parameters (PEFT, probes);
+  nothing for full fine-tuning (the checkpoints hold everything)."""
+  lab = peft.flatten_paths(labels)
+  if all(peft.is_trainable(l) for l in lab.values()):
+    return
+  keep = {p: v for p, v in peft.flatten_paths(params).items() if peft.is_trainable(lab[p])}
+  if jax.process_count() > 1:   # every process joins the gather of the trainable leaves
+    keep = multihost_utils.process_allgather(keep, tiled=True)
+  params, labels = peft.unflatten_paths(keep), peft.unflatten_paths({p: lab[p] for p in keep})
+  if jax.process_index() == 0:
+    path = peft.save_adapter(os.path.join(workdir, "adapter"), params, labels, args)
+    logging.info("trainable parameters only -> %s (peft.load_adapter onto the base model)", path)
 
 
 def _median_step_s(history) -> float:

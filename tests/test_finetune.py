@@ -218,6 +218,33 @@ def test_other_entity_types_need_no_code_change(tmp_path):
   assert out["test"]["f1"] > 0.9   # a trivially learnable pattern
   pred = _read_predictions(str(tmp_path / "run" / "test_predictions.conll"))
   assert sum(len(s) for s in pred) == sum(len(w) for w, _ in _animal_sentences(16, 2))
+  assert not (tmp_path / "run" / "adapter").exists()   # full fine-tuning: checkpoints suffice
+
+
+def test_lora_run_writes_an_adapter_of_the_trainable_leaves_only(tmp_path):
+  from configs import ner as ner_config  # pylint: disable=g-import-not-at-top
+  from lib import finetune, models  # pylint: disable=g-import-not-at-top
+  src = tmp_path / "data" / "conll2003"
+  src.mkdir(parents=True)
+  for name, n, seed in (("train.txt", 32, 0), ("valid.txt", 8, 1), ("test.txt", 8, 2)):
+    _write_conll(src / name, _animal_sentences(n, seed))
+  cfg = ner_config.get_config("quick+lora")
+  cfg.data.dir, cfg.data.cache_dir = str(tmp_path / "data"), str(tmp_path / "cache")
+  cfg.data.max_train_examples, cfg.data.batch_size, cfg.data.eval_batch_size = 0, 16, 16
+  cfg.data.max_len, cfg.train.epochs = 16, 2
+  args = models.ModelArgs(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, max_len=32,
+                          dropout_rate=0.0, attention_dropout_rate=0.0)
+  finetune.run(cfg, str(tmp_path / "run"), model_args=args)
+  meta = json.load(open(tmp_path / "run" / "adapter" / "adapter.json"))
+  saved = set(meta["params"])
+  assert saved == ({f"encoder/layer_0/attention/{m}/lora_{f}" for m in ("query", "key", "value",
+                                                                          "out") for f in "ab"}
+                   | {"classifier/kernel", "classifier/bias"}), saved
+  assert meta["peft"]["lora"]
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  weights = load_file(str(tmp_path / "run" / "adapter" / "adapter.safetensors"))
+  assert all(np.isfinite(v).all() for v in weights.values())
+  assert np.abs(weights["encoder/layer_0/attention/query/lora_b"]).max() > 0   # trained from 0
 
 
 def test_convert_round_trips_minilm_through_ours_and_back(tmp_path):
