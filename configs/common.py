@@ -74,12 +74,13 @@ def finetune_base() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 0        # 0: at each evaluation
   c.train.patience = 0                # early stopping: evaluations without dev improvement (0 = off)
   c.mesh = sharding.default_mesh_config()
-  c.sharding_rules = [list(r) for r in sharding.DEFAULT_RULES]
+  c.sharding_rules = tuple(tuple(r) for r in sharding.DEFAULT_RULES)
   # Ordered (regex, method) rules over parameter paths and model-level options (lib/peft):
   # methods freeze | train | full | bitfit | lora(rank, alpha, dropout) | adalora(init_rank,
   # target_rank, ...) | <group name>; options adapter(bottleneck) | prefix(length,
-  # reparam_hidden) | prompt(length).
-  c.peft = ml_collections.ConfigDict(dict(rules=[[".*", "train"]], options=[]))
+  # reparam_hidden) | prompt(length). Tuples, so that a flag can replace them, e.g.
+  # --config.peft.rules="(('classifier/.*','train'),('.*/kernel','lora(rank=4)'),('.*','freeze'))"
+  c.peft = ml_collections.ConfigDict(dict(rules=((".*", "train"),), options=()))
   return c
 
 
@@ -97,8 +98,8 @@ def peft_variants(head_rules, lora_targets: str = ".*/attention/(query|key|value
   BitFit/adapters/prefix keep 1e-3 (not tuned).
   """
   def rules(c, *extra, lr, options=(), rest="freeze"):
-    c.peft.rules = [list(r) for r in head_rules] + [list(r) for r in extra] + [[".*", rest]]
-    c.peft.options = list(options)
+    c.peft.rules = tuple(tuple(r) for r in (*head_rules, *extra, (".*", rest)))
+    c.peft.options = tuple(options)
     c.optim.lr = lr
 
   return {
