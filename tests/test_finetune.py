@@ -198,20 +198,28 @@ def _animal_sentences(n, seed):
   return out
 
 
-def test_other_entity_types_need_no_code_change(tmp_path):
+def _animal_run(tmp_path, variant: str, sizes, epochs: int, lr: float = 0.0) -> dict:
+  """configs/ner.py:<variant> on a tiny random-init encoder and an ANIMAL/FOOD CoNLL dataset of
+  `sizes` (train, valid, test) sentences written under tmp_path (lr 0: the variant's); the run's
+  metrics."""
   from configs import ner as ner_config  # pylint: disable=g-import-not-at-top
   from lib import finetune, models  # pylint: disable=g-import-not-at-top
   src = tmp_path / "data" / "conll2003"
   src.mkdir(parents=True)
-  for name, n, seed in (("train.txt", 64, 0), ("valid.txt", 16, 1), ("test.txt", 16, 2)):
+  for name, n, seed in zip(("train.txt", "valid.txt", "test.txt"), sizes, (0, 1, 2)):
     _write_conll(src / name, _animal_sentences(n, seed))
-  cfg = ner_config.get_config("quick")
+  cfg = ner_config.get_config(variant)
   cfg.data.dir, cfg.data.cache_dir = str(tmp_path / "data"), str(tmp_path / "cache")
   cfg.data.max_train_examples, cfg.data.batch_size, cfg.data.eval_batch_size = 0, 16, 16
-  cfg.data.max_len, cfg.train.epochs, cfg.optim.lr = 16, 8, 3e-3
+  cfg.data.max_len, cfg.train.epochs = 16, epochs
+  cfg.optim.lr = lr or cfg.optim.lr
   args = models.ModelArgs(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, max_len=32,
                           dropout_rate=0.0, attention_dropout_rate=0.0)
-  out = finetune.run(cfg, str(tmp_path / "run"), model_args=args)
+  return finetune.run(cfg, str(tmp_path / "run"), model_args=args)
+
+
+def test_other_entity_types_need_no_code_change(tmp_path):
+  out = _animal_run(tmp_path, "quick", (64, 16, 16), epochs=8, lr=3e-3)
   meta = json.load(open(tmp_path / "run" / "model.json"))
   assert meta["label_names"] == ["O", "B-ANIMAL", "I-ANIMAL", "B-FOOD", "I-FOOD"]
   assert set(out["test"]["per_type_f1"]) == {"ANIMAL", "FOOD"}
@@ -222,19 +230,7 @@ def test_other_entity_types_need_no_code_change(tmp_path):
 
 
 def test_lora_run_writes_an_adapter_of_the_trainable_leaves_only(tmp_path):
-  from configs import ner as ner_config  # pylint: disable=g-import-not-at-top
-  from lib import finetune, models  # pylint: disable=g-import-not-at-top
-  src = tmp_path / "data" / "conll2003"
-  src.mkdir(parents=True)
-  for name, n, seed in (("train.txt", 32, 0), ("valid.txt", 8, 1), ("test.txt", 8, 2)):
-    _write_conll(src / name, _animal_sentences(n, seed))
-  cfg = ner_config.get_config("quick+lora")
-  cfg.data.dir, cfg.data.cache_dir = str(tmp_path / "data"), str(tmp_path / "cache")
-  cfg.data.max_train_examples, cfg.data.batch_size, cfg.data.eval_batch_size = 0, 16, 16
-  cfg.data.max_len, cfg.train.epochs = 16, 2
-  args = models.ModelArgs(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, max_len=32,
-                          dropout_rate=0.0, attention_dropout_rate=0.0)
-  finetune.run(cfg, str(tmp_path / "run"), model_args=args)
+  _animal_run(tmp_path, "quick+lora", (32, 8, 8), epochs=2)
   meta = json.load(open(tmp_path / "run" / "adapter" / "adapter.json"))
   saved = set(meta["params"])
   assert saved == ({f"encoder/layer_0/attention/{m}/lora_{f}" for m in ("query", "key", "value",
