@@ -355,19 +355,24 @@ def test_restore_params_from_run_dir_and_step_dir(tmp_path):
 
 # --------------------------------------------------------------------------------------- preemption
 def test_sigint_sets_flag_and_uninstall_restores_handler():
-  before = signal.getsignal(signal.SIGINT)
-  handler = checkpoint.install_preemption_handler()
+  # Python's own Ctrl-C handler underneath, whatever an earlier test in this worker left there
+  # (the second Ctrl-C is handed to the previous handler).
+  outer = signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
-    assert not handler.preempted()
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(0.05)
-    assert handler.preempted() and handler.received == signal.SIGINT
-    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C still interrupts
+    handler = checkpoint.install_preemption_handler()
+    try:
+      assert not handler.preempted()
       os.kill(os.getpid(), signal.SIGINT)
       time.sleep(0.05)
+      assert handler.preempted() and handler.received == signal.SIGINT
+      with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C still interrupts
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+    finally:
+      handler.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
   finally:
-    handler.uninstall()
-  assert signal.getsignal(signal.SIGINT) is before
+    signal.signal(signal.SIGINT, outer)
 
 
 _SIGTERM_WORKER = """
