@@ -597,9 +597,7 @@ class Checkpointer:
     """Waits for pending saves, releases orbax resources, restores previous signal handlers."""
     self.wait()
     self._manager.close()
-    if self._preemption is not None:
-      self._preemption.uninstall()
-      self._preemption = None
+    self.uninstall_preemption_handler()
 
   def __enter__(self) -> "Checkpointer":
     return self
@@ -613,6 +611,12 @@ class Checkpointer:
     if self._preemption is None:
       self._preemption = install_preemption_handler()
     return self._preemption
+
+  def uninstall_preemption_handler(self) -> None:
+    """Restores the signal handlers that `install_preemption_handler` replaced (if it did)."""
+    if self._preemption is not None:
+      self._preemption.uninstall()
+      self._preemption = None
 
   def preempted(self, step: Optional[int] = None) -> bool:
     """True when the loop should save (force=True), close and exit; False without a handler.

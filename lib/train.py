@@ -378,7 +378,7 @@ def fit(state: TrainState, train_step: Callable, train_iter, cfg, *, num_steps: 
     checkpointer: a `lib.checkpoint.Checkpointer`: saves on its `save_every` schedule (build it
       with save_every=cfg.checkpoint_every), at the last step and on SIGTERM/SIGINT (then fit
       returns with preempted=True); the eval metrics of the same step go along for best-by-metric.
-      fit installs its preemption handler; the caller closes it.
+      fit installs its preemption handler; the caller closes it (fit uninstalls it if it raises).
     logdir: TensorBoard events and metrics.jsonl (process 0).
     flops_per_token: for MFU (`flops_per_token(...)`), with cfg.peak_flops.
 
@@ -410,6 +410,10 @@ def fit(state: TrainState, train_step: Callable, train_iter, cfg, *, num_steps: 
       stop = _after_step(state, step, num_steps, cfg, log, train_iter, eval_fn, checkpointer)
       if stop:
         break
+  except BaseException:
+    if checkpointer is not None:   # a failed run gives Ctrl-C and SIGTERM back to their owners
+      checkpointer.uninstall_preemption_handler()
+    raise
   finally:
     log.close()
     if checkpointer is not None:

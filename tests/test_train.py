@@ -95,6 +95,23 @@ def test_frozen_leaves_bitwise_unchanged_and_stateless_fit_logs(tmp_path):
   assert [f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents")]
 
 
+def test_fit_that_raises_restores_the_signal_handlers(tmp_path):
+  s = setup((1, 1, 1), devices=jax.devices()[:1])
+  before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+  ck = checkpoint.Checkpointer(tmp_path / "ckpt", save_every=0)
+
+  def failing(batches):
+    for i, b in enumerate(batches):
+      if i == 2:
+        raise RuntimeError("bad batch")
+      yield b
+  with pytest.raises(RuntimeError, match="bad batch"):
+    train.fit(_copy(s.state), s.train_step, failing(SyntheticIterator(0)), train_config(),
+              num_steps=10, batch_sharding=s.batch_sharding, checkpointer=ck)
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+  ck.close()
+
+
 def test_fit_stops_early_on_eval_request_and_when_data_runs_out(tmp_path):
   s = setup((1, 1, 1), devices=jax.devices()[:1])
   ck = checkpoint.Checkpointer(tmp_path / "ckpt", save_every=0)
