@@ -13,10 +13,6 @@ from lib import atomic, metrics
 log = logging.getLogger(__name__)
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-  atomic.write_bytes(path, data)
-
-
 def _check_field(value: str, where: str) -> None:
   """A CoNLL field must be a non-empty string without whitespace, or conlleval would mis-split the line."""
   if not isinstance(value, str) or not value or any(c.isspace() for c in value):
@@ -59,7 +55,7 @@ def write_conll_predictions(path: str, sentences: Sequence[Sequence[str]], gold:
     stats["tokens"] += len(words)
   if stats["skipped_empty"]:
     log.warning("%s: skipped %d empty sentences", path, stats["skipped_empty"])
-  _atomic_write_bytes(path, "".join(lines).encode("utf-8"))
+  atomic.write_bytes(path, "".join(lines).encode("utf-8"))
   return stats
 
 
@@ -82,7 +78,7 @@ def write_json_atomic(path: str, obj: Any) -> None:
     text = json.dumps(obj, indent=2, default=_json_default)
   except TypeError as e:
     raise TypeError(f"{path}: {e}") from e
-  _atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+  atomic.write_bytes(path, (text + "\n").encode("utf-8"))
 
 
 def conlleval_summary(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> str:
@@ -171,12 +167,12 @@ def plot_curves(path_png: str, history: dict[str, Sequence[tuple[float, float]]]
   fig.tight_layout()
   buf = io.BytesIO()
   fig.savefig(buf, format="png")
-  _atomic_write_bytes(path_png, buf.getvalue())
+  atomic.write_bytes(path_png, buf.getvalue())
 
 
 def write_text_atomic(path: str, text: str) -> None:
   """Writes UTF-8 text via a temp file and os.replace (readers never see half a file)."""
-  _atomic_write_bytes(path, text.encode("utf-8"))
+  atomic.write_bytes(path, text.encode("utf-8"))
 
 
 def write_tsv_predictions(path: str, inputs: Sequence[str], gold: Sequence[str], pred: Sequence[str]) -> None:

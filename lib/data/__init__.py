@@ -15,7 +15,8 @@ from lib.data.builders import (DATASETS, DEFAULT_CACHE_DIR, get_builder, label_n
                                ner_label_names, pos_label_names)
 from lib.data.masking import mask_tokens
 from lib.data.packing import attention_mask, next_token_labels, pack_stream
-from lib.data.pipeline import (DEFAULT_DATA_DIR, BatchIterator, config_kwargs, from_config, lm_batches, make_batches,
-                               padding_stats, read_shard, seq_cls_batches, shard_range, token_cls_batches)
+from lib.data.pipeline import (DEFAULT_DATA_DIR, BatchIterator, config_kwargs, from_config,
+                               lm_batches, make_batches, padding_stats, read_shard, seq_cls_batches,
+                               shard_range, token_cls_batches)
 from lib.data.readers import DataFormatError, brown_split
 from lib.data.tokenize import plan_windows, window_owners, windows_for_sentence
