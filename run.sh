@@ -8,6 +8,9 @@
 #   ./run.sh convert [flags]       research/convert.py
 #   ./run.sh benchmark [flags]     research/benchmark.py  (needs torch: installs test requirements)
 #   ./run.sh data_benchmark [flags] research/data_benchmark.py
+# Exit codes (the scripts': run.sh passes them on): 0 done, 1 a bug (traceback), 2 a user
+# error (one line 'error: ...'; --debug or WORKBENCH_DEBUG=1 adds the traceback), 75 preempted
+# (the state is checkpointed: rerun the same command to resume). Script flags: <cmd> --help.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
@@ -45,6 +48,11 @@ setup_test() {
   install_once requirements-test.txt
 }
 
+# The comment block at the top of this file (every line up to the first that is not a comment).
+usage() {
+  awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "$0"
+}
+
 cmd="${1:-help}"
 shift || true
 case "$cmd" in
@@ -62,6 +70,6 @@ case "$cmd" in
   convert) setup; exec "$PY" research/convert.py "$@" ;;
   benchmark) setup_test; exec "$PY" research/benchmark.py "$@" ;;
   data_benchmark) setup; exec "$PY" research/data_benchmark.py "$@" ;;
-  help|-h|--help) sed -n '2,11p' "$0" ;;
-  *) echo "unknown command: $cmd" >&2; sed -n '2,11p' "$0" >&2; exit 2 ;;
+  help|-h|--help) usage ;;
+  *) echo "unknown command: $cmd" >&2; usage >&2; exit 2 ;;
 esac

@@ -1,0 +1,300 @@
+"""The research scripts' entry point: flag parsing, one-line user errors, documented exit codes.
+
+`cli.run(main)` replaces `absl.app.run(main)`. Exit codes of every research/*.py script:
+
+  ====  ======================================================================================
+  code  meaning
+  ====  ======================================================================================
+  0     success (also `--help`)
+  1     a bug: any exception other than a user error; its traceback is printed
+  2     a user error: a bad flag, config key or value, file, model source or output; printed
+        as one line `error: <message>` on stderr (`--debug` or WORKBENCH_DEBUG=1 adds the
+        traceback)
+  75    preempted (EX_TEMPFAIL): a checkpoint was saved; rerun the same command to resume
+  ====  ======================================================================================
+
+So `./run.sh finetune ... && next-step` runs next-step only after a finished run.
+"""
+
+import difflib
+import os
+import re
+import sys
+import traceback
+from typing import Callable, Optional
+
+from absl import app, flags
+from ml_collections import config_dict, config_flags
+# is_config_flag is public (documented for external users) but not re-exported by the package.
+from ml_collections.config_flags.config_flags import is_config_flag
+
+from lib import errors
+
+EXIT_OK = 0
+EXIT_BUG = 1
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75          # EX_TEMPFAIL (sysexits.h): try again later
+DEBUG_ENV = "WORKBENCH_DEBUG"
+
+flags.DEFINE_bool("debug", False, f"print the traceback of user errors too (or set {DEBUG_ENV}=1)")
+
+_HELP_NAMES = ("help", "helpshort", "helpfull", "?")
+CONFIG_DOCS = (
+    "What the keys mean: the config file's docstring and comments, and the default_config()\n"
+    "docstrings of the sections' owners: lib/optim.py (optim), lib/train.py (train),\n"
+    "lib/sharding.py (mesh); shared fields: configs/common.py (finetune_base) and\n"
+    "configs/mlm.py (base).")
+
+
+def run(main: Callable) -> None:
+  """Runs `main(argv)` as absl.app.run does, with this module's error handling and exit codes."""
+  if _help_requested(sys.argv):
+    print_help(sys.argv)
+    sys.exit(EXIT_OK)
+  app.run(_guard(main), flags_parser=_parse_flags)
+
+
+def debug_requested(argv=None) -> bool:
+  """--debug (parsed, or present in `argv` before parsing) or WORKBENCH_DEBUG=1."""
+  if os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no"):
+    return True
+  if flags.FLAGS.is_parsed():
+    return bool(flags.FLAGS.debug)
+  return any(a in ("--debug", "-debug", "--debug=true", "--debug=1") for a in argv or sys.argv)
+
+
+def one_line(message: str) -> str:
+  """A message on one line: its non-empty lines, stripped, joined by '; '."""
+  return "; ".join(s.strip() for s in str(message).splitlines() if s.strip())
+
+
+def exit_user_error(message: str, exc: Optional[BaseException] = None) -> None:
+  """Prints `error: <message>` (one line; the traceback first in debug mode) and exits 2."""
+  if exc is not None and debug_requested():
+    traceback.print_exception(exc)
+  sys.stderr.flush()
+  print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def _guard(main: Callable) -> Callable:
+  """`main` with user errors (UserError, app.UsageError) turned into one line and exit code 2."""
+  def guarded(argv):
+    try:
+      return main(argv)
+    except app.UsageError as e:
+      exit_user_error(f"{e} (see --help)", e)
+    except errors.UserError as e:
+      exit_user_error(str(e), e)
+  return guarded
+
+
+# ----------------------------------------------------------------------------- flag parsing
+
+def _parse_flags(argv: list) -> list:
+  """absl's flag parsing; a bad flag or config override is a user error (one line, exit 2)."""
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    _flag_error(e)
+  except (AttributeError, KeyError) as e:
+    # ml_collections raises these for an override of a key the config lacks.
+    message = unknown_override_message(argv)
+    if message is None:
+      raise
+    exit_user_error(message, e)
+  _check_configs_loaded()
+  return rest
+
+
+def _chain(exc: BaseException) -> list:
+  """`exc` and the exceptions it was raised from or during, outermost first."""
+  out = []
+  while exc is not None and exc not in out:
+    out.append(exc)
+    exc = exc.__cause__ or exc.__context__
+  return out
+
+
+def _flag_error(e: flags.Error) -> None:
+  """Exits: one line (code 2) for a bad flag value, or a config file's own bug (code 1)."""
+  user = [x for x in _chain(e) if isinstance(x, errors.UserError)]
+  text = str(e)
+  if user:   # e.g. an unknown variant: ml_collections wraps the config's error in a traceback
+    m = re.match(r"flag (--\S+?=.*?): Error whilst parsing config file", text)
+    exit_user_error((f"{m.group(1)}: " if m else "") + str(user[-1]), user[-1])
+  if "Error whilst parsing config file" in text:   # the config file itself failed: a bug
+    print(f"FATAL Flags parsing error: {text}", file=sys.stderr)
+    sys.exit(EXIT_BUG)
+  exit_user_error(f"{text} (see --help)", e)
+
+
+def _config_flags() -> dict:
+  """{name: flag} of the ml_collections config flags the script defines."""
+  return {name: flags.FLAGS[name] for name in flags.FLAGS
+          if is_config_flag(flags.FLAGS[name]) and name == flags.FLAGS[name].name}
+
+
+def _check_configs_loaded() -> None:
+  """ml_collections defers a config file's IOError to first use: report it now, as one line."""
+  for name, fl in _config_flags().items():
+    if fl.value is None:
+      continue
+    try:
+      getattr(fl.value, "keys")
+    except OSError as e:
+      path = config_flags.get_config_filename(fl)
+      if not os.path.isfile(path):
+        exit_user_error(f"--{name}={_config_arg(sys.argv, name)}: no such config file "
+                        f"{path!r}", e)
+      cause = _chain(e)[-1]
+      if isinstance(cause, errors.UserError):
+        exit_user_error(f"--{name}: {cause}", cause)
+      raise
+
+
+def _config_arg(argv: list, name: str) -> Optional[str]:
+  """The value given to --<name> in argv (the last one), or None."""
+  value = None
+  for i, arg in enumerate(argv):
+    m = re.match(rf"^-{{1,2}}{re.escape(name)}(=|$)", arg)
+    if m and m.group(1) == "=":
+      value = arg.split("=", 1)[1]
+    elif m and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def _overrides(argv: list, name: str) -> list:
+  """The key paths of the --<name>.<path>=... overrides in argv."""
+  out = []
+  for arg in argv:
+    m = re.match(rf"^-{{1,2}}(?:no)?{re.escape(name)}\.([^=]+)", arg)
+    if m:
+      out.append(m.group(1))
+    if arg == "--":
+      break
+  return out
+
+
+def _abbreviation(key: str) -> str:
+  return "".join(part[:1] for part in key.split("_") if part)
+
+
+def close_matches(key: str, valid) -> list:
+  """Keys of `valid` that `key` may have meant: difflib's close matches, else an abbreviation
+  ('learning_rate' -> 'lr') or its expansion."""
+  valid = sorted(valid)
+  found = difflib.get_close_matches(key, valid, n=2, cutoff=0.6)
+  return found or [k for k in valid if k == _abbreviation(key) or _abbreviation(k) == key]
+
+
+def unknown_key_message(cfg, path: str, name: str = "config") -> Optional[str]:
+  """Why `path` ('optim.learning_rate') is not a key of `cfg`, or None when it is one.
+
+  The message names the first missing key, lists the valid keys of its section and a close match.
+  """
+  node, parts = cfg, [re.sub(r"\[.*$", "", p) for p in path.split(".")]
+  for i, key in enumerate(parts):
+    where = ".".join([name] + parts[:i])
+    if not isinstance(node, (config_dict.ConfigDict, dict)):
+      return (f"--{name}.{path}: {where} is a {type(node).__name__} value "
+              f"({node!r}), not a section with keys")
+    if key not in node:
+      valid = sorted(node.keys())
+      near = close_matches(key, valid)
+      hint = f"; did you mean --{where}.{near[0]}?" if near else ""
+      if not valid:   # e.g. optim.lr_mult={}: ml_collections sets such a dict as a whole
+        hint = f" (it is empty: set it whole, e.g. --{where}=\"{{'{key}': ...}}\")"
+      return (f"--{name}.{path}: {where} has no key {key!r}; valid keys of {where}: "
+              f"{', '.join(valid) or '(none)'}{hint}")
+    node = node[key]
+  return None
+
+
+def unknown_override_message(argv: list) -> Optional[str]:
+  """The first --config.<path> override of argv that names no key of its config, explained."""
+  for name, fl in _config_flags().items():
+    source = _config_arg(argv, name)
+    paths = _overrides(argv, name)
+    if source is None or not paths:
+      continue
+    try:
+      cfg = fl.parser.parse(source)
+    except Exception:   # pylint: disable=broad-except  # the original error is re-raised instead
+      return None
+    for path in paths:
+      message = unknown_key_message(cfg, path, name)
+      if message:
+        return message
+  return None
+
+
+# ----------------------------------------------------------------------------- help
+
+def _help_requested(argv: list) -> bool:
+  for arg in argv[1:]:
+    if arg == "--":
+      return False
+    name, _, value = arg.lstrip("-").partition("=")
+    if arg.startswith("-") and name in _HELP_NAMES and value.lower() not in ("false", "0"):
+      return True
+  return False
+
+
+def _flatten(cfg, prefix: str = "") -> list:
+  """[(dotted key, value)] of a ConfigDict's leaves (an empty section is a leaf)."""
+  out = []
+  for key, value in cfg.items():
+    if isinstance(value, config_dict.ConfigDict) and len(value):
+      out.extend(_flatten(value, f"{prefix}{key}."))
+    else:
+      out.append((f"{prefix}{key}", value))
+  return out
+
+
+def config_keys_text(cfg, name: str = "config", width: int = 96) -> str:
+  """Every key of `cfg` with its value, one per line, as `--<name>.<key>` overrides it."""
+  lines = []
+  for key, value in _flatten(cfg):
+    text = repr(value.to_dict() if isinstance(value, config_dict.ConfigDict) else value)
+    line = f"  {name}.{key} = {text}"
+    lines.append(line if len(line) <= width else line[:width - 3] + "...")
+  return "\n".join(lines)
+
+
+def print_help(argv: list) -> None:
+  """The script's docstring and flags (as --help), then its config keys and where they are
+  documented. The config is loaded when --config is among argv."""
+  full = any(a.lstrip("-").startswith("helpfull") for a in argv[1:])
+  rest = [a for a in argv if not (a.startswith("-") and
+                                  a.lstrip("-").partition("=")[0] in _HELP_NAMES)]
+  configs = _config_flags()
+  if configs:
+    try:
+      flags.FLAGS(rest)
+    except Exception:   # pylint: disable=broad-except  # help is printed whatever the flags say
+      pass
+  app.usage(shorthelp=not full, writeto_stdout=True)
+  for name, fl in configs.items():
+    cfg = fl.value
+    if isinstance(cfg, config_dict.ConfigDict):
+      print(f"\nKeys of --{name}={_config_arg(argv, name)} and their values (override any "
+            f"with --{name}.<key>=<value>):\n{config_keys_text(cfg, name)}")
+    else:
+      print(f"\n--{name} keys: add --{name}=<file>[:variant] to --help to list every key of "
+            "that config with its value.")
+  if configs:
+    print("\n" + CONFIG_DOCS)
+  print("\nExit codes: 0 ok, 1 bug (traceback), 2 user error (one line 'error: ...'; --debug "
+        f"adds the\ntraceback), {EXIT_PREEMPTED} preempted (rerun the same command to resume).")
+  if not full:
+    print("Try --helpfull to get a list of all flags.")
+
+
+def preempted() -> int:
+  """Tells the user that the run stopped early and how to resume; returns EXIT_PREEMPTED (75) for
+  `main` to return."""
+  print(f"preempted: the state is checkpointed; rerun the same command to resume (exit code "
+        f"{EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+  return EXIT_PREEMPTED
