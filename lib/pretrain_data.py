@@ -13,17 +13,19 @@ BPE_EOS = "<|endoftext|>"
 
 
 def dataset_names(spec: str) -> list:
-  """'text:brown,text:shakespeare' -> ['text:brown', 'text:shakespeare'] (each must be text:*).
+  """'text:brown,text:shakespeare' -> ['text:brown', 'text:shakespeare'] (each must be text:*:
+  a named corpus, or text:<file|folder> of own plain text).
 
   Raises:
     ValueError: an empty spec, a repeated name or a dataset that is not a plain-text corpus.
   """
   names = [s.strip() for s in spec.split(",") if s.strip()]
   corpora = [d for d in data.DATASETS if d.startswith("text:")]
-  bad = [n for n in names if n not in corpora]
+  bad = [n for n in names if n not in corpora and not (n.startswith("text:") and n[5:]
+                                                       and os.path.exists(n[5:]))]
   if not names or bad or len(set(names)) != len(names):
     raise ValueError(f"data.dataset={spec!r}: expected a comma-separated list of distinct corpora "
-                     f"from {corpora}" + (f"; unknown: {bad}" if bad else ""))
+                     f"from {corpora} or text:<file|folder>" + (f"; unknown: {bad}" if bad else ""))
   return names
 
 

@@ -16,6 +16,10 @@ from lib.data import readers
 # Bump when the parsing or the features change: it is part of every cache key, so old caches are not reused.
 CODE_VERSION = "1"
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "workbench_data")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The shared data folder of the named datasets: beside the repository, never inside it. The one
+# definition (configs/common.py's DATA_DIR refers to it).
+DEFAULT_DATA_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 TEXT_CORPORA = ("brown", "shakespeare", "conll2003", "sst2")
 DATASETS = ("conll2003", "sst2", "brown_pos") + tuple(f"text:{c}" for c in TEXT_CORPORA)
 
@@ -274,7 +278,12 @@ def load_split(dataset: str, split: str, data_dir: str, cache_dir: Optional[str]
 
 def label_names_of(dataset: str, data_dir: str, cache_dir: Optional[str] = None, label_names=None) -> list:
   """The label list stored in a prepared dataset (the one its integer labels index)."""
-  info = get_builder(dataset, data_dir, cache_dir, label_names).info
-  if dataset == "sst2":
+  return stored_label_names(get_builder(dataset, data_dir, cache_dir, label_names))
+
+
+def stored_label_names(builder) -> list:
+  """The label list of a prepared builder: a ClassLabel's names, else metadata (empty for text)."""
+  info = builder.info
+  if "label" in info.features and isinstance(info.features["label"], tfds.features.ClassLabel):
     return list(info.features["label"].names)
   return list(info.metadata.get("label_names", [])) if info.metadata else []

@@ -10,18 +10,16 @@ from typing import Callable, Optional
 import grain
 import numpy as np
 
-from lib.data import builders, packing
+from lib.data import builders, own, packing, sources
 from lib.data import tokenize as tok_lib
 from lib.data import transforms as T
+from lib.data.builders import DEFAULT_DATA_DIR, REPO_ROOT  # noqa: F401  (re-exported)
+from lib.data.sources import LABEL_KEY  # noqa: F401  (re-exported)
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Real data lives beside the repository, never inside it.
-DEFAULT_DATA_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
-LABEL_KEY = {"conll2003": "ner", "brown_pos": "tags"}
 _FEATURE_CACHE = collections.OrderedDict()   # tokenised splits, so a second iterator costs nothing
 _FEATURE_CACHE_SIZE = 8
 # Part of every tokenised-features cache key: bump when tokenisation, windowing or feature layout changes.
-FEATURES_VERSION = "1"
+FEATURES_VERSION = "2"
 
 
 # ---------------------------------------------------------------- sharding and reading
@@ -33,9 +31,13 @@ def shard_range(n: int, shard_index: int, shard_count: int) -> tuple:
   return n * shard_index // shard_count, n * (shard_index + 1) // shard_count
 
 
-def read_shard(source, shard_index: int = 0, shard_count: int = 1) -> list:
-  """The examples of one shard of a random-access source (only those records are read)."""
-  start, end = shard_range(len(source), shard_index, shard_count)
+def read_shard(source, shard_index: int = 0, shard_count: int = 1, limit: int = 0) -> list:
+  """The examples of one shard of a random-access source (only those records are read).
+
+  `limit` > 0 keeps the first `limit` examples of the whole source before sharding (so that every
+  host's shards together are exactly those examples)."""
+  n = min(limit, len(source)) if limit else len(source)
+  start, end = shard_range(n, shard_index, shard_count)
   return list(source.__getitems__(list(range(start, end)))) if end > start else []
 
 
@@ -87,76 +89,103 @@ def _cached(key, build: Callable, cache_dir):
   return _FEATURE_CACHE[key]
 
 
-def _source_key(dataset, data_dir, cache_dir, label_names):
-  """Identity of the prepared data (the builder config name hashes the source files and labels)."""
-  b = builders.get_builder(dataset, data_dir, cache_dir, label_names)
-  return b.builder_config.name, b
-
-
 # ---------------------------------------------------------------- features (tokenised once per split)
 
-def token_cls_features(dataset, split, tokenizer, *, max_len, stride, label_all, owned_labels_only,
-                       data_dir, cache_dir=None, label_names=None, shard_index=0, shard_count=1):
-  """Windows of every sentence of a shard (see tokenize.windows_for_sentence) and stats/info."""
-  name, builder = _source_key(dataset, data_dir, cache_dir, label_names)
-  key = ("tok", dataset, split, name, tok_lib.tokenizer_fingerprint(tokenizer), max_len, stride, label_all,
-         owned_labels_only, shard_index, shard_count)
+def _limit_key(limit) -> tuple:
+  return (("limit", limit),) if limit else ()   # no entry without a limit: earlier keys stay valid
+
+
+def token_cls_features(src, split, tokenizer, *, max_len, stride, label_all, owned_labels_only,
+                       cache_dir=None, limit=0, shard_index=0, shard_count=1):
+  """Windows of every sentence of a shard (see tokenize.windows_for_sentence) and stats/info.
+
+  `src` is a sources.Source; `limit` keeps the split's first examples (read_shard)."""
+  key = ("tok", src.dataset, split, src.name, tok_lib.tokenizer_fingerprint(tokenizer), max_len,
+         stride, label_all, owned_labels_only, shard_index, shard_count) + _limit_key(limit)
 
   def build():
-    examples = read_shard(builder.as_data_source(split=split), shard_index, shard_count)
+    examples = read_shard(src.split(split), shard_index, shard_count, limit)
     wp = tok_lib.WordPieces(tokenizer)
     wp.prime(T._text(w) for e in examples for w in e["tokens"])    # one batched call over distinct words
     prefix, suffix = tok_lib.special_wrap(tokenizer)
     budget = tok_lib.window_budget(max_len, prefix, suffix)
     tokenize = T.TokenizeWords(wp)
-    align = T.AlignLabels(LABEL_KEY[dataset], max_len=max_len, stride=stride, prefix=prefix, suffix=suffix,
+    align = T.AlignLabels(src.label_key, max_len=max_len, stride=stride, prefix=prefix, suffix=suffix,
                           label_all=label_all, owned_labels_only=owned_labels_only)
-    windows, stats = [], collections.Counter()
+    windows, stats, longest = [], collections.Counter(), dict(pieces=0, words=0, example_id=-1)
     for e in examples:
       e = tokenize.map(e)
       stats["cut_words"] += sum(len(p) > budget for p in e["pieces"])
       wins = align.map(e)
       windows.extend(wins)
       stats["long_sentences"] += len(wins) > 1
+      pieces = sum(len(p) for p in e["pieces"])
+      if pieces > longest["pieces"]:
+        longest = dict(pieces=pieces, words=len(e["pieces"]), example_id=int(e["idx"]))
     stats.update(unk_fallbacks=wp.unk_fallbacks, windows=len(windows), sentences=len(examples))
     info = dict(stats, num_words=[len(e["tokens"]) for e in examples],
-                example_ids=[int(e["idx"]) for e in examples],
-                label_names=builders.label_names_of(dataset, data_dir, cache_dir, label_names))
+                example_ids=[int(e["idx"]) for e in examples], label_names=list(src.label_names),
+                longest_sentence=longest)
     return windows, info
   windows, info = _cached(key, build, cache_dir)
-  T.log_counts(f"{dataset}/{split} tokenisation", {k: info[k] for k in ("unk_fallbacks", "cut_words")})
+  T.log_counts(f"{src.dataset}/{split} tokenisation", {k: info[k] for k in ("unk_fallbacks", "cut_words")})
+  _log_windowing(f"{src.dataset}/{split}", info, max_len, stride)
   return windows, info
 
 
-def seq_cls_features(dataset, split, tokenizer, *, max_len, data_dir, cache_dir=None, shard_index=0, shard_count=1):
-  """input_ids (with specials, truncated to max_len: counted and logged), label, example_id per sentence."""
-  name, builder = _source_key(dataset, data_dir, cache_dir, None)
-  key = ("seq", dataset, split, name, tok_lib.tokenizer_fingerprint(tokenizer), max_len, shard_index, shard_count)
+def _log_windowing(name, info, max_len, stride) -> None:
+  """Says how many sentences needed several windows, and how long the longest sentence is."""
+  longest = info["longest_sentence"]
+  logging.info("%s: %d of %d sentences exceed one window of max_len=%d and are split into overlapping "
+               "windows (stride %d pieces; each word is predicted once); the longest, example %d, has %d "
+               "words, %d word pieces", name, info["long_sentences"], info["sentences"], max_len, stride,
+               longest["example_id"], longest["words"], longest["pieces"])
+
+
+def _encode_texts(tokenizer, examples):
+  """input_ids and (sentence pairs only) token_type_ids of every example, in one batched call."""
+  texts = [T._text(e["sentence"]) for e in examples]
+  if not (examples and "sentence_b" in examples[0]):
+    return tokenizer(texts, verbose=False)["input_ids"], None
+  enc = tokenizer(texts, [T._text(e["sentence_b"]) for e in examples], verbose=False)
+  return enc["input_ids"], enc.get("token_type_ids")
+
+
+def seq_cls_features(src, split, tokenizer, *, max_len, cache_dir=None, limit=0, shard_index=0,
+                     shard_count=1):
+  """input_ids (with specials, truncated to max_len: counted and logged), label, example_id per
+  example; sentence pairs add token_type_ids (0 for the first text, 1 for the second, as BERT)."""
+  key = ("seq", src.dataset, split, src.name, tok_lib.tokenizer_fingerprint(tokenizer), max_len, shard_index,
+         shard_count) + _limit_key(limit)
 
   def build():
-    examples = read_shard(builder.as_data_source(split=split), shard_index, shard_count)
-    ids = tokenizer([T._text(e["sentence"]) for e in examples], verbose=False)["input_ids"]
+    examples = read_shard(src.split(split), shard_index, shard_count, limit)
+    ids, types = _encode_texts(tokenizer, examples)
     _, suffix = tok_lib.special_wrap(tokenizer)
     feats, truncated = [], 0
-    for e, x in zip(examples, ids):
+    for i, (e, x) in enumerate(zip(examples, ids)):
+      t = types[i] if types is not None else None
       if len(x) > max_len:  # keep the closing special token so the model sees a well-formed sequence
         truncated += 1
         x = x[:max_len - len(suffix)] + suffix
-      feats.append(dict(input_ids=np.asarray(x, np.int32), label=int(e["label"]), example_id=int(e["idx"])))
+        t = None if t is None else t[:max_len - len(suffix)] + t[len(t) - len(suffix):]
+      f = dict(input_ids=np.asarray(x, np.int32), label=int(e["label"]), example_id=int(e["idx"]))
+      if t is not None:
+        f["token_type_ids"] = np.asarray(t, np.int32)
+      feats.append(f)
     return feats, dict(sentences=len(feats), truncated=truncated, example_ids=[f["example_id"] for f in feats],
-                       label_names=builders.label_names_of(dataset, data_dir, cache_dir))
+                       label_names=list(src.label_names))
   feats, info = _cached(key, build, cache_dir)
-  T.log_counts(f"{dataset}/{split} tokenisation (max_len={max_len})", {"truncated_sentences": info["truncated"]})
+  T.log_counts(f"{src.dataset}/{split} tokenisation (max_len={max_len})", {"truncated_sentences": info["truncated"]})
   return feats, info
 
 
-def lm_documents(dataset, split, tokenizer, *, data_dir, cache_dir=None, shard_index=0, shard_count=1):
+def lm_documents(src, split, tokenizer, *, cache_dir=None, shard_index=0, shard_count=1):
   """Tokenised documents wrapped in the tokenizer's specials ([CLS] .. [SEP], or .. <|endoftext|> for GPT-2)."""
-  name, builder = _source_key(dataset, data_dir, cache_dir, None)
-  key = ("lm", dataset, split, name, tok_lib.tokenizer_fingerprint(tokenizer), shard_index, shard_count)
+  key = ("lm", src.dataset, split, src.name, tok_lib.tokenizer_fingerprint(tokenizer), shard_index, shard_count)
 
   def build():
-    examples = read_shard(builder.as_data_source(split=split), shard_index, shard_count)
+    examples = read_shard(src.split(split), shard_index, shard_count)
     ids = tokenizer([T._text(e["text"]) for e in examples], add_special_tokens=False, verbose=False)["input_ids"]
     prefix, suffix = tok_lib.special_wrap(tokenizer)
     if not prefix and not suffix and tokenizer.eos_token_id is not None:
@@ -342,21 +371,29 @@ def _buckets(max_len, buckets, shard_count, train):
   return T.bucket_lengths(max_len, buckets)
 
 
+def _name_kw(src, limit) -> dict:
+  """Pipeline-name entries for own files (their content hash) and a split limit; none otherwise, so
+  iterator states saved by earlier versions stay valid."""
+  kw = {"src": src.name} if src.own else {}
+  return dict(kw, limit=limit) if limit else kw
+
+
 def token_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, train=False, shard_index=0,
                       shard_count=1, data_dir=None, cache_dir=None, label_names=None, buckets=None, stride=None,
                       label_all_subwords=False, sort_chunk_batches=50, steps_per_epoch=None, bfloat16_keys=(),
-                      max_examples=0):
-  """Token-classification batches (conll2003, brown_pos); see make_batches."""
+                      max_examples=0, limit=0, **options):
+  """Token-classification batches (conll2003, brown_pos, conll:<path>); see make_batches."""
+  src = sources.get(dataset, data_dir, cache_dir, label_names, **options)
   stride = stride or max(1, (max_len - 2) // 2)
-  data_dir = data_dir or DEFAULT_DATA_DIR
-  feats, info = token_cls_features(dataset, split, tokenizer, max_len=max_len, stride=stride,
-                                   label_all=label_all_subwords, owned_labels_only=not train, data_dir=data_dir,
-                                   cache_dir=cache_dir, label_names=label_names, shard_index=shard_index,
+  feats, info = token_cls_features(src, split, tokenizer, max_len=max_len, stride=stride,
+                                   label_all=label_all_subwords, owned_labels_only=not train,
+                                   cache_dir=cache_dir, limit=limit, shard_index=shard_index,
                                    shard_count=shard_count)
   feats, info = first_examples(feats, info, max_examples)
-  name = _pipeline_name(dataset, split, "token_cls", tokenizer, b=batch_size, L=max_len, seed=seed, train=train,
-                        shard=f"{shard_index}of{shard_count}", stride=stride, all=label_all_subwords,
-                        buckets=buckets, sort=sort_chunk_batches, spe=steps_per_epoch, n=max_examples)
+  name = _pipeline_name(src.dataset, split, "token_cls", tokenizer, b=batch_size, L=max_len, seed=seed,
+                        train=train, shard=f"{shard_index}of{shard_count}", stride=stride,
+                        all=label_all_subwords, buckets=buckets, sort=sort_chunk_batches,
+                        spe=steps_per_epoch, n=max_examples, **_name_kw(src, limit))
   pad = dict(input_ids=tokenizer.pad_token_id, token_type_ids=0, labels=-1)
   if not train:
     pad.update(word_ids=-1, predict_mask=0)
@@ -368,16 +405,17 @@ def token_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0,
 
 
 def seq_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, train=False, shard_index=0,
-                    shard_count=1, data_dir=None, cache_dir=None, buckets=None, sort_chunk_batches=50,
-                    steps_per_epoch=None, bfloat16_keys=(), max_examples=0):
-  """Sentence-classification batches (sst2); see make_batches."""
-  data_dir = data_dir or DEFAULT_DATA_DIR
-  feats, info = seq_cls_features(dataset, split, tokenizer, max_len=max_len, data_dir=data_dir,
-                                 cache_dir=cache_dir, shard_index=shard_index, shard_count=shard_count)
+                    shard_count=1, data_dir=None, cache_dir=None, label_names=None, buckets=None,
+                    sort_chunk_batches=50, steps_per_epoch=None, bfloat16_keys=(), max_examples=0, limit=0,
+                    **options):
+  """Sequence-classification batches (sst2, tsv:/csv:/jsonl:<path>); see make_batches."""
+  src = sources.get(dataset, data_dir, cache_dir, label_names, **options)
+  feats, info = seq_cls_features(src, split, tokenizer, max_len=max_len, cache_dir=cache_dir, limit=limit,
+                                 shard_index=shard_index, shard_count=shard_count)
   feats, info = first_examples(feats, info, max_examples)
-  name = _pipeline_name(dataset, split, "seq_cls", tokenizer, b=batch_size, L=max_len, seed=seed, train=train,
-                        shard=f"{shard_index}of{shard_count}", buckets=buckets, sort=sort_chunk_batches,
-                        spe=steps_per_epoch, n=max_examples)
+  name = _pipeline_name(src.dataset, split, "seq_cls", tokenizer, b=batch_size, L=max_len, seed=seed,
+                        train=train, shard=f"{shard_index}of{shard_count}", buckets=buckets,
+                        sort=sort_chunk_batches, spe=steps_per_epoch, n=max_examples, **_name_kw(src, limit))
   return _fine_tuning_iterator(name, feats, info, train=train, batch_size=batch_size, max_len=max_len, seed=seed,
                                buckets=_buckets(max_len, buckets, shard_count, train),
                                sort_chunk_batches=sort_chunk_batches, steps_per_epoch=steps_per_epoch,
@@ -388,14 +426,15 @@ def seq_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, t
 
 def lm_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, train=False, shard_index=0,
                shard_count=1, data_dir=None, cache_dir=None, objective=None, mlm_rate=0.15,
-               whole_word_masking=False, steps_per_epoch=None, bfloat16_keys=()):
-  """Packed LM batches (text:*): rows of max_len tokens, documents shuffled per epoch; see make_batches."""
-  data_dir = data_dir or DEFAULT_DATA_DIR
+               whole_word_masking=False, steps_per_epoch=None, bfloat16_keys=(), **options):
+  """Packed LM batches (text:<corpus or path>): rows of max_len tokens, documents shuffled per epoch;
+  see make_batches."""
+  src = sources.get(dataset, data_dir, cache_dir, None, **options)
   objective = objective or ("mlm" if tokenizer.mask_token_id is not None else "clm")
   if objective not in ("mlm", "clm"):
     raise ValueError(f"objective must be 'mlm' or 'clm', got {objective!r}")
-  docs, info = lm_documents(dataset, split, tokenizer, data_dir=data_dir, cache_dir=cache_dir,
-                            shard_index=shard_index, shard_count=shard_count)
+  docs, info = lm_documents(src, split, tokenizer, cache_dir=cache_dir, shard_index=shard_index,
+                            shard_count=shard_count)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   if objective == "mlm":
     last = T.MaskTokens(tokenizer, seed + 1000003 * shard_index, rate=mlm_rate, whole_word=whole_word_masking)
@@ -412,11 +451,14 @@ def lm_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, train=
       packed, n = fixed, len(fixed["input_ids"])
     specs = [{"rows": (s, min(s + batch_size, n))} for s in range(0, n, batch_size)]
     return specs, [T.GatherRows(packed, batch_size, pad_id), last, T.CastDtypes(bfloat16_keys)]
-  name = _pipeline_name(dataset, split, objective, tokenizer, b=batch_size, L=max_len, seed=seed, train=train,
-                        shard=f"{shard_index}of{shard_count}", rate=mlm_rate, wwm=whole_word_masking,
-                        spe=steps_per_epoch)
+  name = _pipeline_name(src.dataset, split, objective, tokenizer, b=batch_size, L=max_len, seed=seed,
+                        train=train, shard=f"{shard_index}of{shard_count}", rate=mlm_rate,
+                        wwm=whole_word_masking, spe=steps_per_epoch, **_name_kw(src, 0))
   return BatchIterator(name, epoch_fn, train, steps_per_epoch, dict(info, objective=objective),
                        empty_spec={"rows": (0, 0)})
+
+
+_BATCHES = {"token_cls": token_cls_batches, "seq_cls": seq_cls_batches, "lm": lm_batches}
 
 
 def make_batches(dataset: str, split: str, tokenizer, *, batch_size: int, max_len: int, seed: int = 0,
@@ -424,7 +466,9 @@ def make_batches(dataset: str, split: str, tokenizer, *, batch_size: int, max_le
   """The batch iterator of a dataset split (see the module docstring of lib.data for the batch specs).
 
   Args:
-    dataset: conll2003 / brown_pos (token classification), sst2 (classification), text:<corpus> (packed LM).
+    dataset: a named dataset: conll2003 / brown_pos (token classification), sst2 (classification),
+      text:<corpus> (packed LM); or own files (lib.data.own): conll:<folder|file> (tagging),
+      tsv:/csv:/jsonl:<folder|file> (classification, single texts or pairs), text:<file|folder>.
     split: train / validation / test.
     tokenizer: a transformers PreTrainedTokenizerFast (BERT WordPiece or GPT-2 BPE).
     batch_size: rows per batch (fixed; evaluation pads the last batch with dummy rows).
@@ -433,32 +477,39 @@ def make_batches(dataset: str, split: str, tokenizer, *, batch_size: int, max_le
     train: loop over epochs forever with an epoch-seeded reshuffle; else one ordered pass.
     shard_index, shard_count: this process's contiguous shard of the split (e.g. jax.process_index/count).
     **kwargs: data_dir, cache_dir, and per task: label_names, buckets, stride, label_all_subwords,
-      sort_chunk_batches, max_examples (token_cls: the first N sentences of the shard); buckets,
-      sort_chunk_batches, max_examples (sst2); objective ('mlm'|'clm'),
-      mlm_rate, whole_word_masking (LM); steps_per_epoch, bfloat16_keys (all). With shard_count > 1 and
-      no explicit buckets every batch is padded to max_len (equal shapes on every host); multi-host
-      runs pass the same steps_per_epoch to every host (evaluation pads with all-dummy batches).
+      sort_chunk_batches, max_examples (the first N examples of the shard), limit (the first N
+      examples of the split, before sharding) (token_cls); label_names, buckets,
+      sort_chunk_batches, max_examples, limit (seq_cls); objective ('mlm'|'clm'), mlm_rate,
+      whole_word_masking (LM); steps_per_epoch, bfloat16_keys (all); own files: train_file,
+      validation_file, test_file (all), word_column, tag_column, tag_scheme (conll:),
+      text_columns, label_column (tsv:/csv:/jsonl:) (see lib.data.own). With shard_count > 1 and
+      no explicit buckets every batch is padded to max_len (equal shapes on every host);
+      multi-host runs pass the same steps_per_epoch to every host (evaluation pads with
+      all-dummy batches).
 
   Returns:
     a BatchIterator (len = batches per epoch; get_state / set_state).
   """
-  common = dict(batch_size=batch_size, max_len=max_len, seed=seed, train=train, shard_index=shard_index,
-                shard_count=shard_count, **kwargs)
-  if dataset in LABEL_KEY:
-    return token_cls_batches(dataset, split, tokenizer, **common)
-  if dataset == "sst2":
-    return seq_cls_batches(dataset, split, tokenizer, **common)
-  if dataset.startswith("text:"):
-    return lm_batches(dataset, split, tokenizer, **common)
-  raise ValueError(f"unknown dataset {dataset!r}; valid: {list(builders.DATASETS)}")
+  src_kw = {k: kwargs.pop(k) for k in ("data_dir", "label_names", *own.OPTION_DEFAULTS) if k in kwargs}
+  src = sources.get(dataset, cache_dir=kwargs.get("cache_dir"), **src_kw)
+  return _BATCHES[src.task](src, split, tokenizer, batch_size=batch_size, max_len=max_len, seed=seed,
+                            train=train, shard_index=shard_index, shard_count=shard_count, **kwargs)
 
 
 _COMMON_KEYS = {"dataset", "batch_size", "eval_batch_size", "max_len", "seed", "data_dir", "cache_dir",
                 "steps_per_epoch", "bfloat16_keys"}
 _TASK_KEYS = {"token_cls": {"label_names", "buckets", "stride", "label_all_subwords", "sort_chunk_batches",
-                            "max_examples"},
-              "seq_cls": {"buckets", "sort_chunk_batches", "max_examples"},
+                            "max_examples", "max_eval_examples"},
+              "seq_cls": {"label_names", "buckets", "sort_chunk_batches", "max_examples", "max_eval_examples"},
               "lm": {"objective", "mlm_rate", "whole_word_masking"}}
+# Config keys of own files, per task; their make_batches keywords; their defaults (a key at its
+# default is accepted for every dataset, so one config block serves named and own data).
+_OWN_KEYS = {"token_cls": {"train", "validation", "test", "word_column", "tag_column", "tag_scheme"},
+             "seq_cls": {"train", "validation", "test", "text_columns", "label_column"},
+             "lm": {"train", "validation", "test"}}
+_RENAMED = {"train": "train_file", "validation": "validation_file", "test": "test_file"}
+CONFIG_DEFAULTS = dict(train="", validation="", test="", word_column=0, tag_column=-1, tag_scheme="auto",
+                       text_columns="", label_column="label", max_eval_examples=0)
 
 
 def config_kwargs(data_cfg, batch_divisor: int = 1) -> dict:
@@ -483,27 +534,75 @@ def config_kwargs(data_cfg, batch_divisor: int = 1) -> dict:
   return d
 
 
+def _is_default(key, value) -> bool:
+  if key not in CONFIG_DEFAULTS:
+    return False
+  default = CONFIG_DEFAULTS[key]
+  return value == default or (default == "" and isinstance(value, (tuple, list)) and not value)
+
+
+def _checked(data_cfg) -> dict:
+  """A data block without None values and own-files keys at their defaults, its keys checked
+  against the dataset's task, own-file keys renamed to make_batches keywords.
+
+  Raises:
+    ValueError: an unknown dataset, or a key that is not valid for it (listing the valid ones).
+  """
+  cfg = {k: v for k, v in dict(data_cfg).items() if v is not None and not _is_default(k, v)}
+  dataset = cfg.get("dataset", "")
+  task = sources.task_of(dataset)
+  valid = _COMMON_KEYS | _TASK_KEYS[task] | (_OWN_KEYS[task] if own.parse(dataset) else set())
+  unknown = sorted(set(cfg) - valid)
+  if unknown:
+    raise ValueError(f"data config: unknown keys {unknown} for dataset {dataset!r}; valid: {sorted(valid)}")
+  return {_RENAMED.get(k, k): v for k, v in cfg.items()}
+
+
 def from_config(data_cfg, tokenizer, split: str, *, train: bool, shard_index: int = 0,
                 shard_count: int = 1) -> BatchIterator:
   """make_batches from a data sub-config (ConfigDict or dict); None values mean 'use the default'.
 
-  Keys: dataset, batch_size, max_len, seed, optional eval_batch_size (used when not training) and any
+  Keys: dataset, batch_size, max_len, seed, optional eval_batch_size (used when not training),
+  max_eval_examples (> 0: the first N examples of a validation/test split, as read_gold scores
+  them), own files' train/validation/test paths and reading options (see CONFIG_DEFAULTS), and any
   make_batches keyword valid for the dataset's task.
 
   Raises:
     ValueError: a key that is not valid for the dataset, naming it and listing the valid ones.
   """
-  cfg = {k: v for k, v in dict(data_cfg).items() if v is not None}
-  dataset = cfg.get("dataset", "")
-  task = "token_cls" if dataset in LABEL_KEY else "seq_cls" if dataset == "sst2" else "lm"
-  unknown = sorted(set(cfg) - _COMMON_KEYS - _TASK_KEYS[task])
-  if unknown:
-    raise ValueError(f"data config: unknown keys {unknown} for dataset {dataset!r}; valid: "
-                     f"{sorted(_COMMON_KEYS | _TASK_KEYS[task])}")
+  cfg = _checked(data_cfg)
   eval_bs = cfg.pop("eval_batch_size", None)
   if not train and eval_bs:
     cfg["batch_size"] = eval_bs
+  limit = cfg.pop("max_eval_examples", 0)
+  if split != "train" and limit:
+    cfg["limit"] = limit
   if "buckets" in cfg:
     cfg["buckets"] = list(cfg["buckets"])
   return make_batches(cfg.pop("dataset"), split, tokenizer, train=train, shard_index=shard_index,
                       shard_count=shard_count, **cfg)
+
+
+def source_of(data_kwargs) -> sources.Source:
+  """The sources.Source of a data block (config_kwargs' result or the config's own `data`)."""
+  d = dict(data_kwargs)
+  d.setdefault("data_dir", d.pop("dir", None))
+  opts = {_RENAMED.get(k, k): d[k] for k in CONFIG_DEFAULTS
+          if k != "max_eval_examples" and d.get(k) is not None and not _is_default(k, d[k])}
+  return sources.get(d["dataset"], d.get("data_dir") or None, d.get("cache_dir") or None,
+                     d.get("label_names") or None, **opts)
+
+
+def read_gold(data_kwargs, split: str) -> tuple:
+  """(inputs, gold) to score a split against, for named and own datasets alike.
+
+  Token classification: word lists and tag-name lists; sequence classification: one-line texts
+  (pairs joined by own.PAIR_SEPARATOR) and label names (see sources.gold). With
+  max_eval_examples > 0, the first N examples of validation/test: the ones from_config evaluates.
+
+  Args:
+    data_kwargs: config_kwargs' result or the config's `data` block (batch keys are ignored).
+    split: train / validation / test.
+  """
+  limit = int(dict(data_kwargs).get("max_eval_examples") or 0) if split != "train" else 0
+  return sources.gold(source_of(data_kwargs), split, limit)

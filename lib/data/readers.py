@@ -6,6 +6,8 @@ import os
 import re
 from typing import Iterable, Optional, Sequence
 
+from lib import errors
+
 # Split name -> file name inside each dataset folder.
 CONLL_FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
 SST2_FILES = {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}
@@ -16,19 +18,19 @@ SHAKESPEARE_VALIDATION_FRACTION = 0.1
 _IOB = re.compile(r"^[BI]-\S+$")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(errors.UserError, ValueError):
   """A source file does not have the expected format; the message names file:line and the offending text."""
 
 
 def read_lines(path: str) -> list:
-  """Lines of a UTF-8 text file (line terminators stripped).
+  """Lines of a UTF-8 text file (line terminators and a leading byte-order mark stripped).
 
   Raises:
     FileNotFoundError: the file does not exist (names the path).
     DataFormatError: the file is empty, or a line is not valid UTF-8 (names file:line).
   """
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: data file not found")
+    raise errors.MissingFileError(f"{path}: data file not found")
   with open(path, "rb") as f:
     raw = f.read()
   if not raw.strip():
@@ -44,7 +46,9 @@ def read_lines(path: str) -> list:
   lines = text.split("\n")
   if lines and lines[-1] == "":
     lines.pop()  # the file's final newline
-  return [line.rstrip("\r") for line in lines]
+  # A byte-order mark opens a file saved by some Windows editors, and sits at the start of a line
+  # where such files were concatenated; it is never part of the data.
+  return [line.rstrip("\r").lstrip("\ufeff") for line in lines]
 
 
 # ---------------------------------------------------------------- CoNLL
