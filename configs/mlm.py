@@ -69,7 +69,8 @@ def base(objective: str) -> ml_collections.ConfigDict:
       cache_dir="", max_len=128, batch_size=32, eval_batch_size=32, eval_batches=10,
       mlm_rate=0.15, whole_word_masking=False))
   c.predictions_per_row = -1          # MLM head positions per row: -1 ceil(rate * len), 0 = all
-  c.param_rules = ((".*", "train"),)   # ordered (regex, label) rules: what is trained (lib/peft)
+  # Ordered (regex, label) rules: what is trained and lr groups (lib/peft; as configs/common.py).
+  c.peft = ml_collections.ConfigDict(dict(rules=((".*", "train"),), options=()))
   c.optim = optim.default_config()
   c.optim.lr = 5e-4
   c.optim.weight_decay = 0.01
@@ -124,7 +125,7 @@ def _minilm(c):
   c.model.dropout_rate = -1.0         # the checkpoint's (0.1)
   c.data.dataset = "text:conll2003"
   # The MLM head is new (the decoder is the pretrained word embeddings): a 20x learning rate.
-  c.param_rules = (("mlm/.*", "head"), (".*", "train"))
+  c.peft.rules = (("mlm/.*", "head"), (".*", "train"))
   c.optim.lr = 5e-5
   c.optim.lr_mult = {"head": 20.0}
   c.train.num_steps = 300

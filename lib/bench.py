@@ -5,10 +5,9 @@ import time
 from typing import Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from lib import models, optim, peft, sharding, train
+from lib import flops, models, optim, peft, sharding, train
 from lib.tasks import ner
 
 COLUMNS = ("model", "dtype", "batch", "seq_len", "ours_ex_s", "hf_ex_s", "ratio", "compile_s",
@@ -27,37 +26,6 @@ class ModelSpec:
 
 
 # ----------------------------------------------------------------------------- measurement
-
-def matmul_peak(n: int = 2048, dtype: str = "float32", reps: int = 5) -> float:
-  """FLOP/s of a jitted (n, n) @ (n, n) jnp.dot (bf16 inputs accumulate in f32), best of `reps`."""
-  rng = np.random.default_rng(0)
-  a, b = (jnp.asarray(rng.standard_normal((n, n)), dtype) for _ in range(2))
-  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-  f(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    f(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2.0 * n ** 3 / best
-
-
-def model_flops(args: models.ModelArgs, params, batch: int, seq_len: int) -> float:
-  """Analytic train-step FLOPs: 6 N tokens + 12 L D T tokens (`train.flops_per_token`).
-
-  N counts the parameters used in matmuls: all but the embedding tables (gathers, not matmuls).
-  """
-  n_emb = sum(int(x.size) for x in jax.tree.leaves(params["encoder"]["embeddings"]))
-  n = models.param_count(params) - n_emb
-  return batch * seq_len * train.flops_per_token(n, args.num_layers, args.hidden_size, seq_len)
-
-
-def xla_flops(compiled) -> float:
-  """FLOPs of a compiled executable from XLA's cost analysis (0 if unavailable)."""
-  ca = compiled.cost_analysis()
-  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-  return float((ca or {}).get("flops", 0.0))
-
 
 def time_interleaved(fns: dict, steps: int, block: int = 1) -> dict:
   """Runs each fn (one train step, blocking) `steps` times, alternating blocks of `block` calls
@@ -127,7 +95,7 @@ def build_ours(spec: ModelSpec, batch_np: dict, dtype: str = "float32", lr: floa
     holder["state"], metrics = compiled(holder["state"], batch)
     jax.block_until_ready((holder["state"], metrics))
     return metrics
-  return run, compile_s, xla_flops(compiled), args
+  return run, compile_s, flops.xla_flops(compiled), args
 
 
 def _torch_param_groups(model, weight_decay: float):
@@ -195,10 +163,10 @@ def benchmark_row(spec: ModelSpec, batch: int, seq_len: int, *, steps: int, warm
   for _ in range(warmup):
     ours(), hf()
   times = time_interleaved({"ours": ours, "hf": hf}, steps, block)
-  peak = matmul_peak(peak_n, dtype)
+  peak = flops.matmul_peak(peak_n, dtype)
   med = {k: float(np.median(v)) for k, v in times.items()}
   shapes = models.abstract_params(models.build(args, "token_cls", spec.num_labels))[0]
-  fl = model_flops(args, shapes, batch, seq_len)
+  fl = batch * seq_len * flops.model_flops_per_token(args, shapes, seq_len)
   dt = dtype if hf_dtype in (None, dtype) else f"{dtype}/hf:{hf_dtype}"
   return dict(model=spec.name, dtype=dt, batch=batch, seq_len=seq_len,
               ours_ex_s=batch / med["ours"], hf_ex_s=batch / med["hf"],

@@ -1,10 +1,11 @@
-"""TrainState, sharded init, pure train/eval steps, the fit loop (the one place jax.jit is called)."""
+"""TrainState, sharded init, pure train/eval steps, the fit loop with its hooks."""
 
+import dataclasses
 import functools
 import json
 import os
 import time
-from typing import Any, Callable, Iterator, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import flax.struct
 import jax
@@ -55,19 +56,6 @@ def num_train_steps(cfg, steps_per_epoch: Optional[int] = None) -> int:
                      f"(got num_steps={cfg.num_steps}, epochs={cfg.get('epochs')}, "
                      f"steps_per_epoch={steps_per_epoch})")
   return int(cfg.epochs * steps_per_epoch)
-
-
-def flops_per_token(num_params: int, num_layers: int, hidden_size: int, seq_len: int,
-                    num_trainable: Optional[int] = None) -> float:
-  """Training FLOPs per token: 2N forward + 2N backward to activations + 2N_trainable backward
-  to weights, plus attention scores and mixing 12 * L * D * T (forward + backward; causal
-  masking not discounted). With everything trainable this is PaLM's 6N + 12LDT.
-
-  num_params should count the parameters used in matmuls (leave out position/token-type
-  tables; count the word embedding only where it is also the output layer).
-  """
-  n_tr = num_params if num_trainable is None else num_trainable
-  return 4.0 * num_params + 2.0 * n_tr + 12.0 * num_layers * hidden_size * seq_len
 
 
 # ----------------------------------------------------------------------------- state init
@@ -240,6 +228,18 @@ def combine_metrics(rows: list) -> dict:
 
 # ----------------------------------------------------------------------------- fit loop
 
+@dataclasses.dataclass
+class Hook:
+  """A callback of `fit`: fn(state, step, eval_metrics) every `every` steps (0 = not by step)
+  and/or after each evaluation (`at_eval`, with that evaluation's metrics; else None).
+  `at_end` hooks are the run skeleton's (lib/experiment.py): called once with the reported state.
+  Hooks run on every process (a hook that gathers must) and must not change the state."""
+  fn: Callable
+  every: int = 0
+  at_eval: bool = False
+  at_end: bool = False
+
+
 class FitResult(NamedTuple):
   state: TrainState
   history: list         # logged rows (train windows and evals), as written to metrics.jsonl
@@ -362,7 +362,8 @@ def _due(step: int, every: int, last: int) -> bool:
 
 def fit(state: TrainState, train_step: Callable, train_iter, cfg, *, num_steps: int,
         batch_sharding, eval_fn: Optional[Callable] = None, checkpointer=None,
-        logdir: Optional[str] = None, flops_per_token: float = 0.0) -> FitResult:
+        logdir: Optional[str] = None, flops_per_token: float = 0.0,
+        hooks: Sequence[Hook] = ()) -> FitResult:
   """Trains to `num_steps`, resuming from the latest checkpoint if there is one.
 
   Args:
@@ -380,7 +381,8 @@ def fit(state: TrainState, train_step: Callable, train_iter, cfg, *, num_steps: 
       returns with preempted=True); the eval metrics of the same step go along for best-by-metric.
       fit installs its preemption handler; the caller closes it (fit uninstalls it if it raises).
     logdir: TensorBoard events and metrics.jsonl (process 0).
-    flops_per_token: for MFU (`flops_per_token(...)`), with cfg.peak_flops.
+    flops_per_token: for MFU (`lib.flops.model_flops_per_token`), with cfg.peak_flops.
+    hooks: `Hook`s called after steps / evaluations (their `at_end` is not fit's business).
 
   Returns:
     FitResult(state, history, preempted, early_stopped). After a stop, the script should skip
@@ -400,14 +402,16 @@ def fit(state: TrainState, train_step: Callable, train_iter, cfg, *, num_steps: 
       if batch is None:  # keep what was trained: evaluate and save the previous step as the last
         logging.warning("data ran out after %d of %d steps", step - 1, num_steps)
         if step > start + 1:
-          _after_step(state, step - 1, step - 1, cfg, log, train_iter, eval_fn, checkpointer)
+          _after_step(state, step - 1, step - 1, cfg, log, train_iter, eval_fn, checkpointer,
+                      hooks)
         break
       state, metrics = step_fn(state, sharding.shard_batch(batch, batch_sharding))
       log.add(metrics)
       if step == start + 1:  # compilation is not throughput
         jax.block_until_ready(metrics)
         log.reset_clock()
-      stop = _after_step(state, step, num_steps, cfg, log, train_iter, eval_fn, checkpointer)
+      stop = _after_step(state, step, num_steps, cfg, log, train_iter, eval_fn, checkpointer,
+                         hooks)
       if stop:
         break
   except BaseException:
@@ -421,7 +425,14 @@ def fit(state: TrainState, train_step: Callable, train_iter, cfg, *, num_steps: 
   return FitResult(state, log.history, stop == "preempted", stop == "early_stop")
 
 
-def _after_step(state, step, last, cfg, log, train_iter, eval_fn, checkpointer) -> Optional[str]:
+def _run_hooks(hooks, state, step: int, eval_metrics: Optional[dict]) -> None:
+  for h in hooks:
+    if (h.every > 0 and step % h.every == 0) or (h.at_eval and eval_metrics is not None):
+      h.fn(state, step, eval_metrics if h.at_eval else None)
+
+
+def _after_step(state, step, last, cfg, log, train_iter, eval_fn, checkpointer,
+                hooks=()) -> Optional[str]:
   """Logging, eval and checkpointing after `step`; returns 'preempted', 'early_stop' or None."""
   stop = "preempted" if checkpointer is not None and checkpointer.preempted(step) else None
   if stop or _due(step, cfg.log_every, last):
@@ -438,6 +449,8 @@ def _after_step(state, step, last, cfg, log, train_iter, eval_fn, checkpointer) 
     if eval_metrics.pop("stop", False):
       stop = "early_stop"
     eval_metrics = log.write(step, eval_metrics, "eval")
+  if hooks and stop != "preempted":
+    _run_hooks(hooks, state, step, eval_metrics)
   if checkpointer is not None:
     # The Checkpointer's save_every decides periodic saves; the last step and stops force one.
     checkpointer.save(step, state, data_state=getattr(train_iter, "get_state", None),

@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lib import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lib import cli, distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/<task>.py[:variant]", lock_config=True)
@@ -32,21 +32,23 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.initialize_from_flags()
-  from lib import finetune, models  # pylint: disable=g-import-not-at-top  # after distributed init
+  # pylint: disable-next=g-import-not-at-top  # after distributed init
+  from lib import config_check, finetune, models, tasks
   cfg = FLAGS.config
   if not FLAGS.workdir and not FLAGS.explain_sharding:
     raise app.UsageError("--workdir is required")
   model_args = None
   if cfg.model.preset:  # random init of a preset architecture
     model_args = models.args_from_config(common.model_config(cfg.model.preset))
+  config_check.validate_run(cfg, model_args=model_args, choices={"task": tasks.TASKS})
   logging.info("config:\n%s", cfg)
   out = finetune.run(cfg, FLAGS.workdir, source=cfg.model.init_from, model_args=model_args,
                      explain_sharding=FLAGS.explain_sharding)
+  if out is None and not FLAGS.explain_sharding:
+    return cli.preempted()
   if out is not None:
-    metric = finetune.DEV_METRIC[cfg.task]
-    print(f"dev {metric} {out['dev'][metric]:.4f}  test {metric} {out['test'][metric]:.4f}  "
-          f"({out['train']['steps']} steps, {out['train']['wall_s']:.0f} s) -> {FLAGS.workdir}")
-
+    print(f"{out['summary']}  ({out['train']['steps']} steps, {out['train']['wall_s']:.0f} s) -> "
+          f"{FLAGS.workdir}")
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -19,7 +19,8 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lib import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from lib import cli, distributed, errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/mlm.py[:variant] or configs/clm.py",
@@ -35,29 +36,33 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.initialize_from_flags()
-  from lib import models, pretrain  # pylint: disable=g-import-not-at-top  # after distributed init
+  # pylint: disable-next=g-import-not-at-top  # after distributed init
+  from lib import config_check, models, pretrain
   cfg = FLAGS.config
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required (also for --explain_sharding: a trained "
                          "vocabulary is written there)")
   if bool(cfg.model.preset) == bool(cfg.model.init_from):
-    raise app.UsageError(f"set exactly one of model.preset={cfg.model.preset!r} (random init) and "
-                         f"model.init_from={cfg.model.init_from!r} (continued pretraining)")
+    raise errors.ConfigError(f"set exactly one of config.model.preset={cfg.model.preset!r} "
+                             f"(random init) and config.model.init_from={cfg.model.init_from!r} "
+                             "(continued pretraining)")
   model_args = None
   if cfg.model.preset:
     size = {k: v for k, v in cfg.model.size.items() if v}
     model_args = models.args_from_config(dict(common.model_config(cfg.model.preset), **size))
+  config_check.validate_run(cfg, model_args=model_args,
+                            choices={"objective": pretrain.OBJECTIVES})
   logging.info("config:\n%s", cfg)
   out = pretrain.run(cfg, FLAGS.workdir, model_args=model_args,
                      explain_sharding=FLAGS.explain_sharding)
+  if out is None and not FLAGS.explain_sharding:
+    return cli.preempted()
   if out is not None:
-    h, t = out["held_out"], out["train"]
-    second = (f"perplexity {h['perplexity']:.2f}" if cfg.objective == "clm"
-              else f"masked accuracy {h['accuracy']:.4f}")
-    print(f"held-out loss {h['loss']:.4f} {second}  ({t['steps']} steps, "
+    t = out["train"]
+    print(f"{out['summary']}  ({t['steps']} steps, "
           f"{t['tokens_per_s']:.0f} tokens/s, packing {100 * t['packing']['fill_fraction']:.2f}%, "
           f"{t['wall_s']:.0f} s) -> {FLAGS.workdir}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lib import checkpoint, distributed, peft, sharding, train
+from lib import checkpoint, distributed, flops, peft, sharding, train
 from training_helpers import (EVAL_SEEDS, SyntheticIterator, eval_step_fn, make_loss_fn, setup,
                               synthetic_batch, train_config)
 
@@ -132,8 +132,8 @@ def test_fit_stops_early_on_eval_request_and_when_data_runs_out(tmp_path):
 
 def test_flops_per_token_formula():
   # PaLM: 6N + 12 L D T with everything trainable; frozen weights skip their weight gradient.
-  assert train.flops_per_token(1000, 2, 8, 16) == 6 * 1000 + 12 * 2 * 8 * 16
-  assert train.flops_per_token(1000, 2, 8, 16, num_trainable=10) == 4 * 1000 + 20 + 12 * 2 * 8 * 16
+  assert flops.train_flops_per_token(1000, 2, 8, 16) == 6 * 1000 + 12 * 2 * 8 * 16
+  assert flops.train_flops_per_token(1000, 2, 8, 16, num_trainable=10) == 4 * 1000 + 20 + 12 * 2 * 8 * 16
 
 
 def test_combine_metrics_sums_counts_and_weights_means():

@@ -1,10 +1,12 @@
 """Sequence classification (SST-2): batch spec, loss, accuracy."""
 
+import os
+
 import jax.numpy as jnp
 import numpy as np
 
-from lib import metrics
-from lib.tasks import common
+from lib import data, metrics, reporting
+from lib.tasks import common, supervised
 
 HEAD = "seq_cls"
 # Batch: input_ids, input_mask, token_type_ids (B, T) int32; label (B,) int32;
@@ -42,3 +44,45 @@ def collect_predictions(batches, predictions, num_examples):
 
 def evaluate(gold, pred):
   return {"accuracy": metrics.accuracy(list(gold), list(pred))}
+
+
+# ----------------------------------------------------------------------------- task interface
+
+METRIC, MODE = "accuracy", "max"   # the dev metric that picks the reported checkpoint
+RESTORE_BEST = True                # test results are those of the best dev checkpoint
+make_data = supervised.make_data
+
+
+def make_loss(module, cfg):
+  del cfg
+  return make_loss_fn(module)
+
+
+def collect(batches, predictions, info, label_names):
+  pred = collect_predictions(batches, predictions, len(info["example_ids"]))
+  return [label_names[i] for i in pred]
+
+
+def read_gold(data_kwargs: dict, split: str, label_names):
+  """(texts, label names) of a whole split."""
+  d = data_kwargs
+  src = data.load_split(d["dataset"], split, d["data_dir"], d.get("cache_dir"), d.get("label_names"))
+  text = lambda x: x.decode("utf-8") if isinstance(x, bytes) else str(x)
+  rows = [(text(e["sentence"]), label_names[int(e["label"])]) for e in src]
+  return [r[0] for r in rows], [r[1] for r in rows]
+
+
+def report(split, result, label_names, step) -> str:
+  m, _, gold, pred = result
+  return "\n".join([f"== {split} (checkpoint at step {step}) ==", f"accuracy {m['accuracy']:.4f}",
+                    metrics.token_report([gold], [pred], label_names)])
+
+
+def write_predictions(workdir, inputs, gold, pred) -> None:
+  reporting.write_tsv_predictions(os.path.join(workdir, "test_predictions.tsv"), inputs, gold, pred)
+
+
+def make_evaluator(run):
+  """The evaluator of a `lib.experiment.Run` (its module, config, data and batch sharding)."""
+  ops = supervised.TaskOps(collect, read_gold, evaluate, report, write_predictions, METRIC)
+  return supervised.Evaluator(ops, make_predict_fn(run.module), run.cfg, run.data, run.bsh)

@@ -1,9 +1,11 @@
 """Causal LM (GPT-2): batch spec, next-token loss and accuracy; perplexity from the eval mean."""
 
+import os
+
 import jax.numpy as jnp
 
 from lib import metrics
-from lib.tasks import common
+from lib.tasks import common, lm
 
 HEAD = "lm"
 # Batch (packed rows from lib.data text:*): input_ids, input_mask, segment_ids, position_ids,
@@ -36,3 +38,31 @@ def with_perplexity(result: dict) -> dict:
   """Adds 'perplexity' = exp(mean NLL) to an evaluation result with 'loss' and 'weight'."""
   return dict(result, perplexity=metrics.perplexity(result["loss"] * result["weight"],
                                                     result["weight"]))
+
+
+# ----------------------------------------------------------------------------- task interface
+
+ARCH = "gpt2"
+METRIC, MODE = "loss", "min"    # held-out loss picks the best checkpoint
+RESTORE_BEST = False            # the report is the final state's held-out evaluation
+make_data, load_tokenizer = lm.make_data, lm.load_tokenizer
+
+
+def make_loss(module, cfg):
+  del cfg
+  return make_loss_fn(module)
+
+
+def head_fraction(cfg) -> float:
+  del cfg
+  return 1.0
+
+
+def make_evaluator(run):
+  """Held-out evaluation with perplexity; samples of cfg.samples.prompts at each evaluation."""
+  sampler = None
+  if run.cfg.samples.prompts:
+    sampler = lm.Sampler(run.module, run.tokenizer, run.cfg, run.bsh,
+                         os.path.join(run.workdir, "samples.txt"))
+  return lm.Evaluator(make_eval_fn(run.module), run.cfg, run.data, run.bsh,
+                      finish=with_perplexity, sampler=sampler, second="perplexity")

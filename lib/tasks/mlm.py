@@ -5,7 +5,7 @@ import math
 import jax.numpy as jnp
 
 from lib.models import heads
-from lib.tasks import common
+from lib.tasks import common, lm
 
 HEAD = "mlm"
 # Batch (packed rows from lib.data text:*): input_ids (corrupted), input_mask, segment_ids,
@@ -80,3 +80,33 @@ def make_eval_fn(module, slots: int = 0):
   loss_fn = make_loss_fn(module, slots)
   return lambda params, batch: loss_fn(params, batch, None, False)[1]
 
+
+
+# ----------------------------------------------------------------------------- task interface
+
+ARCH = "bert"
+METRIC, MODE = "loss", "min"    # held-out loss picks the best checkpoint
+RESTORE_BEST = False            # the report is the final state's held-out evaluation
+make_data, load_tokenizer = lm.make_data, lm.load_tokenizer
+
+
+def slots_of(cfg) -> int:
+  """MLM head positions per row (cfg.predictions_per_row; < 0: `prediction_slots`)."""
+  slots = cfg.predictions_per_row
+  if slots < 0:
+    slots = prediction_slots(cfg.data.max_len, cfg.data.mlm_rate, cfg.data.whole_word_masking)
+  return slots
+
+
+def make_loss(module, cfg):
+  return make_loss_fn(module, slots_of(cfg))
+
+
+def head_fraction(cfg) -> float:
+  """Share of the positions the tied output layer runs on (for the FLOPs count)."""
+  slots = slots_of(cfg)
+  return slots / cfg.data.max_len if slots else 1.0
+
+
+def make_evaluator(run):
+  return lm.Evaluator(make_eval_fn(run.module, slots_of(run.cfg)), run.cfg, run.data, run.bsh)

@@ -1,11 +1,12 @@
 """Token classification (NER, POS): batch spec, loss, and word-level entity evaluation."""
 
 import logging
+import os
 
 import numpy as np
 
-from lib import metrics
-from lib.tasks import common
+from lib import data, metrics, reporting
+from lib.tasks import common, supervised
 
 HEAD = "token_cls"
 # Batch: input_ids, input_mask, token_type_ids, labels (-1 = not scored) all (B, T) int32;
@@ -63,3 +64,52 @@ def evaluate(gold_tags, pred_tags):
   out["per_type_f1"] = {t: float(v["f1"]) for t, v in res["per_type"].items()}
   logging.info("entity P %.4f R %.4f F1 %.4f", out["precision"], out["recall"], out["f1"])
   return out
+
+
+# ----------------------------------------------------------------------------- task interface
+
+METRIC, MODE = "f1", "max"      # the dev metric that picks the reported checkpoint
+RESTORE_BEST = True             # test results are those of the best dev checkpoint
+make_data = supervised.make_data
+
+
+def make_loss(module, cfg):
+  del cfg
+  return make_loss_fn(module)
+
+
+def collect(batches, predictions, info, label_names):
+  return collect_word_predictions(batches, predictions, info["num_words"], label_names)
+
+
+def read_gold(data_kwargs: dict, split: str, label_names):
+  """(word lists, tag lists) of a whole split."""
+  d = data_kwargs
+  src = data.load_split(d["dataset"], split, d["data_dir"], d.get("cache_dir"), d.get("label_names"))
+  key = data.pipeline.LABEL_KEY[d["dataset"]]
+  rows = [([_text(w) for w in e["tokens"]], [label_names[t] for t in e[key]]) for e in src]
+  return [r[0] for r in rows], [r[1] for r in rows]
+
+
+def _text(x) -> str:
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def report(split, result, label_names, step) -> str:
+  _, _, gold, pred = result
+  return "\n".join([
+      f"== {split} (checkpoint at step {step}) ==", "-- conlleval --",
+      reporting.conlleval_summary(gold, pred),
+      "-- entity level (seqeval, default mode) --", metrics.classification_report_entities(gold, pred),
+      "-- token level (every word, including O) --", metrics.token_report(gold, pred, label_names)])
+
+
+def write_predictions(workdir, inputs, gold, pred) -> None:
+  reporting.write_conll_predictions(os.path.join(workdir, "test_predictions.conll"), inputs, gold,
+                                    pred)
+
+
+def make_evaluator(run):
+  """The evaluator of a `lib.experiment.Run` (its module, config, data and batch sharding)."""
+  ops = supervised.TaskOps(collect, read_gold, evaluate, report, write_predictions, METRIC)
+  return supervised.Evaluator(ops, make_predict_fn(run.module), run.cfg, run.data, run.bsh)
