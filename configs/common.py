@@ -1,12 +1,8 @@
 """Model size presets and shared config pieces (mesh, logical-axis rules)."""
 
-import os
-
 import ml_collections
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Real data lives beside the repository, never inside it.
-DATA_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
+from lib.data.builders import DEFAULT_DATA_DIR as DATA_DIR  # the one definition (lib.data)
 
 _BERT = dict(arch="bert", vocab_size=30522, max_len=512, type_vocab_size=2,
              activation="gelu", layer_norm_eps=1e-12, dropout_rate=0.1,
