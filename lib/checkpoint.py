@@ -747,14 +747,21 @@ def restore_params(directory_or_step_path: PathLike, abstract_params, *, subtree
   for key in reversed(keys):
     target = {key: target}
   prefix = "/".join(keys) + "/" if keys else ""
-  saved = {p: s for p, s in _saved_shapes(step_dir / STATE).items() if p.startswith(prefix)}
+  try:
+    saved = _saved_shapes(step_dir / STATE)
+  except Exception as e:  # pylint: disable=broad-except  # unreadable metadata = damaged step
+    raise CorruptCheckpointError(f"{step_dir}: unreadable tree metadata: {_first_line(e)}") from e
+  saved = {p: s for p, s in saved.items() if p.startswith(prefix)}
   if not saved:
     raise ValueError(f"{step_dir / STATE}: no saved subtree {subtree!r}")
   _check_target(saved, target, f"{step_dir / STATE}", allow_unused=True)
   args = ocp.args.PyTreeRestore(item=target, partial_restore=True,
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
-    restored = reader.restore(step_dir / STATE, args=args)
+  try:
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+      restored = reader.restore(step_dir / STATE, args=args)
+  except Exception as e:  # pylint: disable=broad-except  # the target was checked above
+    raise CorruptCheckpointError(f"{step_dir}: orbax restore failed: {_first_line(e)}") from e
   record = _read_json(step_dir / INTEGRITY / _JSON_FILES[INTEGRITY])
   bad, _ = _integrity_mismatches(restored, record)
   if bad:
@@ -767,3 +774,34 @@ def restore_params(directory_or_step_path: PathLike, abstract_params, *, subtree
 
 
 Checkpointer.restore_params = staticmethod(restore_params)
+
+
+def _first_line(e: Exception) -> str:
+  """'TypeName: first line of the message' (orbax/tensorstore messages run to pages)."""
+  lines = str(e).splitlines()
+  return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def saved_steps(directory: PathLike) -> list:
+  """Steps of a run's checkpoint directory (plain integer names, damaged ones included), ascending.
+
+  Read-only, unlike `Checkpointer` (which sets damaged steps aside and removes half-written ones):
+  for reading another run's checkpoints.
+  """
+  return sorted(_step_dirs(_as_path(directory)))
+
+
+def best_saved_step(directory: PathLike, metric: str, mode: str = "max") -> Optional[int]:
+  """`Checkpointer(directory, best_metric=metric, best_mode=mode).best_step()`, read-only: the
+  complete step with the best saved `metric` (ties: the earliest); None if none has it."""
+  directory = _as_path(directory)
+  steps = [s for s in saved_steps(directory) if invalid_reason(directory / str(s)) is None]
+  saved = []
+  for step in steps:
+    path = directory / str(step) / METRICS / _JSON_FILES[METRICS]
+    try:
+      saved.append(_read_json(path) if path.exists() else None)
+    except (OSError, ValueError):
+      saved.append(None)
+  best = _best_position(saved, metric, mode)
+  return None if best is None else steps[best]

@@ -435,16 +435,20 @@ _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "spe
 
 
 def export_checkpoint(params: dict, args: ModelArgs, out_dir: str, head=None, num_labels: int = 0, *,
-                      id2label=None, tokenizer_dir: Optional[str] = None, tokenizer=None) -> str:
+                      id2label=None, tokenizer_dir: Optional[str] = None, tokenizer=None,
+                      overwrite: bool = False, sources=(), config_extra=None) -> str:
   """Writes a HF directory (config.json + model.safetensors [+ tokenizer files]) atomically.
 
   The directory is assembled next to `out_dir` and renamed into place, so a crash never leaves a
-  half-written checkpoint.
+  half-written checkpoint. `overwrite`, `sources`: see `atomic.directory` (a non-empty `out_dir`
+  is refused unless overwrite=True). `config_extra`: more config.json entries (provenance).
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   state = params_to_hf(params, args, head)
-  with atomic.directory(out_dir, ".tmp-export-") as tmp:
-    hf_config(args, head, num_labels, id2label).save_pretrained(tmp)
+  with atomic.directory(out_dir, ".tmp-export-", overwrite=overwrite, sources=sources) as tmp:
+    config = hf_config(args, head, num_labels, id2label)
+    config.update(dict(config_extra or {}))
+    config.save_pretrained(tmp)
     save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:   # a transformers tokenizer object writes its own files
       tokenizer.save_pretrained(tmp)

@@ -117,17 +117,19 @@ def _config(args, head, loras, bias, to_save, base_model_name_or_path, dropout) 
 
 
 def export_hf_adapter(out_dir: str, params, labels, args: ModelArgs, head=None, *,
-                      base_model_name_or_path: str = "") -> str:
+                      base_model_name_or_path: str = "", overwrite: bool = False) -> str:
   """Writes `params`' LoRA/AdaLoRA adapter as a Hugging Face PEFT directory.
 
   Args:
-    out_dir: written atomically (assembled beside it, then renamed).
+    out_dir: written atomically (assembled beside it, then renamed); a non-empty one is refused
+      unless `overwrite` (one holding a run's outputs always: `atomic.directory`).
     params: the PEFT model's params (frozen base leaves included).
     labels: their label tree (`peft.label_params`): which other leaves were trained.
     args: the PEFT model's ModelArgs (LoRA scales).
     head: our head (None, 'mlm', 'lm', 'token_cls', 'seq_cls').
     base_model_name_or_path: recorded in adapter_config.json (the HF base model directory, e.g.
       one written by `hf.export_checkpoint` of the frozen params).
+    overwrite: replace a non-empty `out_dir`.
 
   Raises:
     ValueError: no LoRA factors, or trainable leaves the format cannot hold (all named).
@@ -151,7 +153,7 @@ def export_hf_adapter(out_dir: str, params, labels, args: ModelArgs, head=None, 
       state[f"{PREFIX}{m}.base_layer.bias"] = tensor()
   dropout = max((l.dropout for _, l in args.lora if l is not None), default=0.0)
   config = _config(args, head, loras, bias, to_save, base_model_name_or_path, dropout)
-  with atomic.directory(out_dir, ".tmp-adapter-") as tmp:
+  with atomic.directory(out_dir, ".tmp-adapter-", overwrite=overwrite) as tmp:
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()},
               os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "adapter_config.json"), "w") as f:

@@ -142,23 +142,33 @@ def _peft_fields(args: ModelArgs) -> dict:
                                         "prompt_len")}
 
 
-def save_adapter(directory: str, params, labels, args: ModelArgs) -> str:
+def save_adapter(directory: str, params, labels, args: ModelArgs, *, overwrite: bool = False,
+                 **extra) -> str:
   """Writes the trainable leaves alone (adapter.safetensors, '/'-joined paths) and adapter.json
   (the model's PEFT fields and every saved path and shape), assembled beside `directory`.
 
   bfloat16/float16 leaves are stored as float32 (safetensors' numpy API has no bfloat16).
+
+  Args:
+    directory: the adapter directory; a non-empty one is refused unless overwrite=True (a
+      directory holding a run's checkpoints or results is never replaced: `atomic.directory`).
+    params: the model's params.
+    labels: their label tree: which leaves are trainable (saved).
+    args: the PEFT model's ModelArgs.
+    overwrite: replace an existing adapter directory (a run re-writing its own on resume).
+    **extra: more adapter.json entries (provenance: e.g. source, source_step).
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   lab = flatten_paths(labels)
   flat = {p: np.asarray(v) for p, v in flatten_paths(params).items() if is_trainable(lab[p])}
   store = {p: v.astype(np.float32) if v.dtype.name in ("bfloat16", "float16") else v
            for p, v in flat.items()}
-  with atomic.directory(directory, ".tmp-adapter-") as tmp:
+  with atomic.directory(directory, ".tmp-adapter-", overwrite=overwrite) as tmp:
     save_file({p: np.ascontiguousarray(v) for p, v in store.items()},
               os.path.join(tmp, ADAPTER_WEIGHTS))
     meta = dict(format=1, peft=_peft_fields(args), base_args=dataclasses.asdict(base_args(args)),
                 params={p: dict(shape=list(v.shape), dtype=str(v.dtype), label=lab[p])
-                        for p, v in flat.items()})
+                        for p, v in flat.items()}, **extra)
     with open(os.path.join(tmp, ADAPTER_JSON), "w") as f:
       json.dump(meta, f, indent=1, default=list)
   return directory
