@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from lib import errors
 from lib.data.builders import DEFAULT_DATA_DIR as DATA_DIR  # the one definition (lib.data)
 
 _BERT = dict(arch="bert", vocab_size=30522, max_len=512, type_vocab_size=2,
@@ -30,10 +31,10 @@ def model_config(name: str) -> ml_collections.ConfigDict:
     name: one of PRESETS.
 
   Raises:
-    ValueError: unknown preset, listing the valid ones.
+    errors.ConfigError (a ValueError): unknown preset, listing the valid ones.
   """
   if name not in PRESETS:
-    raise ValueError(f"unknown model preset {name!r}; valid presets: {sorted(PRESETS)}")
+    raise errors.ConfigError(f"unknown model preset {name!r}; valid presets: {sorted(PRESETS)}")
   cfg = ml_collections.ConfigDict(dict(PRESETS[name]))
   cfg.preset = name
   cfg.dtype = "float32"        # compute dtype (e.g. "bfloat16" on GPU/TPU)
@@ -117,11 +118,11 @@ def apply_variant(cfg: ml_collections.ConfigDict, variant: str, variants: dict):
   """Applies the '+'-joined variants named in `variant` (e.g. 'quick+bf16') to `cfg`.
 
   Raises:
-    ValueError: an unknown variant, listing the valid ones.
+    errors.ConfigError (a ValueError): an unknown variant, listing the valid ones.
   """
   for name in [v for v in (variant or "").split("+") if v]:
     if name not in variants:
-      raise ValueError(f"unknown config variant {name!r}; valid: {sorted(variants)}")
+      raise errors.ConfigError(f"unknown config variant {name!r}; valid: {sorted(variants)}")
     variants[name](cfg)
   cfg.variant = variant or ""
   return cfg

