@@ -9,17 +9,24 @@ Orbax writes into `<step>.orbax-checkpoint-tmp/` and renames it after writing `c
 so a killed save never looks finished. A finished directory can still be damaged later (copy cut
 short, disk full, bit rot): `restore` checks markers, metadata and fingerprints, moves a bad step
 aside to `<step>.corrupt-<time>` (never deletes it) with a warning naming the step, and falls back
-to the previous complete checkpoint.
+to the previous complete checkpoint; `restore_best` likewise falls back to the next best step by
+the metric, then to the final state. orbax's own failure reports are held back meanwhile (one
+warning per bad step instead of a traceback per array read).
 """
 
 import dataclasses
+import gc
+import inspect
 import json
 import logging as std_logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
+import traceback
+import types
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
@@ -51,6 +58,89 @@ class _QuietOrbax(std_logging.Filter):
 
 
 std_logging.getLogger("absl").addFilter(_QuietOrbax())
+
+
+class _HeldBack(std_logging.Filter):
+  """Holds back orbax/tensorstore/asyncio failure reports while one checkpoint step is read.
+
+  A damaged step makes every pending array read report its own failure, as log records and as
+  'Exception ignored in <coroutine>' / 'Event loop is closed' tracebacks (`sys.unraisablehook`):
+  thousands of lines around the one warning that names the step. Inside `with _HeldBack() as
+  held:` those reports are kept; on leaving, they are discarded and counted in `held.count` if
+  `held.drop` was set (the read failed, and our warning says why), else replayed as they came.
+  """
+
+  _PATHS = ("/orbax/", "/tensorstore/", "/asyncio/")
+  _NAMES = ("orbax", "asyncio", "tensorstore")
+  _LOGGERS = ("absl",) + _NAMES  # orbax logs through absl
+
+  def __init__(self):
+    super().__init__()
+    self.drop, self.count = False, 0
+    self._records, self._unraisables, self._ids = [], [], set()
+    self._targets, self._previous_hook = [], None
+
+  def _is_noise(self, name: str, paths: Sequence[str]) -> bool:
+    return name.split(".")[0] in self._NAMES or any(p in f for f in paths for p in self._PATHS)
+
+  def filter(self, record) -> bool:
+    paths = [record.pathname]
+    if record.exc_info and record.exc_info[2] is not None:  # e.g. concurrent.futures callbacks
+      paths += [f.filename for f in traceback.extract_tb(record.exc_info[2])]
+    if not self._is_noise(record.name, paths):
+      return True
+    if id(record) not in self._ids:  # a record passes a filter on every handler it reaches
+      self._ids.add(id(record))
+      self._records.append(record)
+    return False
+
+  def _hook(self, unraisable) -> None:
+    paths = [f.filename for f in traceback.extract_tb(unraisable.exc_traceback)]
+    if inspect.iscoroutine(unraisable.object):
+      paths.append(unraisable.object.cr_code.co_filename)
+    if self._is_noise("", paths):
+      self._unraisables.append(unraisable)
+    else:
+      self._previous_hook(unraisable)
+
+  def __enter__(self) -> "_HeldBack":
+    handlers = std_logging.getLogger().handlers
+    self._targets = [std_logging.getLogger(n) for n in self._LOGGERS] + list(handlers)
+    for target in self._targets:
+      target.addFilter(self)
+    self._previous_hook, sys.unraisablehook = sys.unraisablehook, self._hook
+    return self
+
+  @staticmethod
+  def _settle(timeout_s: float = 5.0) -> None:
+    """Waits (bounded) until the reads orbax abandoned are finished and collected.
+
+    After one array read fails, orbax closes its event loop with the other reads still running
+    in threads; they report when they end and are collected, often seconds later or at exit.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+      gc.collect()
+      live = any(isinstance(o, types.CoroutineType) and o.cr_frame is not None and
+                 "/orbax/" in o.cr_code.co_filename for o in gc.get_objects())
+      if not live or time.monotonic() > deadline:
+        return
+      time.sleep(0.05)
+
+  def __exit__(self, *exc) -> None:
+    if self.drop:
+      self._settle()  # so that the abandoned reads report while held
+    for target in self._targets:
+      target.removeFilter(self)
+    sys.unraisablehook = self._previous_hook
+    if self.drop:
+      self.count = len(self._records) + len(self._unraisables)
+    else:
+      for record in self._records:
+        std_logging.getLogger(record.name).handle(record)
+      for unraisable in self._unraisables:
+        sys.unraisablehook(unraisable)
+    self._records, self._unraisables, self._ids = [], [], set()
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -209,6 +299,26 @@ def _quarantine(step_dir: epath.Path) -> epath.Path:
     target = step_dir.parent / f"{stem}-{n}"
   step_dir.rename(target)
   return target
+
+
+def _saved_metrics(step_dir: epath.Path) -> Optional[dict]:
+  """The metrics item of a step directory: {} when it has none, None when it is unreadable."""
+  path = step_dir / METRICS / _JSON_FILES[METRICS]
+  if not path.exists():
+    return {}
+  try:
+    metrics = _read_json(path)
+  except (OSError, ValueError):
+    return None
+  return metrics if isinstance(metrics, dict) else None
+
+
+def _orbax_error(e: Exception) -> str:
+  """'TypeName: first line' of an orbax/tensorstore exception, without its page of TensorStore
+  spec."""
+  lines = str(e).splitlines()
+  first = lines[0].split(" See full TensorStore details")[0] if lines else ""
+  return f"{type(e).__name__}: {first[:300]}"
 
 
 def _sync(name: str) -> None:
@@ -498,6 +608,7 @@ class Checkpointer:
     self.save_every = save_every
     self._metrics_cache: dict = {}
     self._preemption: Optional[PreemptionHandler] = None
+    self._opened_aside: list = []  # (step, reason, moved to, saved metrics) found damaged on open
     if jax.process_index() == 0:
       self._scan_directory()
     _sync("checkpoint:scan")
@@ -518,7 +629,9 @@ class Checkpointer:
     for step, path in sorted(_step_dirs(self.directory).items()):
       reason = invalid_reason(path)
       if reason is not None:
+        metrics = _saved_metrics(path)
         moved = _quarantine(path)
+        self._opened_aside.append((step, reason, moved.name, metrics))
         logging.warning("checkpoint step %d in %s is incomplete or corrupted (%s); moved to %s and "
                         "not used", step, self.directory, reason, moved.name)
 
@@ -647,24 +760,123 @@ class Checkpointer:
       if step not in self.all_steps():
         raise FileNotFoundError(f"no checkpoint step {step} in {self.directory} "
                                 f"(have {self.all_steps()})")
-      return self._restore_step(step, abstract_state)
+      result, reason = self._try_restore(step, abstract_state)
+      if reason is not None:
+        raise CorruptCheckpointError(f"{self.directory / str(step)}: {reason}")
+      return result
     for candidate in reversed(self.all_steps()):
-      try:
-        return self._restore_step(candidate, abstract_state)
-      except CorruptCheckpointError as e:
-        self._set_aside(candidate, str(e))
+      result, reason = self._try_restore(candidate, abstract_state)
+      if reason is None:
+        return result
+      self._set_aside(candidate, reason, "falling back to the previous complete checkpoint")
     return None
 
-  def _set_aside(self, step: int, reason: str) -> None:
-    """Moves a bad step out of the way (process 0), so the run can save that step again; warns."""
+  def restore_best(self, final_state, final_step: int, abstract_state=None):
+    """The state of the best checkpoint by `best_metric`, falling back past damaged ones.
+
+    A best step that fails its checks or its read is moved aside (as `restore` does with the
+    latest) with one warning naming it, and the next best by the metric is tried. The in-memory
+    `final_state` is used, without reading, where the final step ranks, and when nothing remains.
+    Better-ranked steps this Checkpointer set aside when it opened the directory are in the note.
+
+    Args:
+      final_state: the state at the end of training (e.g. the fit loop's result).
+      final_step: its step.
+      abstract_state: restore target; by default `final_state`'s shapes, dtypes and shardings.
+
+    Returns:
+      (state, step, note): `note` is None, or one line naming the steps set aside, why, and the
+      step used instead; also the final state and step when no step has the metric.
+
+    Raises:
+      ValueError: the target does not match the checkpoints (a caller bug, not damage).
+    """
+    self.wait()
+    ranked, damaged = self._ranked_steps(), []
+    state, used = final_state, int(final_step)
+    if ranked and ranked[0] != used:
+      abstract_state = _with_shardings(abstract_state if abstract_state is not None else
+                                       jax.tree.map(_abstract_leaf, final_state))
+    for step in ranked:
+      if step == used:  # the final state ranks here: it is in memory
+        break
+      logging.info("restoring the best checkpoint by %s: step %d", self.best_metric, step)
+      result, reason = self._try_restore(step, abstract_state)
+      if reason is None:
+        state, used = result[0], step
+        break
+      moved = self._set_aside(step, reason, f"trying the next best by {self.best_metric}")
+      damaged.append((step, reason, moved))
+    damaged = self._aside_on_open(used) + damaged
+    note = self._fallback_note(damaged, used, final=state is final_state)
+    if note:
+      logging.info("%s", note)
+    return state, used, note
+
+  def _rank_key(self, value: float, step: int) -> tuple:
+    """Sort key putting the best `best_metric` first, ties to the earlier step (as `best_step`)."""
+    return (-value if self.best_mode == "max" else value, step)
+
+  def _ranked_steps(self) -> list:
+    """Steps with a finite `best_metric`, best first."""
+    scored = [(_metric_value(self._metrics(s), self.best_metric), s) for s in self.all_steps()]
+    return [s for _, s in sorted((self._rank_key(v, s), s) for v, s in scored if v is not None)]
+
+  def _aside_on_open(self, used: int) -> list:
+    """(step, reason, moved) of the steps set aside on opening that could have ranked before
+    `used`: their saved metric beats it, or their metrics could not be read."""
+    value_used = None
+    if used in self.all_steps():
+      value_used = _metric_value(self._metrics(used), self.best_metric)
+    out = []
+    for step, reason, moved, metrics in self._opened_aside:
+      value = _metric_value(metrics, self.best_metric)
+      if metrics is None or (value is not None and (
+          value_used is None or self._rank_key(value, step) < self._rank_key(value_used, used))):
+        out.append((step, reason, moved))
+    return out
+
+  def _fallback_note(self, damaged: list, used: int, final: bool) -> Optional[str]:
+    """The one-line account of a best-checkpoint fallback (None when the best was used)."""
+    if not damaged:
+      return None
+    many = len(damaged) > 1
+    steps = ", ".join(str(s) for s, _, _ in damaged)
+    why = "; ".join(f"{s}: {r[:200]}" if many else r[:200] for s, r, _ in damaged)
+    moved = ", ".join(m for _, _, m in damaged)
+    note = (f"best step{'s' * many} {steps} by {self.best_metric} could not be restored ({why}) "
+            f"and {'were' if many else 'was'} set aside as {moved}; using step {used}")
+    if not final:
+      return note + f" (next best by {self.best_metric})"
+    if used in self._ranked_steps():
+      return note + f" (the final state, next best by {self.best_metric})"
+    return note + f" (the final state: no other checkpoint with {self.best_metric} remained)"
+
+  def _set_aside(self, step: int, reason: str, then: str) -> str:
+    """Moves a bad step out of the way (process 0), so the run can save that step again; warns.
+
+    Returns the name it was moved to; `then` says what happens next, for the warning.
+    """
     moved = "<step>.corrupt-*"
     if jax.process_index() == 0:
       moved = _quarantine(self.directory / str(step)).name
-    logging.warning("checkpoint step %d in %s is corrupted (%s); moved to %s; falling back to the "
-                    "previous complete checkpoint", step, self.directory, reason, moved)
+    logging.warning("checkpoint step %d in %s is corrupted (%s); moved to %s; %s", step,
+                    self.directory, reason, moved, then)
     _sync(f"checkpoint:set_aside:{step}")
     self._manager.reload()
     self._metrics_cache.pop(step, None)
+    return moved
+
+  def _try_restore(self, step: int, abstract_state):
+    """(result, None) of a verified restore, or (None, reason) with orbax's reports held back."""
+    with _HeldBack() as held:
+      try:
+        return self._restore_step(step, abstract_state), None
+      except CorruptCheckpointError as e:
+        held.drop, reason = True, str(e)
+    if held.count:
+      reason += f" [{held.count} orbax/tensorstore failure reports about it not shown]"
+    return None, reason
 
   def _restore_step(self, step: int, abstract_state):
     """One verified restore; CorruptCheckpointError (agreed by all processes) if untrustworthy."""
@@ -674,7 +886,7 @@ class Checkpointer:
       try:
         saved = _saved_shapes(step_dir / STATE)
       except Exception as e:  # pylint: disable=broad-except  # unreadable metadata = damaged step
-        reason = f"unreadable tree metadata: {type(e).__name__}: {e}"
+        reason = f"unreadable tree metadata: {_orbax_error(e)}"
     if _any_process(reason is not None):
       raise CorruptCheckpointError(reason or "another process could not read it")
     _check_target(saved, abstract_state, f"{step_dir}/{STATE}", allow_unused=False)
@@ -692,7 +904,10 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except  # target mismatches were ruled out above
-      return None, f"orbax restore failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+      return None, f"orbax restore failed: {_orbax_error(e)}"
+    if not isinstance(restored[INTEGRITY], dict) or not isinstance(
+        restored[INTEGRITY].get("leaves"), dict):
+      return None, f"{INTEGRITY} item is not a fingerprint record"
     bad, unchecked = _integrity_mismatches(restored[STATE], restored[INTEGRITY])
     if bad:
       return None, (f"values differ from the save-time fingerprints in {len(bad)} leaves, "
@@ -704,6 +919,12 @@ class Checkpointer:
     metrics = restored[METRICS] if METRICS in items else None
     logging.info("restored checkpoint step %d from %s", step, self.directory)
     return (restored[STATE], data_state, metrics), None
+
+
+def _abstract_leaf(x) -> jax.ShapeDtypeStruct:
+  """A restore target leaf shaped, typed and placed like the array `x`."""
+  dtype = x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
+  return jax.ShapeDtypeStruct(np.shape(x), dtype, sharding=getattr(x, "sharding", None))
 
 
 # ------------------------------------------------------------------------------ params-only restore

@@ -4,6 +4,7 @@ import glob
 import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -322,6 +323,126 @@ def test_all_corrupt_returns_none(tmp_path, caplog, saved_in_other_process):
   with checkpoint.Checkpointer(tmp_path) as ck:
     assert ck.restore(_abstract(_state(0))) is None
   assert all(f"step {k}" in caplog.text for k in (1, 2, 3))
+
+
+# ----------------------------------------------------------------------- best-checkpoint fallback
+def _warnings_naming(caplog, step: int) -> list:
+  return [r for r in caplog.records if r.levelname == "WARNING" and f"step {step} " in r.message]
+
+
+@pytest.mark.parametrize("corruption", ["truncated_largest_data_file", "values_swapped"])
+def test_corrupt_best_falls_back_to_next_best_and_is_set_aside(tmp_path, caplog, corruption,
+                                                               saved_in_other_process):
+  shutil.copytree(saved_in_other_process, tmp_path, dirs_exist_ok=True)  # loss 1, 1/2, 1/3
+  CORRUPTIONS[corruption](str(tmp_path / "3"))
+  caplog.set_level("INFO")
+  with checkpoint.Checkpointer(tmp_path, keep=3, best_metric="loss", best_mode="min") as ck:
+    assert ck.best_step() == 3  # damage is found on reading, not on opening
+    state, step, note = ck.restore_best(_state(9), 9)
+    _assert_state_is(state, 2)
+    assert step == 2 and ck.all_steps() == [1, 2]
+  moved = glob.glob(str(tmp_path / "3.corrupt-*"))
+  assert len(moved) == 1, "the bad step is kept aside, not deleted"
+  assert note.startswith("best step 3 by loss could not be restored (")
+  assert note.endswith(f"set aside as {os.path.basename(moved[0])}; using step 2 (next best by loss)")
+  assert "\n" not in note and len(_warnings_naming(caplog, 3)) == 1
+
+
+def test_best_damaged_on_open_is_named_in_the_note(tmp_path, saved_in_other_process):
+  shutil.copytree(saved_in_other_process, tmp_path, dirs_exist_ok=True)
+  CORRUPTIONS["no_commit_marker"](str(tmp_path / "3"))
+  with checkpoint.Checkpointer(tmp_path, keep=3, best_metric="loss", best_mode="min") as ck:
+    assert ck.best_step() == 2  # step 3 was set aside by the directory scan
+    state, step, note = ck.restore_best(_state(9), 9)
+  _assert_state_is(state, 2)
+  assert step == 2 and "best step 3 by loss could not be restored (no commit_success" in note
+
+
+def test_all_corrupt_best_gives_the_final_state_with_a_note(tmp_path, caplog,
+                                                            saved_in_other_process):
+  shutil.copytree(saved_in_other_process, tmp_path, dirs_exist_ok=True)
+  for step in (3, 2):
+    _swap_state_from_step(str(tmp_path / str(step)))  # step 1's values under steps 2 and 3
+  CORRUPTIONS["truncated_largest_data_file"](str(tmp_path / "1"))
+  final = _state(9)
+  with checkpoint.Checkpointer(tmp_path, keep=3, best_metric="loss", best_mode="min") as ck:
+    state, step, note = ck.restore_best(final, 9)
+    assert ck.all_steps() == []
+  assert state is final and step == 9
+  assert note.startswith("best steps 3, 2, 1 by loss could not be restored (3: values differ")
+  assert note.endswith("using step 9 (the final state: no other checkpoint with loss remained)")
+  assert all(len(_warnings_naming(caplog, k)) == 1 for k in (1, 2, 3))
+
+
+def test_best_final_step_or_no_metric_reads_nothing(tmp_path, saved_in_other_process):
+  shutil.copytree(saved_in_other_process, tmp_path, dirs_exist_ok=True)
+  _swap_state_from_step(str(tmp_path / "3"))  # damaged, but the final state is in memory
+  final = _state(3)
+  with checkpoint.Checkpointer(tmp_path, keep=3, best_metric="loss", best_mode="min") as ck:
+    assert ck.restore_best(final, 3) == (final, 3, None)
+  with checkpoint.Checkpointer(tmp_path, keep=3, best_metric="f1") as ck:  # never measured
+    assert ck.restore_best(final, 3) == (final, 3, None)
+    assert ck.all_steps() == [1, 2, 3]
+
+
+_NOISE_WORKER = """
+  import asyncio, contextlib, gc, sys, time
+  import jax.numpy as jnp, numpy as np
+  from absl import logging
+  from lib import checkpoint
+
+  def state(k):  # random values: stored in data files (constant or tiny arrays are inlined)
+    rng = np.random.default_rng(k)
+    return {f"w{i}": jnp.asarray(rng.normal(size=(64, 64)), jnp.float32) for i in range(8)}
+
+  directory, mode = sys.argv[1], sys.argv[2]
+  if mode == "save":
+    with checkpoint.Checkpointer(directory, keep=4, best_metric="acc") as ck:
+      for k, acc in ((1, 0.5), (2, 0.9), (3, 0.8), (4, 0.6)):
+        ck.save(k, state(k), metrics={"acc": acc}, force=True)
+    sys.exit(0)
+  logging.use_absl_handler()  # as under absl.app.run (the research scripts): INFO to stderr
+  logging.set_verbosity(logging.INFO)
+  # Healthy reads end after the failing one, so orbax abandons them when it gives up: the race a
+  # busy machine produces, where each abandoned read prints a ~60-line traceback.
+  from orbax.checkpoint._src.serialization import serialization
+  read_shard = serialization._read_shard
+  async def slow_read_shard(*args, **kwargs):
+    shard = await read_shard(*args, **kwargs)
+    await asyncio.sleep(0.5)
+    return shard
+  serialization._read_shard = slow_read_shard
+  if mode == "loud":  # without holding reports back
+    held = type("Held", (), {"drop": False, "count": 0})()
+    checkpoint._HeldBack = lambda: contextlib.nullcontext(held)
+  ck = checkpoint.Checkpointer(directory, keep=4, best_metric="acc")
+  _, step, _ = ck.restore_best(state(4), 4)
+  ck.close()
+  for _ in range(3):  # late reports would come now
+    time.sleep(0.3)
+    gc.collect()
+  print("USED", step)
+"""
+
+
+def test_fallback_prints_one_warning_not_orbax_tracebacks(tmp_path):
+  _run(_NOISE_WORKER, tmp_path / "ck", "save")
+  data = glob.glob(str(tmp_path / "ck" / "2" / "state" / "ocdbt.process_0" / "d" / "*"))
+  lines = {}
+  for mode in ("loud", "quiet"):
+    shutil.rmtree(tmp_path / mode, ignore_errors=True)
+    shutil.copytree(tmp_path / "ck", tmp_path / mode)
+    _truncate(max(data, key=os.path.getsize).replace(str(tmp_path / "ck"), str(tmp_path / mode)),
+              0.3)
+    out = _run(_NOISE_WORKER, tmp_path / mode, mode)
+    assert "USED 3" in out.stdout  # best 2 damaged, 3 next best
+    lines[mode] = out.stderr.splitlines()
+  assert len(lines["loud"]) > 100, "\n".join(lines["loud"])  # the flood this test guards against
+  assert len(lines["quiet"]) <= 6, "\n".join(lines["quiet"])
+  warnings = [l for l in lines["quiet"] if re.match(r"W\d{4} ", l)]  # absl's WARNING lines
+  assert len(warnings) == 1 and "checkpoint step 2 in " in warnings[0]
+  hidden = int(warnings[0].split(" orbax/tensorstore failure reports")[0].rsplit("[", 1)[1])
+  assert hidden >= 1
 
 
 def test_fingerprint_is_sharding_independent_and_sensitive():

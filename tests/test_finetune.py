@@ -292,3 +292,47 @@ def test_finetuned_workdir_exports_to_hf_with_equal_logits(ner_run, tmp_path):
   mask = enc["attention_mask"].astype(bool)
   # float32 on both sides, different summation orders: 1e-4 on logits of magnitude ~10.
   np.testing.assert_allclose(ours[mask], theirs[mask], atol=1e-4)
+
+
+_ANIMAL_RUN = """
+import pathlib, shutil, sys
+sys.path.insert(0, "tests")
+import test_finetune
+tmp = pathlib.Path(sys.argv[1])
+shutil.rmtree(tmp / "data", ignore_errors=True)   # the helper writes its dataset afresh
+test_finetune._animal_run(tmp, "quick", (64, 16, 16), epochs=8, lr=3e-3)
+"""
+
+
+def _animal_run_in_subprocess(tmp_path) -> list:
+  """The run of `_animal_run` in a fresh process (as a rerun is): its output lines."""
+  res = subprocess.run([sys.executable, "-c", _ANIMAL_RUN, str(tmp_path)], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stdout + res.stderr[-4000:]
+  return (res.stdout + res.stderr).splitlines()
+
+
+def test_rerun_with_a_damaged_best_checkpoint_uses_the_next_best(tmp_path):
+  _animal_run_in_subprocess(tmp_path)
+  run = tmp_path / "run"
+  best = json.load(open(run / "metrics.json"))["train"]["best_step"]
+  kept = sorted(int(p) for p in os.listdir(run / "checkpoints") if p.isdigit())
+  assert best in kept and best != kept[-1], (best, kept)  # a checkpoint, not the final state
+  rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+  dev = {r["step"]: r["f1"] for r in rows if r["kind"] == "eval"}
+  expected = min((s for s in kept if s != best), key=lambda s: (-dev[s], s))  # ties: earlier
+  data = [os.path.join(d, f) for d, _, files in os.walk(run / "checkpoints" / str(best) / "state")
+          for f in files if os.path.basename(d) == "d"]
+  largest = max(data, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(os.path.getsize(largest) // 3)
+  lines = _animal_run_in_subprocess(tmp_path)   # raised CorruptCheckpointError on every rerun
+  m = json.load(open(run / "metrics.json"))
+  assert m["train"]["best_step"] == expected
+  note = m["train"]["best_checkpoint_note"]
+  assert note.startswith(f"best step {best} by f1 could not be restored ("), note
+  assert f"using step {expected} " in note, note
+  assert any(p.startswith(f"{best}.corrupt-") for p in os.listdir(run / "checkpoints"))
+  assert m["dev"]["f1"] == pytest.approx(dev[expected], abs=1e-12)  # as evaluated when trained
+  assert len([l for l in lines if f"checkpoint step {best} in" in l]) == 1, lines
+  assert len(lines) < 40, "\n".join(lines)  # no orbax tracebacks
