@@ -110,9 +110,12 @@ def test_file_quirks_are_taken_in_stride(tmp_path):
   assert [(s["tokens"], s["tag_names"], s["doc_id"], s["line"]) for s in sents] == [
       (["EU", "rejects"], ["B-ORG", "O"], 0, 3), (["Peter"], ["B-PER"], 0, 6),
       (["London"], ["B-LOC"], 1, 10)]
-  csv_text = f'{BOM}sentence,label\r\n"a, b" ,1  \r\n  \r\n{BOM}\r\nc,0\r\n'
-  ex = data.load_split("csv", "train", train_file=_write(tmp_path / "q.csv", csv_text, newline=""))
-  assert [(e["sentence"], e["label_name"]) for e in ex] == [("a, b", "1"), ("c", "0")]
+  csv_text = f'{BOM}sentence,label\r\n"a, b" ,1  \r\n  \r\n{BOM}\r\nc,0\r\n"two\r\nlines",0\r\n'
+  path = _write(tmp_path / "q.csv", csv_text, newline="")
+  ex = data.load_split("csv", "train", train_file=path)
+  assert [(e["sentence"], e["label_name"]) for e in ex] == [("a, b", "1"), ("c", "0"),
+                                                          ("two\nlines", "0")]
+  assert data.read_gold({"dataset": "csv", "train": path}, "train")[0][2] == "two lines"
   tsv_text = f"{BOM}label\tsentence\r\n1\tgood film  \t\r\n\t \r\n0\tbad\r\n"
   ex = data.load_split("tsv", "train", train_file=_write(tmp_path / "q.tsv", tsv_text, newline=""))
   assert [(e["sentence"], e["label_name"], e["line"]) for e in ex] == [
@@ -150,6 +153,10 @@ def test_errors_name_file_line_and_what_was_expected(tmp_path):
   empty = _write(tmp_path / "e.tsv", "sentence\tlabel\ngood\t1\n \t0\n")
   with pytest.raises(data.DataFormatError, match=r"e\.tsv:3: empty text in column 'sentence'"):
     data.load_split("tsv", "train", train_file=empty)
+  unterminated = _write(tmp_path / "q.csv", 'text,label\n"a,1\nb,0\n')   # the quote eats the rest
+  with pytest.raises(data.DataFormatError,
+                     match=r"q\.csv:2: expected 2 CSV fields \(text, label\), got 1: '\"a,1'"):
+    data.load_split("csv", "train", train_file=unterminated)
   js = _write(tmp_path / "j.jsonl", '{"text": "a", "label": 1}\n{"text": "b", label: 0}\n')
   with pytest.raises(data.DataFormatError, match=r"j\.jsonl:2: not valid JSON"):
     data.load_split("jsonl", "train", train_file=js)

@@ -289,18 +289,22 @@ def _tsv_rows(path: str):
 
 
 def _csv_rows(path: str):
-  """(line_no, fields) of a CSV file (quoted fields may hold commas and line breaks)."""
+  """(line_no, fields, line) of a CSV file's records (a quoted field may hold commas and line
+  breaks; line_no is where the record starts)."""
   lines = readers.read_lines(path)
-  reader = csv.reader(iter(lines))
+  # Line ends given back, so that a quoted field spanning lines keeps its line break.
+  reader = csv.reader(line + "\n" for line in lines)
+  end = 0
   try:
     for fields in reader:
+      start, end = end + 1, reader.line_num
       fields = [f.strip() for f in fields]
       while len(fields) > 1 and not fields[-1]:
         fields.pop()
       if any(fields):
-        yield reader.line_num, fields, lines[reader.line_num - 1]
+        yield start, fields, lines[start - 1]
   except csv.Error as e:
-    raise DataFormatError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+    raise DataFormatError(f"{path}:{end + 1}: not valid CSV ({e})") from None
 
 
 def _table_records(path: str, kind: str):

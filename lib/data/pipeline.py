@@ -89,7 +89,7 @@ def _cached(key, build: Callable, cache_dir):
   return _FEATURE_CACHE[key]
 
 
-# ---------------------------------------------------------------- features (tokenised once per split)
+# ---------------------------------------------------------------- features (tokenised once a split)
 
 def _limit_key(limit) -> tuple:
   return (("limit", limit),) if limit else ()   # no entry without a limit: earlier keys stay valid
@@ -110,8 +110,8 @@ def token_cls_features(src, split, tokenizer, *, max_len, stride, label_all, own
     prefix, suffix = tok_lib.special_wrap(tokenizer)
     budget = tok_lib.window_budget(max_len, prefix, suffix)
     tokenize = T.TokenizeWords(wp)
-    align = T.AlignLabels(src.label_key, max_len=max_len, stride=stride, prefix=prefix, suffix=suffix,
-                          label_all=label_all, owned_labels_only=owned_labels_only)
+    align = T.AlignLabels(src.label_key, max_len=max_len, stride=stride, prefix=prefix,
+                          suffix=suffix, label_all=label_all, owned_labels_only=owned_labels_only)
     windows, stats, longest = [], collections.Counter(), dict(pieces=0, words=0, example_id=-1)
     for e in examples:
       e = tokenize.map(e)
@@ -128,7 +128,8 @@ def token_cls_features(src, split, tokenizer, *, max_len, stride, label_all, own
                 longest_sentence=longest)
     return windows, info
   windows, info = _cached(key, build, cache_dir)
-  T.log_counts(f"{src.dataset}/{split} tokenisation", {k: info[k] for k in ("unk_fallbacks", "cut_words")})
+  T.log_counts(f"{src.dataset}/{split} tokenisation",
+               {k: info[k] for k in ("unk_fallbacks", "cut_words")})
   _log_windowing(f"{src.dataset}/{split}", info, max_len, stride)
   return windows, info
 
@@ -136,10 +137,11 @@ def token_cls_features(src, split, tokenizer, *, max_len, stride, label_all, own
 def _log_windowing(name, info, max_len, stride) -> None:
   """Says how many sentences needed several windows, and how long the longest sentence is."""
   longest = info["longest_sentence"]
-  logging.info("%s: %d of %d sentences exceed one window of max_len=%d and are split into overlapping "
-               "windows (stride %d pieces; each word is predicted once); the longest, example %d, has %d "
-               "words, %d word pieces", name, info["long_sentences"], info["sentences"], max_len, stride,
-               longest["example_id"], longest["words"], longest["pieces"])
+  logging.info("%s: %d of %d sentences exceed one window of max_len=%d and are split into "
+               "overlapping windows (stride %d pieces; each word is predicted once); the longest, "
+               "example %d, has %d words, %d word pieces", name, info["long_sentences"],
+               info["sentences"], max_len, stride, longest["example_id"], longest["words"],
+               longest["pieces"])
 
 
 def _encode_texts(tokenizer, examples):
@@ -155,8 +157,8 @@ def seq_cls_features(src, split, tokenizer, *, max_len, cache_dir=None, limit=0,
                      shard_count=1):
   """input_ids (with specials, truncated to max_len: counted and logged), label, example_id per
   example; sentence pairs add token_type_ids (0 for the first text, 1 for the second, as BERT)."""
-  key = ("seq", src.dataset, split, src.name, tok_lib.tokenizer_fingerprint(tokenizer), max_len, shard_index,
-         shard_count) + _limit_key(limit)
+  key = ("seq", src.dataset, split, src.name, tok_lib.tokenizer_fingerprint(tokenizer), max_len,
+         shard_index, shard_count) + _limit_key(limit)
 
   def build():
     examples = read_shard(src.split(split), shard_index, shard_count, limit)
@@ -173,20 +175,24 @@ def seq_cls_features(src, split, tokenizer, *, max_len, cache_dir=None, limit=0,
       if t is not None:
         f["token_type_ids"] = np.asarray(t, np.int32)
       feats.append(f)
-    return feats, dict(sentences=len(feats), truncated=truncated, example_ids=[f["example_id"] for f in feats],
+    return feats, dict(sentences=len(feats), truncated=truncated,
+                       example_ids=[f["example_id"] for f in feats],
                        label_names=list(src.label_names))
   feats, info = _cached(key, build, cache_dir)
-  T.log_counts(f"{src.dataset}/{split} tokenisation (max_len={max_len})", {"truncated_sentences": info["truncated"]})
+  T.log_counts(f"{src.dataset}/{split} tokenisation (max_len={max_len})",
+               {"truncated_sentences": info["truncated"]})
   return feats, info
 
 
 def lm_documents(src, split, tokenizer, *, cache_dir=None, shard_index=0, shard_count=1):
-  """Tokenised documents wrapped in the tokenizer's specials ([CLS] .. [SEP], or .. <|endoftext|> for GPT-2)."""
-  key = ("lm", src.dataset, split, src.name, tok_lib.tokenizer_fingerprint(tokenizer), shard_index, shard_count)
+  """Tokenised documents in the tokenizer's specials ([CLS] .. [SEP]; GPT-2: .. <|endoftext|>)."""
+  key = ("lm", src.dataset, split, src.name, tok_lib.tokenizer_fingerprint(tokenizer), shard_index,
+         shard_count)
 
   def build():
     examples = read_shard(src.split(split), shard_index, shard_count)
-    ids = tokenizer([T._text(e["text"]) for e in examples], add_special_tokens=False, verbose=False)["input_ids"]
+    texts = [T._text(e["text"]) for e in examples]
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     prefix, suffix = tok_lib.special_wrap(tokenizer)
     if not prefix and not suffix and tokenizer.eos_token_id is not None:
       suffix = [tokenizer.eos_token_id]
@@ -378,10 +384,10 @@ def _name_kw(src, limit) -> dict:
   return dict(kw, limit=limit) if limit else kw
 
 
-def token_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, train=False, shard_index=0,
-                      shard_count=1, data_dir=None, cache_dir=None, label_names=None, buckets=None, stride=None,
-                      label_all_subwords=False, sort_chunk_batches=50, steps_per_epoch=None, bfloat16_keys=(),
-                      max_examples=0, limit=0, **options):
+def token_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, train=False,
+                      shard_index=0, shard_count=1, data_dir=None, cache_dir=None, label_names=None,
+                      buckets=None, stride=None, label_all_subwords=False, sort_chunk_batches=50,
+                      steps_per_epoch=None, bfloat16_keys=(), max_examples=0, limit=0, **options):
   """Token-classification batches (conll2003, brown_pos, conll:<path>); see make_batches."""
   src = sources.get(dataset, data_dir, cache_dir, label_names, **options)
   stride = stride or max(1, (max_len - 2) // 2)
@@ -390,35 +396,41 @@ def token_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0,
                                    cache_dir=cache_dir, limit=limit, shard_index=shard_index,
                                    shard_count=shard_count)
   feats, info = first_examples(feats, info, max_examples)
-  name = _pipeline_name(src.dataset, split, "token_cls", tokenizer, b=batch_size, L=max_len, seed=seed,
-                        train=train, shard=f"{shard_index}of{shard_count}", stride=stride,
+  name = _pipeline_name(src.dataset, split, "token_cls", tokenizer, b=batch_size, L=max_len,
+                        seed=seed, train=train, shard=f"{shard_index}of{shard_count}",
+                        stride=stride,
                         all=label_all_subwords, buckets=buckets, sort=sort_chunk_batches,
                         spe=steps_per_epoch, n=max_examples, **_name_kw(src, limit))
   pad = dict(input_ids=tokenizer.pad_token_id, token_type_ids=0, labels=-1)
   if not train:
     pad.update(word_ids=-1, predict_mask=0)
-  return _fine_tuning_iterator(name, feats, info, train=train, batch_size=batch_size, max_len=max_len, seed=seed,
+  return _fine_tuning_iterator(name, feats, info, train=train, batch_size=batch_size,
+                               max_len=max_len, seed=seed,
                                buckets=_buckets(max_len, buckets, shard_count, train),
-                               sort_chunk_batches=sort_chunk_batches, steps_per_epoch=steps_per_epoch,
-                               pad_values=pad, scalar_fields={"example_id": "example_ids"},
+                               sort_chunk_batches=sort_chunk_batches,
+                               steps_per_epoch=steps_per_epoch, pad_values=pad,
+                               scalar_fields={"example_id": "example_ids"},
                                bfloat16_keys=bfloat16_keys)
 
 
-def seq_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, train=False, shard_index=0,
-                    shard_count=1, data_dir=None, cache_dir=None, label_names=None, buckets=None,
-                    sort_chunk_batches=50, steps_per_epoch=None, bfloat16_keys=(), max_examples=0, limit=0,
-                    **options):
+def seq_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, train=False,
+                    shard_index=0, shard_count=1, data_dir=None, cache_dir=None, label_names=None,
+                    buckets=None, sort_chunk_batches=50, steps_per_epoch=None, bfloat16_keys=(),
+                    max_examples=0, limit=0, **options):
   """Sequence-classification batches (sst2, tsv:/csv:/jsonl:<path>); see make_batches."""
   src = sources.get(dataset, data_dir, cache_dir, label_names, **options)
-  feats, info = seq_cls_features(src, split, tokenizer, max_len=max_len, cache_dir=cache_dir, limit=limit,
-                                 shard_index=shard_index, shard_count=shard_count)
+  feats, info = seq_cls_features(src, split, tokenizer, max_len=max_len, cache_dir=cache_dir,
+                                 limit=limit, shard_index=shard_index, shard_count=shard_count)
   feats, info = first_examples(feats, info, max_examples)
-  name = _pipeline_name(src.dataset, split, "seq_cls", tokenizer, b=batch_size, L=max_len, seed=seed,
-                        train=train, shard=f"{shard_index}of{shard_count}", buckets=buckets,
-                        sort=sort_chunk_batches, spe=steps_per_epoch, n=max_examples, **_name_kw(src, limit))
-  return _fine_tuning_iterator(name, feats, info, train=train, batch_size=batch_size, max_len=max_len, seed=seed,
+  name = _pipeline_name(src.dataset, split, "seq_cls", tokenizer, b=batch_size, L=max_len,
+                        seed=seed, train=train, shard=f"{shard_index}of{shard_count}",
+                        buckets=buckets, sort=sort_chunk_batches, spe=steps_per_epoch,
+                        n=max_examples, **_name_kw(src, limit))
+  return _fine_tuning_iterator(name, feats, info, train=train, batch_size=batch_size,
+                               max_len=max_len, seed=seed,
                                buckets=_buckets(max_len, buckets, shard_count, train),
-                               sort_chunk_batches=sort_chunk_batches, steps_per_epoch=steps_per_epoch,
+                               sort_chunk_batches=sort_chunk_batches,
+                               steps_per_epoch=steps_per_epoch,
                                pad_values=dict(input_ids=tokenizer.pad_token_id, token_type_ids=0),
                                scalar_fields={"label": "label", "example_id": "example_ids"},
                                bfloat16_keys=bfloat16_keys)
@@ -427,8 +439,8 @@ def seq_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, t
 def lm_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, train=False, shard_index=0,
                shard_count=1, data_dir=None, cache_dir=None, objective=None, mlm_rate=0.15,
                whole_word_masking=False, steps_per_epoch=None, bfloat16_keys=(), **options):
-  """Packed LM batches (text:<corpus or path>): rows of max_len tokens, documents shuffled per epoch;
-  see make_batches."""
+  """Packed LM batches (text:<corpus or path>): rows of max_len tokens, documents shuffled per
+  epoch; see make_batches."""
   src = sources.get(dataset, data_dir, cache_dir, None, **options)
   objective = objective or ("mlm" if tokenizer.mask_token_id is not None else "clm")
   if objective not in ("mlm", "clm"):
@@ -437,7 +449,8 @@ def lm_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, train=
                             shard_count=shard_count)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   if objective == "mlm":
-    last = T.MaskTokens(tokenizer, seed + 1000003 * shard_index, rate=mlm_rate, whole_word=whole_word_masking)
+    last = T.MaskTokens(tokenizer, seed + 1000003 * shard_index, rate=mlm_rate,
+                        whole_word=whole_word_masking)
   else:
     last = T.NextTokenLabels()
   fixed = None if train else packing.pack_stream(docs, max_len, pad_id)
@@ -451,8 +464,9 @@ def lm_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, train=
       packed, n = fixed, len(fixed["input_ids"])
     specs = [{"rows": (s, min(s + batch_size, n))} for s in range(0, n, batch_size)]
     return specs, [T.GatherRows(packed, batch_size, pad_id), last, T.CastDtypes(bfloat16_keys)]
-  name = _pipeline_name(src.dataset, split, objective, tokenizer, b=batch_size, L=max_len, seed=seed,
-                        train=train, shard=f"{shard_index}of{shard_count}", rate=mlm_rate,
+  name = _pipeline_name(src.dataset, split, objective, tokenizer, b=batch_size, L=max_len,
+                        seed=seed, train=train, shard=f"{shard_index}of{shard_count}",
+                        rate=mlm_rate,
                         wwm=whole_word_masking, spe=steps_per_epoch, **_name_kw(src, 0))
   return BatchIterator(name, epoch_fn, train, steps_per_epoch, dict(info, objective=objective),
                        empty_spec={"rows": (0, 0)})
@@ -461,8 +475,9 @@ def lm_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, train=
 _BATCHES = {"token_cls": token_cls_batches, "seq_cls": seq_cls_batches, "lm": lm_batches}
 
 
-def make_batches(dataset: str, split: str, tokenizer, *, batch_size: int, max_len: int, seed: int = 0,
-                 train: bool = False, shard_index: int = 0, shard_count: int = 1, **kwargs) -> BatchIterator:
+def make_batches(dataset: str, split: str, tokenizer, *, batch_size: int, max_len: int,
+                 seed: int = 0, train: bool = False, shard_index: int = 0, shard_count: int = 1,
+                 **kwargs) -> BatchIterator:
   """The batch iterator of a dataset split (see the module docstring of lib.data for the batch specs).
 
   Args:
@@ -475,7 +490,8 @@ def make_batches(dataset: str, split: str, tokenizer, *, batch_size: int, max_le
     max_len: longest sequence (token tasks: window length; LM: row length).
     seed: shuffling (and MLM masking) seed.
     train: loop over epochs forever with an epoch-seeded reshuffle; else one ordered pass.
-    shard_index, shard_count: this process's contiguous shard of the split (e.g. jax.process_index/count).
+    shard_index, shard_count: this process's contiguous shard of the split (e.g.
+      jax.process_index/count).
     **kwargs: data_dir, cache_dir, and per task: label_names, buckets, stride, label_all_subwords,
       sort_chunk_batches, max_examples (the first N examples of the shard), limit (the first N
       examples of the split, before sharding) (token_cls); label_names, buckets,
@@ -490,26 +506,31 @@ def make_batches(dataset: str, split: str, tokenizer, *, batch_size: int, max_le
   Returns:
     a BatchIterator (len = batches per epoch; get_state / set_state).
   """
-  src_kw = {k: kwargs.pop(k) for k in ("data_dir", "label_names", *own.OPTION_DEFAULTS) if k in kwargs}
+  src_kw = {k: kwargs.pop(k) for k in ("data_dir", "label_names", *own.OPTION_DEFAULTS)
+            if k in kwargs}
   src = sources.get(dataset, cache_dir=kwargs.get("cache_dir"), **src_kw)
-  return _BATCHES[src.task](src, split, tokenizer, batch_size=batch_size, max_len=max_len, seed=seed,
-                            train=train, shard_index=shard_index, shard_count=shard_count, **kwargs)
+  return _BATCHES[src.task](src, split, tokenizer, batch_size=batch_size, max_len=max_len,
+                            seed=seed, train=train, shard_index=shard_index,
+                            shard_count=shard_count, **kwargs)
 
 
-_COMMON_KEYS = {"dataset", "batch_size", "eval_batch_size", "max_len", "seed", "data_dir", "cache_dir",
-                "steps_per_epoch", "bfloat16_keys"}
-_TASK_KEYS = {"token_cls": {"label_names", "buckets", "stride", "label_all_subwords", "sort_chunk_batches",
-                            "max_examples", "max_eval_examples"},
-              "seq_cls": {"label_names", "buckets", "sort_chunk_batches", "max_examples", "max_eval_examples"},
+_COMMON_KEYS = {"dataset", "batch_size", "eval_batch_size", "max_len", "seed", "data_dir",
+                "cache_dir", "steps_per_epoch", "bfloat16_keys"}
+_TASK_KEYS = {"token_cls": {"label_names", "buckets", "stride", "label_all_subwords",
+                            "sort_chunk_batches", "max_examples", "max_eval_examples"},
+              "seq_cls": {"label_names", "buckets", "sort_chunk_batches", "max_examples",
+                          "max_eval_examples"},
               "lm": {"objective", "mlm_rate", "whole_word_masking"}}
 # Config keys of own files, per task; their make_batches keywords; their defaults (a key at its
 # default is accepted for every dataset, so one config block serves named and own data).
-_OWN_KEYS = {"token_cls": {"train", "validation", "test", "word_column", "tag_column", "tag_scheme"},
+_OWN_KEYS = {"token_cls": {"train", "validation", "test", "word_column", "tag_column",
+                           "tag_scheme"},
              "seq_cls": {"train", "validation", "test", "text_columns", "label_column"},
              "lm": {"train", "validation", "test"}}
 _RENAMED = {"train": "train_file", "validation": "validation_file", "test": "test_file"}
-CONFIG_DEFAULTS = dict(train="", validation="", test="", word_column=0, tag_column=-1, tag_scheme="auto",
-                       text_columns="", label_column="label", max_eval_examples=0)
+CONFIG_DEFAULTS = dict(train="", validation="", test="", word_column=0, tag_column=-1,
+                       tag_scheme="auto", text_columns="", label_column="label",
+                       max_eval_examples=0)
 
 
 def config_kwargs(data_cfg, batch_divisor: int = 1) -> dict:
@@ -554,7 +575,8 @@ def _checked(data_cfg) -> dict:
   valid = _COMMON_KEYS | _TASK_KEYS[task] | (_OWN_KEYS[task] if own.parse(dataset) else set())
   unknown = sorted(set(cfg) - valid)
   if unknown:
-    raise ValueError(f"data config: unknown keys {unknown} for dataset {dataset!r}; valid: {sorted(valid)}")
+    raise ValueError(f"data config: unknown keys {unknown} for dataset {dataset!r}; "
+                     f"valid: {sorted(valid)}")
   return {_RENAMED.get(k, k): v for k, v in cfg.items()}
 
 
