@@ -50,5 +50,6 @@ def main(argv):
     print(f"{out['summary']}  ({out['train']['steps']} steps, {out['train']['wall_s']:.0f} s) -> "
           f"{FLAGS.workdir}")
 
+
 if __name__ == "__main__":
   cli.run(main)
