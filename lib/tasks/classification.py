@@ -5,7 +5,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from lib import data, metrics, reporting
+from lib import metrics, reporting
 from lib.tasks import common, supervised
 
 HEAD = "seq_cls"
@@ -63,15 +63,6 @@ def collect(batches, predictions, info, label_names):
   return [label_names[i] for i in pred]
 
 
-def read_gold(data_kwargs: dict, split: str, label_names):
-  """(texts, label names) of a whole split."""
-  d = data_kwargs
-  src = data.load_split(d["dataset"], split, d["data_dir"], d.get("cache_dir"), d.get("label_names"))
-  text = lambda x: x.decode("utf-8") if isinstance(x, bytes) else str(x)
-  rows = [(text(e["sentence"]), label_names[int(e["label"])]) for e in src]
-  return [r[0] for r in rows], [r[1] for r in rows]
-
-
 def report(split, result, label_names, step) -> str:
   m, _, gold, pred = result
   return "\n".join([f"== {split} (checkpoint at step {step}) ==", f"accuracy {m['accuracy']:.4f}",
@@ -84,5 +75,5 @@ def write_predictions(workdir, inputs, gold, pred) -> None:
 
 def make_evaluator(run):
   """The evaluator of a `lib.experiment.Run` (its module, config, data and batch sharding)."""
-  ops = supervised.TaskOps(collect, read_gold, evaluate, report, write_predictions, METRIC)
+  ops = supervised.TaskOps(collect, evaluate, report, write_predictions, METRIC)
   return supervised.Evaluator(ops, make_predict_fn(run.module), run.cfg, run.data, run.bsh)

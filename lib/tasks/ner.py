@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from lib import data, metrics, reporting
+from lib import metrics, reporting
 from lib.tasks import common, supervised
 
 HEAD = "token_cls"
@@ -82,19 +82,6 @@ def collect(batches, predictions, info, label_names):
   return collect_word_predictions(batches, predictions, info["num_words"], label_names)
 
 
-def read_gold(data_kwargs: dict, split: str, label_names):
-  """(word lists, tag lists) of a whole split."""
-  d = data_kwargs
-  src = data.load_split(d["dataset"], split, d["data_dir"], d.get("cache_dir"), d.get("label_names"))
-  key = data.pipeline.LABEL_KEY[d["dataset"]]
-  rows = [([_text(w) for w in e["tokens"]], [label_names[t] for t in e[key]]) for e in src]
-  return [r[0] for r in rows], [r[1] for r in rows]
-
-
-def _text(x) -> str:
-  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
-
-
 def report(split, result, label_names, step) -> str:
   _, _, gold, pred = result
   return "\n".join([
@@ -111,5 +98,5 @@ def write_predictions(workdir, inputs, gold, pred) -> None:
 
 def make_evaluator(run):
   """The evaluator of a `lib.experiment.Run` (its module, config, data and batch sharding)."""
-  ops = supervised.TaskOps(collect, read_gold, evaluate, report, write_predictions, METRIC)
+  ops = supervised.TaskOps(collect, evaluate, report, write_predictions, METRIC)
   return supervised.Evaluator(ops, make_predict_fn(run.module), run.cfg, run.data, run.bsh)

@@ -65,14 +65,12 @@ class TaskOps:
   """What a supervised task module contributes to the evaluator.
 
   collect(batches, predictions, info, label_names) -> predicted labels (one per gold item)
-  read_gold(data_kwargs, split, label_names) -> (inputs, gold labels)
   score(gold, predicted) -> {metric: value}
   report(split, result, label_names, step) -> text
   write_predictions(workdir, inputs, gold, predicted) -> None
   summary_metric: the metric named in the one-line summary
   """
   collect: Callable
-  read_gold: Callable
   score: Callable
   report: Callable
   write_predictions: Callable
@@ -105,10 +103,9 @@ class Evaluator:
     return self.ops.collect(batches, preds, it.info, self.label_names)
 
   def gold(self, split):
-    """(inputs, gold labels) of the whole split."""
+    """(inputs, gold label names) of the whole split (`data.read_gold`: named or own data)."""
     if split not in self._gold:
-      self._gold[split] = self.ops.read_gold(data_kwargs(self.cfg.data, split), split,
-                                             self.label_names)
+      self._gold[split] = data.read_gold(data_kwargs(self.cfg.data, split), split)
     return self._gold[split]
 
   def __call__(self, state, split: str):
