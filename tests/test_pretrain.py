@@ -333,7 +333,8 @@ def test_mlm_run_writes_a_checkpoint_that_finetuning_starts_from(tmp_path):
   after = model_io.load_model(ft, "seq_cls", 2)
   for a, b in zip(jax.tree.leaves(saved["encoder"]), jax.tree.leaves(after.params["encoder"])):
     np.testing.assert_array_equal(a, b)
-  assert model_io.read_model_json(ft)["init_from"] == workdir
+  # Pinned to the checkpoint it started from: pretraining reports (and hands on) its final state.
+  assert model_io.read_model_json(ft)["init_from"] == f"{workdir}@{out['train']['steps']}"
 
 
 def test_clm_script_samples_and_generate_loads_the_workdir(tmp_path):
