@@ -8,6 +8,7 @@ import os
 import re
 from typing import Callable, Optional
 
+from lib import errors
 from lib.data import builders, own, readers
 
 # Named token-classification datasets: the example field of per-word label ids.
@@ -17,10 +18,10 @@ _SPLIT_COUNTS = {}      # memo of the named datasets' per-split label counts
 _WARNED = set()         # (source name, split): absent-from-train labels are reported once
 
 
-def _unknown(dataset) -> ValueError:
-  return ValueError(f"unknown dataset {dataset!r}; valid: {list(builders.DATASETS)}, or own "
-                    f"files as conll:<folder|file>, tsv:, csv:, jsonl: (classification) or "
-                    f"text:<file|folder>")
+def _unknown(dataset) -> errors.ConfigError:
+  return errors.ConfigError(f"unknown dataset {dataset!r}; valid: {list(builders.DATASETS)}, or "
+                           "own files as conll:<folder|file>, tsv:, csv:, jsonl: (classification) "
+                           "or text:<file|folder>")
 
 
 def task_of(dataset: str) -> str:
