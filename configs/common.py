@@ -57,10 +57,14 @@ def finetune_base() -> ml_collections.ConfigDict:
       dropout_rate=-1.0,              # < 0: keep the checkpoint's value
   ))
   # Any make_batches keyword of the dataset's task may be added; `dir` is the shared data folder,
-  # `max_train_examples` (0 = all) the first N training examples, for quick runs.
+  # `max_train_examples` / `max_eval_examples` (0 = all) the first N training / dev and test
+  # examples, for quick runs. Your own files: dataset='conll:<dir>' (or tsv:/csv:/jsonl:), or
+  # the files as data.train / data.validation / data.test (lib/data/own.py: word_column,
+  # tag_column, tag_scheme; text_columns, label_column).
+  from lib import data  # pylint: disable=g-import-not-at-top
   c.data = ml_collections.ConfigDict(dict(
       dataset="conll2003", dir=DATA_DIR, cache_dir="", max_len=128,
-      batch_size=32, eval_batch_size=64, max_train_examples=0))
+      batch_size=32, eval_batch_size=64, max_train_examples=0, **data.CONFIG_DEFAULTS))
   c.optim = optim.default_config()
   c.optim.warmup_frac = 0.1
   c.train = train.default_config()

@@ -188,8 +188,10 @@ def state_sizes(state, labels) -> dict:
 def _record(cfg, args, task, data, tok_where, origin) -> dict:
   """model.json of this run: the model (args, head, labels), tokenizer, source, data, PEFT."""
   d = cfg.data
-  fingerprint = {k: d[k] for k in sorted(d.keys()) if k not in ("dir", "cache_dir", "batch_size",
-                                                               "eval_batch_size", "eval_batches")}
+  skip = ("dir", "cache_dir", "batch_size", "eval_batch_size", "eval_batches", "max_eval_examples")
+  fingerprint = {k: d[k] for k in sorted(d.keys()) if k not in skip}
+  if data.fingerprint:
+    fingerprint["content"] = data.fingerprint
   return dict(args=dataclasses.asdict(args), head=task.HEAD, num_labels=len(data.label_names),
               label_names=list(data.label_names), tokenizer=tok_where,
               init_from=origin, task=getattr(task, "__name__", type(task).__name__),

@@ -19,6 +19,7 @@ class Data:
   evals: dict                    # split name -> evaluation iterator
   label_names: list              # class names (index = model output); [] for tasks without labels
   stats: dict = dataclasses.field(default_factory=dict)   # extras for metrics.json's train block
+  fingerprint: str = ""          # identity of the data's content (recorded in the workdir)
 
 
 def data_kwargs(data_cfg, split: str, batch_divisor: int = 1) -> dict:
@@ -57,7 +58,8 @@ def make_data(cfg, tokenizer, workdir=None) -> Data:
       its[s] = _iterator(cfg, tokenizer, s, False, distributed.agree_int(len(its[s]), "max"))
   stats = {"padding_fraction": data.padding_stats(its["train"])["padding_fraction"]}
   return Data(its["train"], {s: its[s] for s in ("validation", "test")},
-              list(its["train"].info["label_names"]), stats)
+              list(its["train"].info["label_names"]), stats,
+              data.source_of(data_kwargs(cfg.data, "train")).name)
 
 
 @dataclasses.dataclass
