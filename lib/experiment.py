@@ -130,6 +130,7 @@ def setup(cfg, workdir: str, task, *, source: Optional[str] = None, preset_args=
     explain_sharding: print the per-parameter sharding table and return None.
   """
   t_start = time.perf_counter()
+  config_check.validate_run(cfg, model_args=preset_args)   # before anything is loaded or written
   source, preset_args = model_source(cfg, source, preset_args)
   tokenizer, tok_where = _tokenizer(cfg, task, workdir, source, preset_args)
   data = task.make_data(cfg, tokenizer, workdir)

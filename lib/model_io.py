@@ -323,6 +323,62 @@ def describe(source: str) -> ModelArgs:
   raise _not_a_source(source)
 
 
+def head_of(source: str) -> tuple:
+  """(head, num_labels, label names) a model source was saved with (HF: from its config's
+  `architectures` and id2label; ours: model.json)."""
+  path = hf.resolve_model_dir(split_source(source)[0])
+  if os.path.exists(os.path.join(path, "config.json")):
+    return hf.head_of_hf_config(hf.read_hf_config(path))
+  if os.path.exists(os.path.join(path, MODEL_JSON)):
+    meta = read_model_json(path)
+    return meta["head"], meta["num_labels"], list(meta["label_names"])
+  raise _not_a_source(source)
+
+
+@dataclasses.dataclass
+class InferenceModel:
+  """A model ready to predict: module, parameters (host numpy), tokenizer and label names."""
+  args: ModelArgs
+  head: Optional[str]
+  num_labels: int
+  label_names: list
+  module: object
+  params: dict
+  tokenizer: object
+  source: str
+  step: Optional[int] = None   # the checkpoint step of a run workdir source
+
+  @property
+  def weights(self):
+    """The parameters as eval steps take them (`train.Weights`: no step, no optimizer state)."""
+    from lib import train  # pylint: disable=g-import-not-at-top  # train sits above model_io
+    return train.Weights(self.params)
+
+
+def load_for_inference(source: str, head: Optional[str] = None, *, data_dir: str,
+                       tokenizer: str = "", dtype: str = "float32") -> InferenceModel:
+  """A model source for prediction: no dropout; the head it was saved with unless `head` is
+  given (then a missing head is freshly initialised, e.g. 'mlm' on an encoder).
+
+  Args:
+    source: as `load_model` (a run workdir means its reported checkpoint; @latest, @<step>).
+    head: our head name, or None for the source's own.
+    data_dir: the shared data folder (GPT-2 BPE tables, the GPT-2 default tokenizer).
+    tokenizer: a tokenizer location overriding the source's own.
+    dtype: compute dtype.
+  """
+  own_head, num_labels, names = head_of(source)
+  if head is not None and head != own_head:
+    num_labels, names = 0, []
+  head = own_head if head is None else head
+  model = load_model(source, head, num_labels,
+                     overrides=dict(dropout_rate=0.0, attention_dropout_rate=0.0, dtype=dtype))
+  tok, _ = load_tokenizer(source, model.args.arch, data_dir, tokenizer)
+  module = models.build(model.args, head, num_labels)
+  return InferenceModel(model.args, head, num_labels, list(names), module, model.params, tok,
+                        model.source, model.step)
+
+
 # ----------------------------------------------------------------------------- conversion
 
 def _provenance(model: LoadedModel) -> dict:

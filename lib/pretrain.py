@@ -8,7 +8,7 @@ each evaluation).
 
 from typing import Optional
 
-from lib import experiment, tasks
+from lib import errors, experiment, tasks
 
 OBJECTIVES = ("mlm", "clm")      # the lib/tasks tasks that pretrain (config `objective`)
 
@@ -26,5 +26,7 @@ def run(cfg, workdir: str, *, model_args=None, explain_sharding: bool = False) -
   Returns:
     the metrics.json content, or None (sharding explained, or preempted: rerun to resume).
   """
+  if cfg.objective not in OBJECTIVES:
+    raise errors.ConfigError(f"config.objective={cfg.objective!r}; valid: {list(OBJECTIVES)}")
   return experiment.run(cfg, workdir, tasks.get(cfg.objective), preset_args=model_args,
                         explain_sharding=explain_sharding)

@@ -134,7 +134,7 @@ def generate(sample_step, state, tokenizer, prompts: Sequence[str], sample: Samp
   Args:
     sample_step: `train.make_eval_step(make_sample_fn(module, sample))`, made once per run (it
       is compiled once and cached by identity).
-    state: a TrainState (or `train.TrainState(step, params, opt_state=())`) holding the params.
+    state: a TrainState or `train.Weights` (inference) holding the params.
     tokenizer: the model's tokenizer (GPT-2 BPE or a trained one).
     prompts: texts to continue.
     sample: the SampleArgs the step was made with.

@@ -119,6 +119,13 @@ def train_state_from_params(params, tx, mesh, rules, logical_specs, labels=None)
 
 # ----------------------------------------------------------------------------- pure steps
 
+@flax.struct.dataclass
+class Weights:
+  """Parameters alone, for inference: what eval steps read (`state.params`), with no step or
+  optimizer state (model_io.InferenceModel.weights)."""
+  params: Any
+
+
 def _batch_tokens(batch):
   if "input_mask" in batch:
     return batch["input_mask"].sum()

@@ -33,14 +33,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.initialize_from_flags()
   # pylint: disable-next=g-import-not-at-top  # after distributed init
-  from lib import config_check, finetune, models, tasks
+  from lib import finetune, models
   cfg = FLAGS.config
   if not FLAGS.workdir and not FLAGS.explain_sharding:
     raise app.UsageError("--workdir is required")
   model_args = None
   if cfg.model.preset:  # random init of a preset architecture
     model_args = models.args_from_config(common.model_config(cfg.model.preset))
-  config_check.validate_run(cfg, model_args=model_args, choices={"task": tasks.TASKS})
   logging.info("config:\n%s", cfg)
   out = finetune.run(cfg, FLAGS.workdir, source=cfg.model.init_from, model_args=model_args,
                      explain_sharding=FLAGS.explain_sharding)

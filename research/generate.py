@@ -18,11 +18,11 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lib import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lib import cli, errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "pretraining workdir (latest checkpoint), our model dir or a "
-                    "Hugging Face GPT-2 dir")
+flags.DEFINE_string("model", None, "pretraining workdir (its reported checkpoint; @latest or "
+                    "@<step> for another), our model dir or a Hugging Face GPT-2 dir")
 flags.DEFINE_multi_string("prompt", None, "text to continue (repeat the flag for several)")
 flags.DEFINE_integer("max_new_tokens", 40, "tokens generated per prompt")
 flags.DEFINE_bool("greedy", False, "argmax decoding (ignores temperature/top_k/top_p)")
@@ -39,20 +39,18 @@ flags.mark_flags_as_required(["model", "prompt"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import jax  # pylint: disable=g-import-not-at-top
-  from lib import model_io, models, sampling, sharding, train  # pylint: disable=g-import-not-at-top
+  from lib import model_io, sampling, sharding, train  # pylint: disable=g-import-not-at-top
   if model_io.describe(FLAGS.model).arch != "gpt2":
-    raise app.UsageError(f"--model={FLAGS.model}: not a causal LM (GPT-2); BERT cannot generate")
-  model = model_io.load_model(FLAGS.model, "lm", overrides=dict(dropout_rate=0.0))
-  tokenizer, _ = model_io.load_tokenizer(FLAGS.model, "gpt2", FLAGS.data_dir, FLAGS.tokenizer)
-  module = models.build(model.args, "lm")
+    raise errors.ConfigError(f"--model={FLAGS.model}: not a causal LM (GPT-2); BERT cannot "
+                             "generate")
+  model = model_io.load_for_inference(FLAGS.model, "lm", data_dir=FLAGS.data_dir,
+                                      tokenizer=FLAGS.tokenizer)
+  tokenizer, state = model.tokenizer, model.weights
   temperature = 0.0 if FLAGS.greedy else FLAGS.temperature
   args = sampling.SampleArgs(FLAGS.max_new_tokens, temperature, FLAGS.top_k, FLAGS.top_p)
-  step = train.make_eval_step(sampling.make_sample_fn(module, args))
+  step = train.make_eval_step(sampling.make_sample_fn(model.module, args))
   mesh = sharding.make_mesh(sharding.default_mesh_config())
   bsh = sharding.batch_sharding(mesh, sharding.DEFAULT_RULES)
-  state = train.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=model.params,
-                           opt_state=())
   for i in range(FLAGS.num_samples):
     texts = sampling.generate(step, state, tokenizer, FLAGS.prompt, args, bsh, seed=FLAGS.seed + i)
     for prompt, text in zip(FLAGS.prompt, texts):

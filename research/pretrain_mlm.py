@@ -37,7 +37,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.initialize_from_flags()
   # pylint: disable-next=g-import-not-at-top  # after distributed init
-  from lib import config_check, models, pretrain
+  from lib import models, pretrain
   cfg = FLAGS.config
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required (also for --explain_sharding: a trained "
@@ -50,8 +50,6 @@ def main(argv):
   if cfg.model.preset:
     size = {k: v for k, v in cfg.model.size.items() if v}
     model_args = models.args_from_config(dict(common.model_config(cfg.model.preset), **size))
-  config_check.validate_run(cfg, model_args=model_args,
-                            choices={"objective": pretrain.OBJECTIVES})
   logging.info("config:\n%s", cfg)
   out = pretrain.run(cfg, FLAGS.workdir, model_args=model_args,
                      explain_sharding=FLAGS.explain_sharding)

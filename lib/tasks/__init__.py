@@ -22,6 +22,7 @@ The runs (lib/experiment.py) call only this interface: no code outside lib/tasks
 task's name.
 """
 
+from lib import errors
 from lib.tasks import classification, clm, mlm, ner
 
 TASKS = {"ner": ner, "classification": classification, "mlm": mlm, "clm": clm}
@@ -36,8 +37,8 @@ def get(name: str):
   """The task registered as `name`.
 
   Raises:
-    ValueError: an unknown name, listing the registered ones.
+    errors.ConfigError: an unknown name, listing the registered ones.
   """
   if name not in TASKS:
-    raise ValueError(f"config task={name!r}: unknown task; valid: {sorted(TASKS)}")
+    raise errors.ConfigError(f"unknown task {name!r}; valid: {sorted(TASKS)}")
   return TASKS[name]

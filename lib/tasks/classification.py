@@ -13,8 +13,9 @@ HEAD = "seq_cls"
 # evaluation adds example_ids (B,) (-1 = padding row).
 
 
-def make_loss_fn(module):
-  """loss_fn(params, batch, rng, train) -> (loss, metrics) for lib.train."""
+def make_loss_fn(module, cfg=None):
+  """loss_fn(params, batch, rng, train) -> (loss, metrics) for lib.train (`cfg` is unused)."""
+  del cfg
   def loss_fn(params, batch, rng, train):
     out, _ = common.apply_model(module, params, batch, rng, train)
     labels = batch["label"]
@@ -51,11 +52,7 @@ def evaluate(gold, pred):
 METRIC, MODE = "accuracy", "max"   # the dev metric that picks the reported checkpoint
 RESTORE_BEST = True                # test results are those of the best dev checkpoint
 make_data = supervised.make_data
-
-
-def make_loss(module, cfg):
-  del cfg
-  return make_loss_fn(module)
+make_loss = make_loss_fn
 
 
 def collect(batches, predictions, info, label_names):
@@ -73,7 +70,5 @@ def write_predictions(workdir, inputs, gold, pred) -> None:
   reporting.write_tsv_predictions(os.path.join(workdir, "test_predictions.tsv"), inputs, gold, pred)
 
 
-def make_evaluator(run):
-  """The evaluator of a `lib.experiment.Run` (its module, config, data and batch sharding)."""
-  ops = supervised.TaskOps(collect, evaluate, report, write_predictions, METRIC)
-  return supervised.Evaluator(ops, make_predict_fn(run.module), run.cfg, run.data, run.bsh)
+make_evaluator = supervised.evaluator_factory(
+    supervised.TaskOps(collect, evaluate, report, write_predictions, METRIC), make_predict_fn)

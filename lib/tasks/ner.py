@@ -13,8 +13,9 @@ HEAD = "token_cls"
 # evaluation adds example_ids (B,) (-1 = padding row), word_ids and predict_mask (B, T).
 
 
-def make_loss_fn(module):
-  """loss_fn(params, batch, rng, train) -> (loss, metrics) for lib.train."""
+def make_loss_fn(module, cfg=None):
+  """loss_fn(params, batch, rng, train) -> (loss, metrics) for lib.train (`cfg` is unused)."""
+  del cfg
   def loss_fn(params, batch, rng, train):
     out, _ = common.apply_model(module, params, batch, rng, train)
     loss, correct, count = common.masked_cross_entropy(out["logits"], batch["labels"])
@@ -71,11 +72,7 @@ def evaluate(gold_tags, pred_tags):
 METRIC, MODE = "f1", "max"      # the dev metric that picks the reported checkpoint
 RESTORE_BEST = True             # test results are those of the best dev checkpoint
 make_data = supervised.make_data
-
-
-def make_loss(module, cfg):
-  del cfg
-  return make_loss_fn(module)
+make_loss = make_loss_fn
 
 
 def collect(batches, predictions, info, label_names):
@@ -96,7 +93,5 @@ def write_predictions(workdir, inputs, gold, pred) -> None:
                                     pred)
 
 
-def make_evaluator(run):
-  """The evaluator of a `lib.experiment.Run` (its module, config, data and batch sharding)."""
-  ops = supervised.TaskOps(collect, evaluate, report, write_predictions, METRIC)
-  return supervised.Evaluator(ops, make_predict_fn(run.module), run.cfg, run.data, run.bsh)
+make_evaluator = supervised.evaluator_factory(
+    supervised.TaskOps(collect, evaluate, report, write_predictions, METRIC), make_predict_fn)

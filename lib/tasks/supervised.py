@@ -153,3 +153,9 @@ class Evaluator:
     eval_rows = [r for r in rows if r["kind"] == "eval" and metric in r]
     return {"train_loss": [(r["step"], r["loss"]) for r in train_rows],
             f"dev_{metric}": [(r["step"], r[metric]) for r in eval_rows]}
+
+
+def evaluator_factory(ops: TaskOps, make_predict_fn: Callable) -> Callable:
+  """The `make_evaluator(run)` of a supervised task: its ops and predict function on the run's
+  module, config, data and batch sharding."""
+  return lambda run: Evaluator(ops, make_predict_fn(run.module), run.cfg, run.data, run.bsh)
