@@ -1,0 +1,109 @@
+"""lib/fewshot.py: K-shot splits, contrastive pairs and loss, the logistic-regression head, the
+cloze scorer; checked against hand computations and independent numpy references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lib import fewshot
+
+
+def _labels(n=200, seed=0):
+  return np.random.default_rng(seed).choice(["neg", "pos", "neu"], size=n, p=[0.5, 0.3, 0.2])
+
+
+def test_kshot_is_stratified_disjoint_and_deterministic():
+  labels = _labels()
+  train, dev = fewshot.kshot_split(labels, k=8, seed=3)
+  for split in (train, dev):
+    values, counts = np.unique(labels[split], return_counts=True)
+    assert list(values) == ["neg", "neu", "pos"] and list(counts) == [8, 8, 8]
+  assert not set(train) & set(dev)
+  again = fewshot.kshot_split(labels, k=8, seed=3)
+  assert np.array_equal(train, again[0]) and np.array_equal(dev, again[1])
+  other = fewshot.kshot_split(labels, k=8, seed=4)
+  assert not np.array_equal(train, other[0])
+
+
+def test_kshot_nested_over_k_and_never_touches_dev():
+  labels = _labels()
+  small, dev_small = fewshot.kshot_split(labels, k=4, seed=1)
+  big, dev_big = fewshot.kshot_split(labels, k=16, seed=1, dev_k=4)
+  assert set(small) <= set(big)
+  assert np.array_equal(dev_small, dev_big)
+  assert not set(big) & set(dev_small)
+
+
+def test_kshot_only_indexes_the_given_split_and_refuses_small_classes():
+  labels = _labels(60)
+  train, dev = fewshot.kshot_split(labels, k=2, seed=0, dev_k=1)
+  assert max(train.max(), dev.max()) < len(labels)
+  with pytest.raises(ValueError, match=r"class 'neg' has \d+ training examples"):
+    fewshot.kshot_split(labels, k=30, seed=0)
+
+
+def test_pairs_are_balanced_and_labelled_correctly():
+  labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+  a, b, t = fewshot.contrastive_pairs(labels, iterations=5, seed=0)
+  assert len(a) == 2 * 5 * len(labels)
+  assert (t == 1).sum() == (t == 0).sum()
+  np.testing.assert_array_equal(t, (labels[a] == labels[b]).astype(np.float32))
+  assert not np.any((a == b) & (t == 1))         # a positive is another example of the class
+  assert np.array_equal(np.bincount(a), np.full(len(labels), 10))   # every example anchors
+
+
+def test_pairs_need_two_classes():
+  with pytest.raises(ValueError, match="two classes"):
+    fewshot.contrastive_pairs([1, 1, 1], 2, 0)
+
+
+def test_mean_pool_and_cosine_loss_by_hand():
+  h = jnp.array([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+  pooled = fewshot.mean_pool(h, jnp.array([[1, 1, 0]]))
+  np.testing.assert_allclose(pooled, [[2.0, 3.0]])
+  u, v = jnp.array([[1.0, 0.0], [1.0, 1.0]]), jnp.array([[0.0, 1.0], [2.0, 2.0]])
+  loss, cos = fewshot.cosine_similarity_loss(u, v, jnp.array([1.0, 1.0]))
+  np.testing.assert_allclose(cos, [0.0, 1.0], atol=1e-6)
+  np.testing.assert_allclose(loss, 0.5, atol=1e-6)   # ((0 - 1)^2 + (1 - 1)^2) / 2
+
+
+def test_logistic_regression_reaches_the_optimum():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(60, 5)).astype(np.float32)
+  y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int32) + (x[:, 2] > 1.0)
+  w, b = fewshot.fit_logistic_regression(x, y, 3, c=1.0)
+  # Optimality, by hand in numpy: grad_W = X^T (P - Y) + W / C = 0, grad_b = sum(P - Y) = 0.
+  z = x @ w + b
+  p = np.exp(z - z.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  r = p - np.eye(3)[y]
+  np.testing.assert_allclose(x.T @ r + w, 0.0, atol=2e-3)
+  np.testing.assert_allclose(r.sum(0), 0.0, atol=2e-3)
+  assert (fewshot.predict_linear(x, (w, b)) == y).mean() > 0.8
+
+
+def test_cloze_scores_only_the_verbalizer_tokens():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 4, 10)).astype(np.float32)
+  pos, verb = np.array([1, 3]), np.array([7, 2])
+  got = fewshot.verbalizer_log_probs(jnp.asarray(logits), jnp.asarray(pos), verb)
+  for i in range(2):
+    words = logits[i, pos[i], verb]
+    ref = words - np.log(np.exp(words).sum())
+    np.testing.assert_allclose(got[i], ref, rtol=1e-5)
+  changed = logits.copy()
+  changed[:, :, [0, 1, 3, 4, 5, 6, 8, 9]] += rng.normal(size=(2, 4, 8)) * 10   # not label words
+  changed[0, 0] += 5.0                                                         # not the mask
+  again = fewshot.verbalizer_log_probs(jnp.asarray(changed), jnp.asarray(pos), verb)
+  np.testing.assert_allclose(again, got, rtol=1e-5)
+
+
+def test_pattern_ensemble_and_template():
+  a, b = jnp.log(jnp.array([[0.9, 0.1]])), jnp.log(jnp.array([[0.3, 0.7]]))
+  np.testing.assert_allclose(fewshot.ensemble_patterns([a, b], [3.0, 1.0]),
+                             (3 * a + b) / 4, rtol=1e-6)
+  assert fewshot.cloze_texts("{sentence} It was {mask}.", ["good film"], "[MASK]") == [
+      "good film It was [MASK]."]
+  with pytest.raises(ValueError, match="template"):
+    fewshot.cloze_texts("{sentence}", ["x"], "[MASK]")
