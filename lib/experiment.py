@@ -141,6 +141,7 @@ def setup(cfg, workdir: str, task, *, source: Optional[str] = None, preset_args=
   module = models.build(args, task.HEAD, len(data.label_names))
   abstract, logical = models.abstract_params(module)
   labels = peft.label_params(abstract, [tuple(r) for r in cfg.peft.rules])
+  _check_groups(spec, cfg)
   num_steps = train.num_train_steps(cfg.train, len(data.train))
   tx, schedule = optim.make_optimizer(cfg.optim, labels, num_steps)
   tx = peft.wrap_optimizer(tx, spec, num_steps)   # AdaLoRA's rank budget; else tx unchanged
@@ -171,6 +172,17 @@ def setup(cfg, workdir: str, task, *, source: Optional[str] = None, preset_args=
   return Run(cfg, workdir, task, tokenizer, data, args, module, abstract, labels, spec,
              num_steps, tx, schedule, mesh, rules, sharding.batch_sharding(mesh, rules), state,
              fpt, sizes, t_start, source)
+
+
+def _check_groups(spec, cfg) -> None:
+  """A rule method that is no PEFT method names an optimizer group: it must have an lr_mult
+  (else it is most likely a typo, e.g. 'lorax', that would silently train the parameters)."""
+  groups = sorted({m.label for _, m in spec.rules if m.label not in peft.METHODS})
+  missing = [g for g in groups if g not in cfg.optim.get("lr_mult", {})]
+  if missing:
+    raise errors.ConfigError(
+        f"config.peft.rules: {missing} are neither PEFT methods (valid: {sorted(peft.METHODS)}) "
+        "nor optimizer groups with a config.optim.lr_mult entry")
 
 
 def state_sizes(state, labels) -> dict:

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from lib import errors
 from lib.peft import spec as spec_lib
 
 # The label of frozen parameters: no gradient, no optimizer state, never updated.
@@ -125,15 +126,15 @@ def label_params(params, rules: Sequence[Sequence[str]], log: bool = True):
       used[i] += 1
       first[path] = i
   if unmatched:
-    raise ValueError(f"{len(unmatched)} parameters match no peft rule (rules: {list(rules)}):\n  "
+    raise errors.ConfigError(f"{len(unmatched)} parameters match no peft rule (rules: {list(rules)}):\n  "
                      + "\n  ".join(unmatched))
   unused = [f"#{i} {tuple(rules[i])!r}" for i, n in enumerate(used) if n == 0]
   if unused:
-    raise ValueError(f"peft rules match no parameter (shadowed by an earlier rule or a typo): "
+    raise errors.ConfigError(f"peft rules match no parameter (shadowed by an earlier rule or a typo): "
                      f"{', '.join(unused)}")
   problems = _lora_problems(flat, first, compiled, rules)
   if problems:
-    raise ValueError("peft rules and parameters do not fit:\n  " + "\n  ".join(problems))
+    raise errors.ConfigError("peft rules and parameters do not fit:\n  " + "\n  ".join(problems))
 
   def label(kp, _):
     path = path_str(kp)

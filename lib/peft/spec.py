@@ -5,6 +5,7 @@ import dataclasses
 import re
 from typing import NamedTuple, Optional, Sequence
 
+from lib import errors
 from lib.models.layers import LoraArgs, ModelArgs
 
 # Methods of a (regex, method) rule, with their keyword defaults in positional order.
@@ -48,7 +49,7 @@ def _literal(node, where: str):
   try:
     return ast.literal_eval(node)
   except ValueError as e:
-    raise ValueError(f"{where}: arguments must be literals, got {ast.unparse(node)!r}") from e
+    raise errors.ConfigError(f"{where}: arguments must be literals, got {ast.unparse(node)!r}") from e
 
 
 def _call(text: str, where: str) -> tuple:
@@ -56,11 +57,11 @@ def _call(text: str, where: str) -> tuple:
   try:
     node = ast.parse(text.strip(), mode="eval").body
   except SyntaxError as e:
-    raise ValueError(f"{where}: {text!r} is not of the form name(arg, key=value, ...)") from e
+    raise errors.ConfigError(f"{where}: {text!r} is not of the form name(arg, key=value, ...)") from e
   if isinstance(node, ast.Name):
     return node.id, [], {}
   if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
-    raise ValueError(f"{where}: {text!r} is not of the form name(arg, key=value, ...)")
+    raise errors.ConfigError(f"{where}: {text!r} is not of the form name(arg, key=value, ...)")
   return (node.func.id, [_literal(a, where) for a in node.args],
           {k.arg: _literal(k.value, where) for k in node.keywords})
 
@@ -68,22 +69,22 @@ def _call(text: str, where: str) -> tuple:
 def _bind(name: str, defaults: dict, args: list, kwargs: dict, where: str) -> tuple:
   """Positional and keyword arguments over `defaults`, type-checked against the defaults."""
   if len(args) > len(defaults):
-    raise ValueError(f"{where}: {name} takes at most {len(defaults)} arguments "
+    raise errors.ConfigError(f"{where}: {name} takes at most {len(defaults)} arguments "
                      f"({', '.join(defaults) or 'none'}), got {len(args)}")
   values = dict(defaults)
   values.update(zip(defaults, args))
   for k, v in kwargs.items():
     if k not in defaults:
-      raise ValueError(f"{where}: {name} has no argument {k!r}; valid: {list(defaults)}")
+      raise errors.ConfigError(f"{where}: {name} has no argument {k!r}; valid: {list(defaults)}")
     if k in list(defaults)[:len(args)]:
-      raise ValueError(f"{where}: {name} argument {k!r} given twice")
+      raise errors.ConfigError(f"{where}: {name} argument {k!r} given twice")
     values[k] = v
   for k, v in values.items():
     want = type(defaults[k])
     if want is float and isinstance(v, int) and not isinstance(v, bool):
       values[k] = float(v)
     elif not isinstance(v, want) or isinstance(v, bool):
-      raise ValueError(f"{where}: {name} argument {k}={v!r} must be a {want.__name__}")
+      raise errors.ConfigError(f"{where}: {name} argument {k}={v!r} must be a {want.__name__}")
   return tuple(values.items())
 
 
@@ -95,12 +96,12 @@ def parse_method(text: str, where: str = "peft rule") -> Method:
     ValueError: an unknown method called with arguments, bad arguments or values (naming `where`).
   """
   if not isinstance(text, str):
-    raise ValueError(f"{where}: the method must be a string, got {text!r}")
+    raise errors.ConfigError(f"{where}: the method must be a string, got {text!r}")
   if "(" not in text and text.strip() not in METHODS:
     return Method("train", text)
   name, args, kwargs = _call(text, where)
   if name not in METHODS:
-    raise ValueError(f"{where}: unknown method {name!r}; valid: {sorted(METHODS)} (or a plain "
+    raise errors.ConfigError(f"{where}: unknown method {name!r}; valid: {sorted(METHODS)} (or a plain "
                      "optimizer group name without arguments)")
   m = Method("train" if name == "full" else name, name,
              _bind(name, METHODS[name], args, kwargs, where))
@@ -112,7 +113,7 @@ def parse_option(text: str, where: str = "peft option") -> Method:
   """A model-level option: 'adapter(64)', 'prefix(10, 512)' or 'prompt(20)'."""
   name, args, kwargs = _call(str(text), where)
   if name not in OPTIONS:
-    raise ValueError(f"{where}: unknown option {name!r}; valid: {sorted(OPTIONS)}")
+    raise errors.ConfigError(f"{where}: unknown option {name!r}; valid: {sorted(OPTIONS)}")
   m = Method(name, name, _bind(name, OPTIONS[name], args, kwargs, where))
   _validate(m, where)
   return m
@@ -141,7 +142,7 @@ _EXPECT = {"rank": ">= 1", "alpha": "> 0", "dropout": "in [0, 1)",
 def _validate(m: Method, where: str) -> None:
   for arg, ok in _CHECKS.get(m.kind, []):
     if not ok(m):
-      raise ValueError(f"{where}: {m.kind} needs {arg} {_EXPECT[arg]}; got {dict(m.kwargs)}")
+      raise errors.ConfigError(f"{where}: {m.kind} needs {arg} {_EXPECT[arg]}; got {dict(m.kwargs)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,22 +170,22 @@ def parse_spec(rules: Sequence[Sequence[str]], options: Sequence[str] = ()) -> S
   parsed = []
   for i, rule in enumerate(rules):
     if len(rule) != 2 or not all(isinstance(r, str) for r in rule):
-      raise ValueError(f"peft rule #{i} {rule!r}: expected a (regex, method) pair of strings")
+      raise errors.ConfigError(f"peft rule #{i} {rule!r}: expected a (regex, method) pair of strings")
     try:
       re.compile(rule[0])
     except re.error as e:
-      raise ValueError(f"peft rule #{i} {tuple(rule)!r}: bad regex: {e}") from e
+      raise errors.ConfigError(f"peft rule #{i} {tuple(rule)!r}: bad regex: {e}") from e
     parsed.append((rule[0], parse_method(rule[1], f"peft rule #{i} {tuple(rule)!r}")))
   if not parsed:
-    raise ValueError("peft rules are empty; full fine-tuning is [('.*', 'train')]")
+    raise errors.ConfigError("peft rules are empty; full fine-tuning is [('.*', 'train')]")
   ada = {m for _, m in parsed if m.kind == "adalora"}
   if len(ada) > 1:
-    raise ValueError(f"peft rules: one AdaLoRA method per spec (its budget is global), got "
+    raise errors.ConfigError(f"peft rules: one AdaLoRA method per spec (its budget is global), got "
                      f"{sorted(m.kwargs for m in ada)}")
   opts = tuple(parse_option(o, f"peft option #{i} {o!r}") for i, o in enumerate(options))
   kinds = [o.kind for o in opts]
   if len(set(kinds)) != len(kinds):
-    raise ValueError(f"peft options: each option at most once, got {list(options)}")
+    raise errors.ConfigError(f"peft options: each option at most once, got {list(options)}")
   return Spec(tuple(parsed), opts)
 
 

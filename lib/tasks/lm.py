@@ -9,7 +9,7 @@ from typing import Optional
 import jax
 from absl import logging
 
-from lib import data, distributed, model_io, pretrain_data, sampling, train
+from lib import data, distributed, errors, model_io, pretrain_data, sampling, train
 from lib.tasks.supervised import Data
 
 
@@ -44,8 +44,8 @@ def load_tokenizer(cfg, workdir: str, arch: str):
   if not cfg.vocab.size:
     return model_io.load_tokenizer(cfg.model.init_from, arch, cfg.data.dir, cfg.model.tokenizer)
   if cfg.model.init_from or cfg.model.tokenizer:
-    raise ValueError(f"vocab.size={cfg.vocab.size} trains a new vocabulary: it cannot be used "
-                     f"with model.init_from={cfg.model.init_from!r} or model.tokenizer="
+    raise errors.ConfigError(f"config.vocab.size={cfg.vocab.size} trains a new vocabulary: it cannot be used "
+                     f"with config.model.init_from={cfg.model.init_from!r} or config.model.tokenizer="
                      f"{cfg.model.tokenizer!r} (their embeddings index another vocabulary)")
   out = os.path.abspath(os.path.join(workdir, "tokenizer"))
   train_it = lambda: pretrain_data.train_vocabulary(
