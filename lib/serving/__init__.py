@@ -1,0 +1,1 @@
+"""Serving a trained model: dynamic batcher, per-head engine, HTTP app (FastAPI), metrics."""
