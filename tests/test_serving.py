@@ -59,7 +59,7 @@ def test_answers_in_order_under_concurrency():
 def test_max_batch_and_fifo_when_queued_together():
   gate = threading.Event()
   rec = Recorder(gate=gate)
-  b = B.Batcher(rec, B.BatchLimits(max_batch=4, max_wait_ms=50, length_buckets=(8,))).start()
+  b = B.Batcher(rec, B.BatchLimits(max_batch=4, max_wait_ms=0, length_buckets=(8,))).start()
   first = b.submit([0], [1])          # the worker holds this one at the gate
   time.sleep(0.05)
   futures = [b.submit([i], [1]) for i in range(1, 11)]
@@ -74,7 +74,7 @@ def test_max_batch_and_fifo_when_queued_together():
 def test_max_tokens_limits_padded_batch():
   gate = threading.Event()
   rec = Recorder(gate=gate)
-  lim = B.BatchLimits(max_batch=8, max_tokens=256, max_wait_ms=50, length_buckets=(16, 128))
+  lim = B.BatchLimits(max_batch=8, max_tokens=256, max_wait_ms=0, length_buckets=(16, 128))
   b = B.Batcher(rec, lim).start()
   b.submit([0], [1])
   time.sleep(0.05)
