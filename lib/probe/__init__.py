@@ -1,0 +1,1 @@
+"""Interpretability on frozen models: probes, activation patching, INLP, attributions, facts."""
