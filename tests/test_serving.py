@@ -1,5 +1,7 @@
 """Tests of lib/serving: the batcher (order, limits, max wait, shutdown) and the HTTP server."""
 
+import json
+import os
 import threading
 import time
 
@@ -135,3 +137,206 @@ def test_stop_drains_the_queue_then_refuses():
   assert [f.result(0) for f in futures] == [[i * 10] for i in range(5)]
   with pytest.raises(B.ShuttingDownError):
     b.submit([9], [1])
+
+
+# ----------------------------------------------------------------------------- the HTTP server
+
+import random   # pylint: disable=g-import-not-at-top,wrong-import-position
+import socket   # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import numpy as np   # pylint: disable=g-import-not-at-top,wrong-import-position
+
+DATA_DIR = "/work/shared/data"
+LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+LONG = " ".join(f"Anna{i % 7} met Bob in Rome{i % 3} ." for i in range(12))   # several windows
+
+
+def _tiny_dir(tmp, head, num_labels, names):
+  import jax   # pylint: disable=g-import-not-at-top
+  from lib import model_io, models   # pylint: disable=g-import-not-at-top
+  args = models.ModelArgs(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, max_len=64)
+  params, _ = models.init_params(models.build(args, head, num_labels), jax.random.key(3))
+  return model_io.save_model_dir(os.path.join(tmp, head), args, params, head, num_labels, names,
+                                 tokenizer="minilm")
+
+
+class Running:
+  """A Server on a free loopback port, in a thread (uvicorn), stopped with `close`."""
+
+  def __init__(self, model_dir, limits=None, window=(16, 4), **batch):
+    import httpx, uvicorn   # pylint: disable=g-import-not-at-top,multiple-imports
+    from lib import model_io   # pylint: disable=g-import-not-at-top
+    from lib.serving import app as A, engine as E   # pylint: disable=g-import-not-at-top
+    self.model = model_io.load_for_inference(model_dir, data_dir=DATA_DIR)
+    lim = B.BatchLimits(**dict(dict(max_batch=2, max_tokens=64, max_wait_ms=2,
+                                    length_buckets=(16,)), **batch))
+    self.engine = E.Engine(self.model, lim, window=window)
+    self.engine.warm_up()
+    self.server = A.Server(self.engine, limits or A.Limits())
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    self.uv = uvicorn.Server(uvicorn.Config(self.server.app, host="127.0.0.1", port=port,
+                                            log_level="warning"))
+    self.thread = threading.Thread(target=self.uv.run, daemon=True)
+    self.thread.start()
+    while not self.uv.started:
+      time.sleep(0.02)
+    self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+
+  def close(self):
+    self.client.close()
+    self.uv.should_exit = True
+    self.thread.join(10)
+    self.engine.batcher.stop()
+    assert not self.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def ner_server(tmp_path_factory):
+  run = Running(_tiny_dir(str(tmp_path_factory.mktemp("m")), "token_cls", 5, LABELS))
+  yield run
+  run.close()
+
+
+def _offline_tags(model, words, tmp):
+  """Word tags through the fine-tuning evaluation path: a CoNLL file -> windowed batches ->
+  argmax -> one tag per word (lib.tasks.ner.collect_word_predictions)."""
+  import jax   # pylint: disable=g-import-not-at-top
+  from lib import data   # pylint: disable=g-import-not-at-top
+  from lib.tasks import common, ner   # pylint: disable=g-import-not-at-top
+  folder = os.path.join(tmp, "conll")
+  os.makedirs(folder, exist_ok=True)
+  for split in ("train", "test"):
+    with open(os.path.join(folder, f"{split}.txt"), "w", encoding="utf-8") as f:
+      f.write("\n\n".join("\n".join(f"{w} O" for w in ws) for ws in words) + "\n")
+  batches = list(data.make_batches(f"conll:{folder}", "test", model.tokenizer, batch_size=3,
+                                   max_len=16, stride=4, label_names=LABELS,
+                                   cache_dir=os.path.join(tmp, "cache")))
+  predict = jax.jit(common.argmax_predict(model.module))
+  preds = [np.asarray(predict(model.params, b)) for b in batches]
+  return ner.collect_word_predictions(batches, preds, [len(w) for w in words], LABELS)
+
+
+def test_ner_equals_offline_predictions_including_a_long_text(ner_server, tmp_path):
+  from lib import metrics   # pylint: disable=g-import-not-at-top
+  from lib.serving import engine as E   # pylint: disable=g-import-not-at-top
+  texts = ["John Smith lives in Paris.", LONG, "Ünïcode café, naïve!"]
+  r = ner_server.client.post("/v1/ner", json={"texts": texts})
+  assert r.status_code == 200, r.text
+  results = r.json()["results"]
+  words = [[w for w, _, _ in E.split_words(t)] for t in texts]
+  assert len(ner_server.engine.ner_units(LONG)[1]) > 2        # the long text is windowed
+  assert [[w["word"] for w in res["words"]] for res in results] == words
+  offline = _offline_tags(ner_server.model, words, str(tmp_path))
+  assert [[w["tag"] for w in res["words"]] for res in results] == offline
+  for text, res, tags in zip(texts, results, offline):
+    for w in res["words"]:
+      assert text[w["start"]:w["end"]] == w["word"]
+    spans = [(e["type"], e["text"]) for e in res["entities"]]
+    ws = res["words"]
+    ref = metrics.get_entities(tags)
+    assert spans == [(t, text[ws[b]["start"]:ws[e]["end"]]) for t, b, e in ref]
+
+
+def test_malformed_requests_fuzz(ner_server):
+  """>= 1,000 malformed requests: each a 4xx JSON error naming a field; the server stays up."""
+  rng = random.Random(0)
+  good = json.dumps({"texts": ["a b"]}).encode()
+  makers = [
+      lambda: good[:rng.randrange(1, len(good) - 1)],                       # cut JSON
+      lambda: bytes(rng.randrange(128, 256) for _ in range(rng.randrange(1, 20))),   # not UTF-8
+      lambda: json.dumps({"texts": []}).encode(),
+      lambda: json.dumps({"texts": [rng.choice([1, None, 2.5, [], {}, True])]}).encode(),
+      lambda: json.dumps({"texts": "a string"}).encode(),
+      lambda: json.dumps({"texts": ["a"], f"x{rng.randrange(99)}": 1}).encode(),
+      lambda: json.dumps(rng.choice([[], 1, "s", None])).encode(),
+      lambda: json.dumps({}).encode(),
+      lambda: json.dumps({"texts": ["a"] * 65}).encode(),                  # over max_texts
+      lambda: json.dumps({"texts": ["a" * 20_001]}).encode(),              # over max_chars
+      lambda: b"x" * ((1 << 20) + 1),                                      # over max_body_bytes
+  ]
+  statuses, compiled = set(), ner_server.engine.compiles_since_ready()
+  for i in range(1100):
+    body = makers[i % len(makers)]()
+    r = ner_server.client.post(rng.choice(["/v1/ner", "/v1/embed"]), content=body)
+    assert 400 <= r.status_code < 500, (body[:80], r.status_code, r.text)
+    err = r.json()["error"]
+    assert err["field"] and err["message"] and err["code"] == r.status_code
+    statuses.add(r.status_code)
+  assert statuses == {400, 413, 422}
+  assert ner_server.client.get("/healthz").json() == {"status": "ok"}
+  assert ner_server.client.post("/v1/ner", json={"texts": ["ok"]}).status_code == 200
+  assert ner_server.engine.compiles_since_ready() == compiled      # no request compiled
+  assert "serve_errors_total" in ner_server.client.get("/metrics").text
+  assert ner_server.engine.batcher.depth == 0
+
+
+def test_field_names_routes_and_readiness(ner_server):
+  c = ner_server.client
+  r = c.post("/v1/ner", json={"texts": ["a", 3]})
+  assert r.status_code == 422 and r.json()["error"]["field"] == "texts[1]"
+  assert c.post("/v1/classify", json={"texts": ["a"]}).status_code == 404   # token_cls head
+  assert c.get("/v1/ner").status_code == 405 and "error" in c.get("/v1/ner").json()
+  ready = c.get("/readyz").json()
+  assert ready["status"] == "ready" and ready["endpoints"] == ["ner", "embed"]
+  assert c.get("/openapi.json").json()["paths"]["/v1/ner"]["post"]["requestBody"]
+  r = c.post("/v1/embed", json={"texts": ["x " * 20]})     # 22 tokens > the 16 bucket: refused
+  assert r.status_code == 413 and r.json()["error"]["field"] == "texts[0]"
+
+
+def test_classify_embed_auth_and_overload(tmp_path):
+  from lib.serving import app as A   # pylint: disable=g-import-not-at-top
+  run = Running(_tiny_dir(str(tmp_path), "seq_cls", 2, ["neg", "pos"]),
+                A.Limits(api_key="s3cret", max_concurrent=1))
+  try:
+    c, key = run.client, {"x-api-key": "s3cret"}
+    texts = ["a fine film", "dull", "a fine film"]
+    assert c.post("/v1/classify", json={"texts": texts}).status_code == 401
+    assert c.post("/v1/classify", json={"texts": texts}, headers={"x-api-key": "s3creT"}
+                  ).status_code == 401
+    res = c.post("/v1/classify", json={"texts": texts}, headers=key).json()["results"]
+    # Reference: the module on each text alone, unpadded.
+    for text, got in zip(texts, res):
+      ids = np.asarray([run.model.tokenizer(text)["input_ids"]], np.int32)
+      out, _ = run.model.module.apply({"params": run.model.params}, input_ids=ids)
+      p = np.exp(np.asarray(out["logits"][0], np.float64))
+      p /= p.sum()
+      assert got["label"] == ["neg", "pos"][int(p.argmax())]
+      np.testing.assert_allclose([got["probabilities"]["neg"], got["probabilities"]["pos"]], p,
+                                 atol=1e-5)
+    assert res[0]["label"] == res[2]["label"]
+    emb = np.asarray(c.post("/v1/embed", json={"texts": texts}, headers=key).json()["embeddings"])
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    run.server.inflight = 1          # as if one request were being served: the next is refused
+    r = c.post("/v1/classify", json={"texts": ["a"]}, headers=key)
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    run.server.inflight = 0
+  finally:
+    run.close()
+
+
+@pytest.mark.slow
+def test_minilm_embeddings_equal_sentence_transformers_pooling():
+  """all-MiniLM-L6-v2's sentence-transformers output: mean over BertModel's last hidden state
+  (attention mask), then L2 normalisation; here computed with transformers (PyTorch) + numpy."""
+  import torch, transformers   # pylint: disable=g-import-not-at-top,multiple-imports
+  from lib import hf, model_io   # pylint: disable=g-import-not-at-top
+  from lib.serving import engine as E   # pylint: disable=g-import-not-at-top
+  model = model_io.load_for_inference("minilm", data_dir=DATA_DIR)
+  eng = E.Engine(model, B.BatchLimits(max_batch=4, max_tokens=4 * 32, max_wait_ms=0,
+                                      length_buckets=(32,)))
+  texts = ["A man is eating food.", "The quick brown fox jumps over the lazy dog", "Hi"]
+  units = eng.encode(texts)
+  outs = eng._run_batch(units, (4, 32))  # pylint: disable=protected-access
+  got = np.stack([o["embedding"] for o in outs])
+  tok = hf.load_bert_tokenizer("minilm")
+  ref_model = transformers.BertModel.from_pretrained(hf.resolve_model_dir("minilm")).eval()
+  enc = tok(texts, padding=True, return_tensors="pt")
+  with torch.no_grad():
+    h = ref_model(**enc).last_hidden_state.numpy().astype(np.float64)
+  m = enc["attention_mask"].numpy()[..., None]
+  ref = (h * m).sum(1) / m.sum(1)
+  ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+  cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1)
+  assert np.all(1 - cos < 1e-5), 1 - cos

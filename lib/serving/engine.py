@@ -1,0 +1,199 @@
+"""What a served model computes: texts -> batcher units -> padded, bucketed model calls -> answers.
+
+One forward function per model, jitted once and compiled for every (rows, length) bucket at
+warm-up; it returns the head's logits and the mean-pooled, L2-normalised last hidden state (the
+sentence-transformers pooling of all-MiniLM-L6-v2), so /v1/ner, /v1/classify and /v1/embed share
+one batcher and one set of compilations. Long NER texts are windowed exactly as fine-tuning
+evaluates them (lib.data.tokenize.windows_for_sentence: overlapping windows, each word predicted
+once, from the window where it has most context); nothing is truncated: a classify/embed text
+longer than the longest bucket is refused (TooLongError).
+"""
+
+import functools
+import re
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lib import metrics, model_io
+from lib.data import tokenize as tok_lib
+from lib.serving import batcher as B
+
+# Endpoints each head serves (BERT encoders also embed; GPT-2 LMs generate).
+ENDPOINTS = {"token_cls": ("ner", "embed"), "seq_cls": ("classify", "embed"),
+             None: ("embed",), "mlm": ("embed",), "lm": ("generate",)}
+WORD = re.compile(r"\w+|[^\w\s]")      # words and single punctuation marks, as CoNLL tokenises
+_COMPILES = [0]
+_LISTENING = threading.Lock()
+
+
+def _on_event(event, *args, **kwargs):
+  del args, kwargs
+  if event == "/jax/core/compile/backend_compile_duration":
+    _COMPILES[0] += 1
+
+
+def compilations() -> int:
+  """XLA backend compilations in this process since the first engine was made."""
+  return _COMPILES[0]
+
+
+def _listen_once():
+  with _LISTENING:
+    if not getattr(_listen_once, "done", False):
+      jax.monitoring.register_event_duration_secs_listener(_on_event)
+      _listen_once.done = True
+
+
+class TooLongError(ValueError):
+  """A text has more tokens than the longest served sequence (it is refused, never truncated)."""
+
+
+def split_words(text: str) -> list:
+  """(word, start, end) character spans of the words and punctuation marks of `text`."""
+  return [(m.group(), m.start(), m.end()) for m in WORD.finditer(text)]
+
+
+def _forward(module, params, ids, mask):
+  out, _ = module.apply({"params": params}, input_ids=ids, input_mask=mask, deterministic=True)
+  h = out["last_hidden_state"].astype(jnp.float32)                      # (B, T, D)
+  m = mask[..., None].astype(jnp.float32)
+  pooled = (h * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)                 # (B, D)
+  emb = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+  res = {"embedding": emb}
+  if "logits" in out:
+    res["logits"] = out["logits"].astype(jnp.float32)
+  return res
+
+
+def window_settings(source: str, args) -> tuple:
+  """(window length, stride) for NER: what the run was fine-tuned with (model.json 'data'),
+  else 128 (capped at the model's max_len) and half a window, the data pipeline's default."""
+  data = {}
+  try:
+    data = model_io.read_model_json(model_io.split_source(source)[0]).get("data") or {}
+  except (OSError, ValueError):
+    pass
+  max_len = int(data.get("max_len") or min(128, args.max_len))
+  stride = int(data.get("stride") or max(1, (max_len - 2) // 2))
+  return max_len, stride
+
+
+class Engine:
+  """A loaded model, its jitted forward, the batcher in front of it and the per-endpoint glue.
+
+  Args:
+    model: from model_io.load_for_inference.
+    limits: batching limits; length buckets above the model's max_len are dropped and the NER
+      window length is added.
+    window: (length, stride) of NER windows (default: `window_settings`).
+  """
+
+  def __init__(self, model, limits: B.BatchLimits, window=None):
+    _listen_once()
+    self.model, self.tokenizer = model, model.tokenizer
+    self.endpoints = ENDPOINTS.get(model.head, ("embed",) if model.args.arch == "bert" else ())
+    self.window = window or window_settings(model.source, model.args)
+    buckets = {b for b in limits.length_buckets if b <= model.args.max_len}
+    if "ner" in self.endpoints:
+      buckets.add(self.window[0])
+    limits.length_buckets = tuple(sorted(buckets))
+    self.limits = limits
+    self.prefix, self.suffix = tok_lib.special_wrap(self.tokenizer)
+    self.pad_id = self.tokenizer.pad_token_id or 0
+    self.words = tok_lib.WordPieces(self.tokenizer)
+    self.params = jax.device_put(model.params)
+    self.forward = jax.jit(functools.partial(_forward, model.module))
+    self.batcher = B.Batcher(self._run_batch, limits)
+    self.ready = False
+    self.compiles_at_ready = None
+
+  # -------------------------------------------------------------------------- model calls
+
+  def warm_up(self) -> None:
+    """Compiles every (rows, length) bucket shape, then starts the batcher."""
+    if self.endpoints != ("generate",):
+      for rows, length in self.limits.shapes():
+        ids = np.full((rows, length), self.pad_id, np.int32)
+        jax.block_until_ready(self.forward(self.params, ids, np.ones_like(ids)))
+    self.batcher.start()
+    self.compiles_at_ready = compilations()
+    self.ready = True
+
+  def compiles_since_ready(self) -> int:
+    return 0 if self.compiles_at_ready is None else compilations() - self.compiles_at_ready
+
+  def _run_batch(self, payloads, shape):
+    rows, length = shape
+    ids = np.full((rows, length), self.pad_id, np.int32)
+    mask = np.zeros((rows, length), np.int32)
+    for i, p in enumerate(payloads):
+      ids[i, :len(p)] = p
+      mask[i, :len(p)] = 1
+    out = {k: np.asarray(v) for k, v in self.forward(self.params, ids, mask).items()}
+    return [{k: v[i] for k, v in out.items()} for i in range(len(payloads))]
+
+  def submit(self, units):
+    """Queues unit id arrays (one request); a concurrent future of their outputs."""
+    return self.batcher.submit(units, [len(u) for u in units])
+
+  # -------------------------------------------------------------------------- per endpoint
+
+  def encode(self, texts, field: str = "texts") -> list:
+    """[CLS] text [SEP] ids of each text (classify, embed).
+
+    Raises:
+      TooLongError: naming the text (field[i]) and its token count.
+    """
+    ids = self.tokenizer(list(texts), verbose=False)["input_ids"]
+    longest = self.limits.length_buckets[-1]
+    for i, x in enumerate(ids):
+      if len(x) > longest:
+        raise TooLongError(f"{field}[{i}]: {len(x)} tokens; this server takes at most {longest} "
+                           "per text (texts are never truncated)")
+    return [np.asarray(x, np.int32) for x in ids]
+
+  def ner_units(self, text: str) -> tuple:
+    """(words with spans, windows) of one text, windowed as fine-tuning evaluates."""
+    words = split_words(text)
+    if not words:
+      return words, []
+    if len(self.words.cache) > 200_000:      # bound the word-piece cache of a long-lived server
+      self.words.cache.clear()
+    pieces = self.words([w for w, _, _ in words])
+    max_len, stride = self.window
+    wins = tok_lib.windows_for_sentence(pieces, None, max_len=max_len, stride=stride,
+                                        prefix=self.prefix, suffix=self.suffix, label_all=False,
+                                        owned_labels_only=True)
+    return words, wins
+
+  def ner_answer(self, text, words, wins, outputs) -> dict:
+    """Word tags (one per word, from its owning window) and entities with character offsets."""
+    names = self.model.label_names
+    tags, scores = [None] * len(words), [0.0] * len(words)
+    for win, out in zip(wins, outputs):
+      for pos in np.flatnonzero(win["predict_mask"] == 1):
+        w = int(win["word_ids"][pos])
+        probs = _softmax(out["logits"][pos])
+        tags[w], scores[w] = names[int(np.argmax(probs))], float(probs.max())
+    entities = []
+    for typ, b, e in metrics.get_entities(tags):
+      start, end = words[b][1], words[e][2]
+      entities.append(dict(type=typ, start=start, end=end, text=text[start:end],
+                           score=float(np.mean(scores[b:e + 1]))))
+    return dict(entities=entities,
+                words=[dict(word=w, start=s, end=t, tag=g) for (w, s, t), g in zip(words, tags)])
+
+  def classify_answer(self, out) -> dict:
+    probs = _softmax(out["logits"])
+    names = self.model.label_names or [str(i) for i in range(len(probs))]
+    return dict(label=names[int(np.argmax(probs))],
+                probabilities={n: float(p) for n, p in zip(names, probs)})
+
+
+def _softmax(x):
+  x = np.asarray(x, np.float64)
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
