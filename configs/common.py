@@ -82,6 +82,9 @@ def finetune_base() -> ml_collections.ConfigDict:
   # reparam_hidden) | prompt(length). Tuples, so that a flag can replace them, e.g.
   # --config.peft.rules="(('classifier/.*','train'),('.*/kernel','lora(rank=4)'),('.*','freeze'))"
   c.peft = ml_collections.ConfigDict(dict(rules=((".*", "train"),), options=()))
+  # Adversarial training on the word embeddings (lib/adversarial.py: method none|fgm|pgd|freelb).
+  from lib import adversarial  # pylint: disable=g-import-not-at-top
+  c.adversarial = adversarial.default_config()
   return c
 
 
@@ -115,6 +118,25 @@ def peft_variants(head_rules, lora_targets: str = ".*/attention/(query|key|value
                                  options=["adapter(bottleneck=32)"]),
       "prefix": lambda c: rules(c, lr=1e-3, options=["prefix(length=16, reparam_hidden=256)"]),
       "prompt": lambda c: rules(c, lr=1e-2, options=["prompt(length=20)"]),
+  }
+
+
+def adversarial_variants():
+  """Config variants of adversarial training on the word embeddings (lib/adversarial.py).
+
+  Per-example L2 balls on the word-embedding output of every real token. FGM/PGD take the mean of
+  the clean and the adversarial loss. FreeLB (Zhu et al. 2020's GLUE settings: K=3, step 0.1,
+  random start 0.1) is given a ball of 1.0 that its steps do not reach (the paper's unbounded
+  max-norm 0). Not tuned here; override e.g. --config.adversarial.epsilon=0.5.
+  """
+  def method(c, name, **kw):
+    c.adversarial.method = name
+    c.adversarial.update(kw)
+  return {
+      "fgm": lambda c: method(c, "fgm", epsilon=1.0),
+      "pgd": lambda c: method(c, "pgd", epsilon=1.0, step_size=0.3, steps=3),
+      "freelb": lambda c: method(c, "freelb", epsilon=1.0, step_size=0.1, steps=3,
+                                 init_scale=0.1),
   }
 
 

@@ -8,6 +8,10 @@ Variants (`--config=configs/ner.py:<variant>`):
           clip 1.0, seed 0, max 128 word-pieces per window (longer sentences are windowed, never cut).
   quick   the first 1,000 training sentences, 2 epochs, full dev and test evaluation (smoke test / demo).
   bf16    bfloat16 compute (params and optimizer state stay float32).
+  fgm, pgd, freelb
+          adversarial training on the word embeddings (configs/common.py:adversarial_variants,
+          lib/adversarial.py): FGM eps 1.0; PGD-3 eps 1.0 step 0.3; FreeLB-3 step 0.1 init 0.1.
+          Combine with '+', e.g. `quick+fgm` or `lora+freelb`.
   lora, adalora, bitfit, adapter, prefix, prompt
           parameter-efficient fine-tuning (configs/common.py:peft_variants, lib/peft): only the
           method's parameters and the classifier are trained (LoRA r=8 / AdaLoRA 12->8 on the
@@ -36,6 +40,7 @@ def get_config(variant: str = ""):
   return common.apply_variant(c, variant, {
       "quick": _quick,
       "bf16": _bf16,
+      **common.adversarial_variants(),
       **common.peft_variants([["classifier/.*", "train"]]),
   })
 

@@ -9,6 +9,10 @@ Variants (`--config=configs/sst2.py:<variant>`):
           Evaluates on dev every 500 steps and at the end; the best dev checkpoint is tested.
   quick   the first 1,000 training sentences, full dev and test evaluation (smoke test / demo).
   bf16    bfloat16 compute.
+  fgm, pgd, freelb
+          adversarial training on the word embeddings (configs/common.py:adversarial_variants,
+          lib/adversarial.py): FGM eps 1.0; PGD-3 eps 1.0 step 0.3; FreeLB-3 step 0.1 init 0.1.
+          Combine with '+', e.g. `quick+fgm` or `lora+freelb`.
   lora, adalora, bitfit, adapter, prefix, prompt
           parameter-efficient fine-tuning (configs/common.py:peft_variants, lib/peft): only the
           method's parameters, the classifier and the pooler bias are trained (LoRA r=8 / AdaLoRA
@@ -35,6 +39,7 @@ def get_config(variant: str = ""):
   return common.apply_variant(c, variant, {
       "quick": _quick,
       "bf16": _bf16,
+      **common.adversarial_variants(),
       # The pooler is a pretrained projection: LoRA adapts its kernel too, its bias is trained.
       **common.peft_variants(
           [["classifier/.*", "train"], ["pooler/dense/bias", "train"]],

@@ -16,8 +16,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from lib import (checkpoint, config_check, errors, flops, model_io, models, optim, peft,
-                 reporting, sharding, train)
+from lib import (adversarial, checkpoint, config_check, errors, flops, model_io, models, optim,
+                 peft, reporting, sharding, train)
 from lib.train import Hook
 
 # What a workdir records of its run (model.json) and a rerun must match before resuming.
@@ -308,7 +308,10 @@ def fit(run: Run, evaluator, hooks: Sequence[Hook] = (), loss_fn=None) -> Option
   the `at_end` hooks have run on it.
   """
   cfg, task = run.cfg, run.task
-  step_fn = train.make_train_step(loss_fn or task.make_loss(run.module, cfg), run.tx,
+  if loss_fn is None:   # config.adversarial (FGM/PGD/FreeLB) wraps the task's loss, here only
+    loss_fn = adversarial.from_config(task.make_loss(run.module, cfg), cfg, run.args.hidden_size,
+                                      run.labels)
+  step_fn = train.make_train_step(loss_fn, run.tx,
                                   labels=run.labels, accum_steps=cfg.optim.accum_steps,
                                   schedule=run.schedule, seed=cfg.seed)
   step_fn = peft.with_rank_metrics(step_fn)       # AdaLoRA: logs the kept rank per matrix

@@ -22,8 +22,11 @@ class BertEmbeddings(nn.Module):
     self.ln = layer_norm(a, "ln")
     self.dropout = nn.Dropout(a.dropout_rate)
 
-  def __call__(self, input_ids, token_type_ids, position_ids, deterministic, inputs_embeds=None):
+  def __call__(self, input_ids, token_type_ids, position_ids, deterministic, inputs_embeds=None,
+               embedding_delta=None):
     x = self.word(input_ids) if inputs_embeds is None else inputs_embeds   # (B, T, D)
+    if embedding_delta is not None:   # (B, T, D) added to the word embeddings (lib/adversarial)
+      x = x + embedding_delta.astype(x.dtype)
     x = x + self.position(position_ids) + self.token_type(token_type_ids)
     return self.dropout(self.ln(x), deterministic=deterministic)
 
@@ -41,7 +44,8 @@ class BertEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, input_mask=None, token_type_ids=None, position_ids=None,
-               segment_ids=None, deterministic=True, output_attentions=False, inputs_embeds=None):
+               segment_ids=None, deterministic=True, output_attentions=False, inputs_embeds=None,
+               embedding_delta=None):
     b, t = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
     if input_mask is None:
       input_mask = jnp.ones((b, t), jnp.int32)
@@ -49,7 +53,8 @@ class BertEncoder(nn.Module):
       token_type_ids = jnp.zeros((b, t), jnp.int32)
     if position_ids is None:
       position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x = self.embeddings(input_ids, token_type_ids, position_ids, deterministic, inputs_embeds)
+    x = self.embeddings(input_ids, token_type_ids, position_ids, deterministic, inputs_embeds,
+                        embedding_delta)
     if self.args.prompt_len:   # prompt tuning: (B, P + T, D) through the layers, P stripped after
       x, input_mask = SoftPrompt(self.args, name="prompt")(x, input_mask, segment_ids)
     bias = attention_bias(input_mask, segment_ids, causal=False)
@@ -75,9 +80,11 @@ class Bert(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids=None, input_mask=None, token_type_ids=None, position_ids=None,
-               segment_ids=None, deterministic=True, output_attentions=False, inputs_embeds=None):
+               segment_ids=None, deterministic=True, output_attentions=False, inputs_embeds=None,
+               embedding_delta=None):
     x, hidden, attns = self.encoder(input_ids, input_mask, token_type_ids, position_ids, segment_ids,
-                                    deterministic, output_attentions, inputs_embeds)
+                                    deterministic, output_attentions, inputs_embeds,
+                                    embedding_delta)
     outputs = {"last_hidden_state": x}
     inter = {"hidden_states": hidden}
     if attns is not None:

@@ -26,7 +26,8 @@ class GptDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, input_mask=None, position_ids=None, segment_ids=None,
-               deterministic=True, output_attentions=False, inputs_embeds=None):
+               deterministic=True, output_attentions=False, inputs_embeds=None,
+               embedding_delta=None):
     a = self.args
     b, t = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
     if input_mask is None:
@@ -34,6 +35,8 @@ class GptDecoder(nn.Module):
     if position_ids is None:
       position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     x = self.word(input_ids) if inputs_embeds is None else inputs_embeds    # (B, T, D)
+    if embedding_delta is not None:   # (B, T, D) added to the word embeddings (lib/adversarial)
+      x = x + embedding_delta.astype(x.dtype)
     x = nn.Dropout(a.dropout_rate)(x + self.position(position_ids), deterministic=deterministic)
     if a.prompt_len:   # prompt tuning: (B, P + T, D) through the layers, P stripped after
       x, input_mask = SoftPrompt(a, name="prompt")(x, input_mask, segment_ids)
@@ -63,10 +66,11 @@ class Gpt(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids=None, input_mask=None, token_type_ids=None, position_ids=None,
-               segment_ids=None, deterministic=True, output_attentions=False, inputs_embeds=None):
+               segment_ids=None, deterministic=True, output_attentions=False, inputs_embeds=None,
+               embedding_delta=None):
     del token_type_ids  # GPT-2 has no token types; accepted so batches are interchangeable.
     x, hidden, attns = self.decoder(input_ids, input_mask, position_ids, segment_ids, deterministic,
-                                    output_attentions, inputs_embeds)
+                                    output_attentions, inputs_embeds, embedding_delta)
     outputs, inter = {"last_hidden_state": x}, {"hidden_states": hidden}
     if attns is not None:
       inter["attentions"] = attns

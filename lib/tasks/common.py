@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import optax
 
 # Batch keys the models accept; anything else in a batch (labels, ids for evaluation) stays out.
-MODEL_INPUTS = ("input_ids", "input_mask", "token_type_ids", "position_ids", "segment_ids")
+# embedding_delta (B, T, D) is added to the word embeddings: lib/adversarial puts it in a batch.
+MODEL_INPUTS = ("input_ids", "input_mask", "token_type_ids", "position_ids", "segment_ids",
+                "embedding_delta")
 
 
 def apply_model(module, params, batch, rng=None, train=False, **kw):
