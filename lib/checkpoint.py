@@ -38,6 +38,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from lib import distributed
+from lib.tree import flatten as _flatten, path_str  # the one tree-path utility
 
 STATE, INTEGRITY, DATA, METRICS = "state", "integrity", "data_state", "metrics"
 # File name inside each JSON item directory, as orbax's JsonCheckpointHandler writes it.
@@ -148,24 +149,6 @@ class CorruptCheckpointError(RuntimeError):
 
 
 # -------------------------------------------------------------------------------------------- paths
-def path_str(keypath) -> str:
-  """'params/encoder/layer_0/kernel' for a jax key path (dict keys, attributes, indices alike)."""
-  parts = []
-  for k in keypath:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
-
-
-def _flatten(tree) -> dict:
-  """{path_str: leaf}; None nodes (e.g. optax EmptyState as orbax stores it) have no leaves."""
-  return {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def _read_json(path: epath.Path) -> Any:
   return json.loads(path.read_text())
 

@@ -17,7 +17,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from lib import (adversarial, checkpoint, config_check, errors, flops, model_io, models, optim,
-                 peft, reporting, sharding, train)
+                 peft, reporting, sharding, train, tree)
 from lib.train import Hook
 
 # What a workdir records of its run (model.json) and a rerun must match before resuming.
@@ -421,14 +421,14 @@ def adapter_hook(run: Run) -> Hook:
   parameters were frozen (PEFT, probes; peft.load_adapter puts them onto the base model);
   nothing for full fine-tuning (the checkpoints hold everything)."""
   def save(state, step, _):
-    lab = peft.flatten_paths(run.labels)
+    lab = tree.flatten(run.labels)
     if all(peft.is_trainable(l) for l in lab.values()):
       return
-    keep = {p: v for p, v in peft.flatten_paths(state.params).items()
+    keep = {p: v for p, v in tree.flatten(state.params).items()
             if peft.is_trainable(lab[p])}
     if jax.process_count() > 1:   # every process joins the gather of the trainable leaves
       keep = multihost_utils.process_allgather(keep, tiled=True)
-    params, labels = peft.unflatten_paths(keep), peft.unflatten_paths({p: lab[p] for p in keep})
+    params, labels = tree.unflatten(keep), tree.unflatten({p: lab[p] for p in keep})
     if jax.process_index() == 0:
       path = peft.save_adapter(os.path.join(run.workdir, "adapter"), params, labels, run.args,
                                overwrite=True, source=os.path.abspath(run.workdir),

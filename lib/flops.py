@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib import peft
+from lib import optim, tree
 
 
 def train_flops_per_token(num_params: int, num_layers: int, hidden_size: int, seq_len: int,
@@ -38,13 +38,13 @@ def model_flops_per_token(args, params, seq_len: int, labels=None,
     labels: optional label tree of `params`.
     head_fraction: None for heads without a tied decoder; else the share of positions.
   """
-  flat = peft.flatten_paths(params)
+  flat = tree.flatten(params)
   matmul = {k: v.size for k, v in flat.items() if not k.endswith("embedding")}
   decoder = 0 if head_fraction is None else head_fraction * args.vocab_size * args.hidden_size
   trainable = None
   if labels is not None:
-    lab = peft.flatten_paths(labels)
-    trainable = sum(n for k, n in matmul.items() if peft.is_trainable(lab[k])) + decoder
+    lab = tree.flatten(labels)
+    trainable = sum(n for k, n in matmul.items() if optim.is_trainable(lab[k])) + decoder
   return train_flops_per_token(sum(matmul.values()) + decoder, args.num_layers, args.hidden_size,
                                seq_len, trainable)
 

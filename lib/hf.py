@@ -10,7 +10,7 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from lib import atomic, errors
+from lib import atomic, errors, tree
 from lib.models import ModelArgs
 
 # Buffers HF keeps in some state dicts; they carry no learned values.
@@ -311,27 +311,6 @@ def load_hf_state(path: str) -> dict:
                                 "pytorch_model.bin found")
 
 
-def _flat(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}/"))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def _unflat(flat: dict) -> dict:
-  tree = {}
-  for path, v in flat.items():
-    node = tree
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
-
-
 _HEAD_PATHS = ("classifier/", "pooler/", "mlm/")
 _HEAD_KEYS = ("cls.", "classifier.", "score.", "lm_head.", "pooler.", "bert.pooler.")
 _TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "lm_head.weight")
@@ -359,7 +338,7 @@ def hf_to_params(state: dict, args: ModelArgs, init_params: dict, head=None, *,
   Raises:
     CheckpointMismatchError: naming every missing, unexpected and wrongly shaped key.
   """
-  expected = _flat(init_params)
+  expected = tree.flatten(init_params)
   out, used, problems, new = dict(expected), set(), [], []
   for ent in name_map(args, head, _detect_prefix(state, args)):
     want = tuple(ent.to_hf([np.zeros(expected[p].shape, np.float32) for p in ent.paths]).shape)
@@ -391,12 +370,12 @@ def hf_to_params(state: dict, args: ModelArgs, init_params: dict, head=None, *,
   if new or dropped:
     logging.info("%s: newly initialised head tensors: %s; unused checkpoint head tensors: %s",
                  source, new or "none", dropped or "none")
-  return _unflat(out)
+  return tree.unflatten(out)
 
 
 def params_to_hf(params: dict, args: ModelArgs, head=None) -> dict:
   """Our param tree -> HF tensor dict (float32 numpy), with the prefix HF uses for that head."""
-  flat = {k: np.asarray(v, np.float32) for k, v in _flat(params).items()}
+  flat = {k: np.asarray(v, np.float32) for k, v in tree.flatten(params).items()}
   if args.arch == "gpt2" and head == "seq_cls" and np.any(flat.get("classifier/bias", 0) != 0):
     raise errors.ModelSourceError(
         "classifier/bias is non-zero but HF GPT2ForSequenceClassification's `score` layer has no "

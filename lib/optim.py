@@ -7,11 +7,18 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from lib import peft
+from lib import tree
 
+# The label of frozen parameters (lib/peft labels every parameter): no gradient, no optimizer
+# state, never updated; every other label is a trainable optimizer group.
+FREEZE = "freeze"
 SCHEDULES = ("linear", "cosine", "constant")
 # Leaf names never decayed: biases and LayerNorm scales (and 'embedding' unless asked).
 _NO_DECAY = ("bias", "scale")
+
+
+def is_trainable(label: str) -> bool:
+  return label != FREEZE
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -67,18 +74,18 @@ def make_schedule(cfg, num_steps: int) -> optax.Schedule:
 def decay_mask_fn(decay_embeddings: bool) -> Callable:
   """tree -> bool tree: True where weight decay applies (kernels; embeddings if asked)."""
   def decays(kp, _):
-    name = peft.path_str(kp).rsplit("/", 1)[-1]
+    name = tree.path_str(kp).rsplit("/", 1)[-1]
     if name in _NO_DECAY:
       return False
     return decay_embeddings or name != "embedding"
-  return lambda tree: jax.tree_util.tree_map_with_path(decays, tree)
+  return lambda params: jax.tree_util.tree_map_with_path(decays, params)
 
 
 def _label_fn(labels) -> Callable:
   """tree -> label tree, by path, so it works on the full tree and on a trainable-only view."""
-  by_path = peft.flatten_paths(labels)
-  return lambda tree: jax.tree_util.tree_map_with_path(lambda kp, _: by_path[peft.path_str(kp)],
-                                                       tree)
+  by_path = tree.flatten(labels)
+  return lambda params: jax.tree_util.tree_map_with_path(
+      lambda kp, _: by_path[tree.path_str(kp)], params)
 
 
 def make_optimizer(cfg, labels, num_steps: int):
@@ -99,14 +106,14 @@ def make_optimizer(cfg, labels, num_steps: int):
   schedule = make_schedule(cfg, num_steps)
   present = sorted(set(jax.tree_util.tree_leaves(labels)))
   mults = dict(cfg.get("lr_mult", {}) or {})
-  bad = [k for k in mults if k not in present or k == peft.FREEZE]
+  bad = [k for k in mults if k not in present or k == FREEZE]
   if bad:
     raise ValueError(f"optim.lr_mult labels {bad} are not trainable labels of any parameter; "
                      f"labels: {present}")
   mask = decay_mask_fn(cfg.decay_embeddings)
-  groups = {peft.FREEZE: optax.set_to_zero()}
+  groups = {FREEZE: optax.set_to_zero()}
   for label in present:
-    if peft.is_trainable(label):
+    if is_trainable(label):
       m = float(mults.get(label, 1.0))
       groups[label] = optax.adamw(lambda s, m=m: m * schedule(s), b1=cfg.b1, b2=cfg.b2,
                                   eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
@@ -115,7 +122,7 @@ def make_optimizer(cfg, labels, num_steps: int):
   if cfg.clip_norm > 0:
     # Clip before the groups (inside them the norm would be per label), over trainable leaves
     # only: gradients a caller passes for frozen leaves must not shrink the real ones.
-    trainable = lambda tree: jax.tree.map(peft.is_trainable, label_fn(tree))
+    trainable = lambda params: jax.tree.map(is_trainable, label_fn(params))
     parts.append(optax.masked(optax.clip_by_global_norm(cfg.clip_norm), trainable))
   return optax.chain(*parts, optax.multi_transform(groups, label_fn)), schedule
 

@@ -10,7 +10,7 @@ from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lib import peft
+from lib import tree
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # Logical axis (the models' vocabulary) -> mesh axis, a tuple of mesh axes, or None (replicated).
@@ -141,18 +141,18 @@ def logical_to_mesh(spec: P, rules, shape=None, mesh: Optional[Mesh] = None, pat
 def param_shardings(abstract_params, logical_specs, mesh: Mesh, rules):
   """NamedSharding tree for parameters from their logical PartitionSpecs."""
   def one(kp, x, spec):
-    return NamedSharding(mesh, logical_to_mesh(spec, rules, x.shape, mesh, peft.path_str(kp)))
+    return NamedSharding(mesh, logical_to_mesh(spec, rules, x.shape, mesh, tree.path_str(kp)))
   return jax.tree_util.tree_map_with_path(one, abstract_params, logical_specs)
 
 
 def opt_state_shardings(abstract_opt_state, abstract_params, params_shardings, mesh: Mesh):
   """Shardings for an optimizer state: a leaf whose key path ends with a parameter's path and has
   its shape (Adam's mu/nu, ...) gets that parameter's sharding; the rest (counts) is replicated."""
-  shapes = {k: tuple(x.shape) for k, x in peft.flatten_paths(abstract_params).items()}
-  by_path = peft.flatten_paths(params_shardings)
+  shapes = {k: tuple(x.shape) for k, x in tree.flatten(abstract_params).items()}
+  by_path = tree.flatten(params_shardings)
 
   def one(kp, x):
-    names = [peft.path_str([k]) for k in kp]
+    names = [tree.path_str([k]) for k in kp]
     for i in range(len(names)):
       path = "/".join(names[i:])
       if path in by_path and shapes[path] == tuple(x.shape):
@@ -183,7 +183,7 @@ def shard_batch(batch: dict, sharding: NamedSharding) -> dict:
   def place(kp, x):
     x = np.asarray(x)
     if x.ndim == 0:
-      raise ValueError(f"batch[{peft.path_str(kp)!r}] is a scalar; every batch entry needs a "
+      raise ValueError(f"batch[{tree.path_str(kp)!r}] is a scalar; every batch entry needs a "
                        "leading batch axis")
     return jax.make_array_from_process_local_data(sharding, x)
   return jax.tree_util.tree_map_with_path(place, batch)
@@ -203,8 +203,8 @@ def explain_sharding(params, shardings=None, opt_state=None, opt_shardings=None)
     opt_state, opt_shardings: optional optimizer state (and shardings) for a totals row.
   """
   shardings = shardings if shardings is not None else jax.tree.map(lambda x: x.sharding, params)
-  flat = peft.flatten_paths(params)
-  specs = peft.flatten_paths(shardings)
+  flat = tree.flatten(params)
+  specs = tree.flatten(shardings)
   width = max([len(p) for p in flat] + [4])
   mesh = getattr(next(iter(specs.values()), None), "mesh", None)
   rows = [f"mesh {dict(mesh.shape) if mesh is not None else None} "

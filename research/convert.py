@@ -23,7 +23,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lib import hf, model_io, models, peft  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lib import hf, model_io, models, tree  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("to", None, ["ours", "hf"], "target format")
@@ -41,7 +41,7 @@ flags.mark_flags_as_required(["to", "src", "dst"])
 
 
 def _max_diff(a: dict, b: dict) -> float:
-  fa, fb = peft.flatten_paths(a), peft.flatten_paths(b)
+  fa, fb = tree.flatten(a), tree.flatten(b)
   if set(fa) != set(fb):
     raise SystemExit(f"round trip changed the parameter paths: {sorted(set(fa) ^ set(fb))[:10]}")
   return max(float(abs(fa[k].astype("float64") - fb[k]).max()) for k in fa)

@@ -8,33 +8,12 @@ import numpy as np
 from absl import logging
 
 from lib import errors
+from lib.optim import FREEZE, is_trainable   # the optimizer owns the label vocabulary
 from lib.peft import spec as spec_lib
+from lib.tree import flatten as flatten_paths, path_str  # the one tree-path utility
 
-# The label of frozen parameters: no gradient, no optimizer state, never updated.
-FREEZE = "freeze"
 # Full fine-tuning: every parameter trainable under one label.
 FULL_FINETUNE = ((".*", "train"),)
-
-
-def path_str(keypath) -> str:
-  """'/'-joined parameter path of a jax key path, e.g. 'encoder/layer_0/attention/query/kernel'."""
-  parts = []
-  for k in keypath:
-    if isinstance(k, jax.tree_util.DictKey):
-      parts.append(str(k.key))
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      parts.append(str(k.idx))
-    elif isinstance(k, jax.tree_util.GetAttrKey):
-      parts.append(k.name)
-    else:
-      parts.append(str(getattr(k, "key", k)))
-  return "/".join(parts)
-
-
-def flatten_paths(tree) -> dict:
-  """{path string: leaf} in tree order."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {path_str(kp): leaf for kp, leaf in flat}
 
 
 # Parameters that PEFT methods create are recognised by name and labelled by their method, never
@@ -161,10 +140,6 @@ def label_table(params, labels) -> str:
     rows.append(f"{lab:<16} {t:>8} {n:>14,} {100 * n / total:>6.2f}%")
   rows.append(f"{'total':<16} {sum(t for _, t in counts.values()):>8} {total:>14,}")
   return "\n".join(rows)
-
-
-def is_trainable(label: str) -> bool:
-  return label != FREEZE
 
 
 def split_trainable(params, labels) -> tuple[Any, Any]:

@@ -10,22 +10,11 @@ import numpy as np
 from lib import atomic, models
 from lib.models.layers import ModelArgs, lora_for
 from lib.peft.labels import flatten_paths, is_trainable, peft_kind
+from lib.tree import unflatten as unflatten_paths
 from lib.peft.spec import base_args
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_JSON = "adapter.json"
-
-
-def unflatten_paths(flat: dict) -> dict:
-  """{'a/b/c': leaf} -> nested dicts (inverse of `flatten_paths` for dict trees)."""
-  tree: dict = {}
-  for path, leaf in flat.items():
-    node = tree
-    *parents, name = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[name] = leaf
-  return tree
 
 
 def add_params(base_params, module, rng, seq_len: int = 8):
