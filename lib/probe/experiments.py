@@ -142,3 +142,233 @@ def _write_probes(out_dir, results, cfg):
       suptitle=f"{cfg.model}: layer-wise linear probes" if not cfg.probe.hidden else
       f"{cfg.model}: layer-wise MLP probes ({cfg.probe.hidden})")
   return text
+
+
+# ------------------------------------------------------------------------------ patching
+def _entity_examples(m, sents, names, max_len, limit):
+  """Sentences with an entity: ids (N, T), mask, target_pos/target (the entity's first piece,
+  gold tag id), subject (N, T) (the entity's pieces)."""
+  from lib.data.tokenize import WordPieces, special_wrap   # pylint: disable=import-outside-toplevel
+  pieces, (pre, suf) = WordPieces(m.tokenizer), special_wrap(m.tokenizer)
+  rows = []
+  for s in sents:
+    tags = s["ner"]
+    if not any(t.startswith("B-") for t in tags):
+      continue
+    ps = pieces(s["tokens"])
+    seq = list(pre) + [i for p in ps for i in p] + list(suf)
+    if len(seq) > max_len:
+      continue
+    w = next(k for k, t in enumerate(tags) if t.startswith("B-"))
+    end = w + 1
+    while end < len(tags) and tags[end] == "I-" + tags[w][2:]:
+      end += 1
+    starts = np.cumsum([len(pre)] + [len(p) for p in ps])
+    rows.append((seq, int(starts[w]), int(starts[end]), names.index(tags[w])))
+    if len(rows) == limit:
+      break
+  n = len(rows)
+  b = {k: np.zeros((n, max_len), np.int32) for k in ("input_ids", "input_mask", "subject")}
+  b["target_pos"], b["target"] = np.zeros(n, np.int32), np.zeros(n, np.int32)
+  for r, (seq, a, e, tag) in enumerate(rows):
+    b["input_ids"][r, :len(seq)], b["input_mask"][r, :len(seq)] = seq, 1
+    b["subject"][r, a:e] = 1
+    b["target_pos"][r], b["target"][r] = a, tag
+  return b
+
+
+def _ner_readout(m, cfg, log):
+  """A linear NER probe on the last hidden state (first sub-words of CoNLL train sentences):
+  (score fn for Patcher, label names, probe, (mu, sd))."""
+  import jax   # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp   # pylint: disable=import-outside-toplevel
+  d = os.path.join(cfg.data_dir, "conll2003")
+  train, _ = readers.read_conll(os.path.join(d, "train.txt"))
+  train = train[:cfg.patch.train_sentences]
+  x, kept = probes.word_features(m.module, m.params, m.tokenizer, [s["tokens"] for s in train])
+  y, names = probes.encode([t for k in kept for t in train[k]["ner"]])
+  x = x[-1:]
+  mu, sd = x.mean(1), x.std(1) + 1e-6
+  p = probes.train_layer_probes(jnp.asarray((x - mu[:, None]) / sd[:, None]), y, len(names),
+                                steps=cfg.probe.steps, seed=cfg.seed)
+  p1 = jax.tree_util.tree_map(lambda a: a[0], p)
+  log(f"NER readout: linear probe on the last layer, {len(y)} words of {len(kept)} sentences")
+
+  def score(outputs, rows):
+    h = jnp.take_along_axis(outputs["last_hidden_state"], rows["target_pos"][:, None, None],
+                            1)[:, 0]
+    logp = jax.nn.log_softmax(probes.probe_logits(p1, (h - mu[0]) / sd[0]), -1)
+    return jnp.exp(jnp.take_along_axis(logp, rows["target"][:, None], 1)[:, 0])
+
+  return score, names
+
+
+def run_patch(cfg, out_dir: str, log) -> dict:
+  """Exact NER patching grid on the encoder (prefix reuse), the per-cell loop timed against it,
+  attribution patching and its Spearman correlation; three role-aligned heatmaps."""
+  import jax   # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp   # pylint: disable=import-outside-toplevel
+  from lib.probe import patching   # pylint: disable=import-outside-toplevel
+  m, pc = load_encoder(cfg), cfg.patch
+  score, names = _ner_readout(m, cfg, log)
+  d = os.path.join(cfg.data_dir, "conll2003")
+  dev, _ = readers.read_conll(os.path.join(d, "valid.txt"))
+  b = _entity_examples(m, dev, names, pc.max_len, pc.examples)
+  subject = b.pop("subject")
+  batch = {k: jnp.asarray(v) for k, v in b.items()}
+  patcher = patching.Patcher(m.module, m.params, score)
+  _, acts = patcher.record(batch)
+  std = float(np.asarray(acts["embed"])[subject.astype(bool)].std())
+  noise = patching.embedding_noise(jax.random.key(cfg.seed), subject, m.args.hidden_size, std,
+                                   pc.noise_scale)
+  n_b = min(pc.benchmark_examples, len(subject))
+  small = {k: v[:n_b] for k, v in batch.items()}
+  times = {}
+  for name, fn in (("per-cell loop", patcher.naive_grid), ("prefix reuse", patcher.grid)):
+    kw = {} if name == "per-cell loop" else dict(chunk=n_b)
+    fn(small, small, noise[:n_b], pc.window, **kw)                        # compile
+    res, times[name] = patching.timed(fn, small, small, noise[:n_b], pc.window, **kw)
+    times[name + " grid"] = res
+  diff = max(float(np.nanmax(np.abs(times["per-cell loop grid"][k] - times["prefix reuse grid"]
+                                    [k]))) for k in patching.KINDS)
+  cells = len(patcher.cells(pc.window)) * pc.max_len * n_b
+  log(f"benchmark ({n_b} examples x {cells // n_b} cells, T={pc.max_len}): per-cell loop "
+      f"{times['per-cell loop']:.2f} s, prefix reuse {times['prefix reuse']:.2f} s "
+      f"({times['per-cell loop'] / times['prefix reuse']:.1f}x), max |diff| {diff:.2e}")
+  grid, t_grid = patching.timed(patcher.grid, batch, batch, noise, pc.window, pc.chunk)
+  attr, t_attr = patching.timed(patcher.attribution, batch, batch, noise, pc.window)
+  rho = patching.spearman(grid, attr)
+  log(f"grid: {len(subject)} examples in {t_grid:.1f} s; attribution {t_attr:.1f} s; "
+      f"Spearman " + " ".join(f"{k} {v:.3f}" for k, v in rho.items()))
+  summary = _trace_outputs(out_dir, "patch", grid, subject, np.asarray(b["input_mask"]),
+                           f"{cfg.model}: NER probe P(gold tag), noise on the entity")
+  summary.update(benchmark=dict(examples=n_b, per_cell_s=times["per-cell loop"],
+                                prefix_reuse_s=times["prefix reuse"], max_abs_diff=diff),
+                 grid_s=t_grid, attribution_s=t_attr, spearman=rho, examples=len(subject))
+  reporting.write_json_atomic(os.path.join(out_dir, "patch.json"), summary)
+  return summary
+
+
+def _trace_outputs(out_dir, stem, grid, subject, input_mask, title) -> dict:
+  """Role-aligned average indirect effects (resid/attn/mlp) -> heatmap PNG; the summary."""
+  from lib.probe import patching   # pylint: disable=import-outside-toplevel
+  roles = patching.token_roles(subject, input_mask)
+  panels, summary = [], dict(clean=float(np.mean(grid["clean"])),
+                             corrupt=float(np.mean(grid["corrupt"])))
+  for kind, label in (("resid", "hidden states"), ("mlp", "MLP outputs"),
+                      ("attn", "attention outputs")):
+    effect = role_average(grid[kind] - grid["corrupt"][:, None, None], roles)
+    rows = [f"{'emb' if i == 0 and kind == 'resid' else i}" for i in range(effect.shape[0])]
+    panels.append((f"restore {label}", effect.T, list(patching.ROLES), rows, "avg indirect effect"))
+    peak = np.unravel_index(np.nanargmax(effect), effect.shape)
+    summary[kind] = dict(avg_indirect_effect=effect.tolist(), peak_layer=int(peak[0]),
+                         peak_role=patching.ROLES[peak[1]], peak_value=float(effect[peak]))
+  report.heatmaps(os.path.join(out_dir, f"{stem}.png"), panels, suptitle=title)
+  return summary
+
+
+def role_average(effect, roles):
+  from lib.probe import patching   # pylint: disable=import-outside-toplevel
+  return patching.role_average(effect, roles)
+
+
+# ------------------------------------------------------------------------------ INLP
+def run_inlp(cfg, out_dir: str, log) -> dict:
+  """INLP removes cfg.inlp.property at hidden state cfg.inlp.layer inside the forward pass; the
+  last-layer probe of cfg.inlp.target is evaluated with it, with a same-rank random projection,
+  and with neither."""
+  import jax.numpy as jnp   # pylint: disable=import-outside-toplevel
+  from lib.probe import inlp   # pylint: disable=import-outside-toplevel
+  m, ic = load_encoder(cfg), cfg.inlp
+  d = os.path.join(cfg.data_dir, "conll2003")
+  train, _ = readers.read_conll(os.path.join(d, "train.txt"))
+  dev, _ = readers.read_conll(os.path.join(d, "valid.txt"))
+  train, dev = train[:ic.train_sentences], dev[:ic.eval_sentences]
+  feats = lambda ss, edit=None: probes.word_features(m.module, m.params, m.tokenizer,
+                                                      [s["tokens"] for s in ss], edit=edit)
+  (xt, kt), (xe, ke) = feats(train), feats(dev)
+  lab = lambda ss, keep, col: [t for k in keep for t in ss[k][CONLL_TASKS[col]]]
+  pt, pnames = probes.encode(lab(train, kt, ic.property))
+  pe = np.array([pnames.index(t) if t in pnames else -1 for t in lab(dev, ke, ic.property)])
+  res = inlp.inlp(xt[ic.layer], pt, xe[ic.layer], pe, len(pnames), iterations=ic.iterations,
+                  steps=ic.steps, seed=cfg.seed)
+  log(f"INLP {ic.property} at state {ic.layer}: probe accuracy by iteration "
+      + " ".join(f"{a:.3f}" for a in res["accuracy"]) + f" -> {res['final_accuracy']:.3f} "
+      f"(majority {res['majority']:.3f}), rank {res['rank']}")
+  tt, tnames = probes.encode(lab(train, kt, ic.target))
+  te = jnp.asarray([tnames.index(t) if t in tnames else -1 for t in lab(dev, ke, ic.target)])
+  (xl,) = probes.standardize(xt[-1:])
+  mu, sd = xt[-1:].mean(1, keepdims=True), xt[-1:].std(1, keepdims=True) + 1e-6
+  probe = probes.train_layer_probes(jnp.asarray(xl), tt, len(tnames), steps=ic.steps,
+                                    seed=cfg.seed)
+  rand = inlp.random_projection(xt.shape[-1], res["rank"], cfg.seed)
+  out = {}
+  for name, proj in (("none", None), ("inlp", res["P"]), ("random", rand)):
+    edit = None if proj is None else inlp.projection_edit(ic.layer, proj, res["mean"])
+    x = (feats(dev, edit)[0][-1:] - mu) / sd
+    logits = probes.probe_logits(jax_first(probe), jnp.asarray(x[0]))
+    ok = te >= 0
+    loss = optax_xent(logits[ok], te[ok])
+    out[name] = dict(loss=loss, accuracy=float(jnp.mean(jnp.argmax(logits, -1) == te)))
+    log(f"  {ic.target} probe on the last layer, projection {name}: loss {loss:.4f}, "
+        f"accuracy {out[name]['accuracy']:.4f}")
+  summary = dict(property=ic.property, target=ic.target, layer=ic.layer, rank=res["rank"],
+                 property_accuracy=res["accuracy"], property_final=res["final_accuracy"],
+                 majority=res["majority"], target_probe=out, eval_words=int(len(te)))
+  reporting.write_json_atomic(os.path.join(out_dir, "inlp.json"), summary)
+  return summary
+
+
+def jax_first(tree):
+  import jax   # pylint: disable=import-outside-toplevel
+  return jax.tree_util.tree_map(lambda a: a[0], tree)
+
+
+def optax_xent(logits, labels) -> float:
+  import optax   # pylint: disable=import-outside-toplevel
+  return float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
+
+
+# ------------------------------------------------------------------------------ IG
+def run_ig(cfg, out_dir: str, log) -> dict:
+  """Integrated gradients of an SST-2 probe's logit (mean-pooled last layer) per token."""
+  import jax.numpy as jnp   # pylint: disable=import-outside-toplevel
+  from lib.probe import attribution   # pylint: disable=import-outside-toplevel
+  m, gc = load_encoder(cfg), cfg.ig
+  d = os.path.join(cfg.data_dir, "sst2")
+  train, _ = readers.read_sst2(os.path.join(d, "train.tsv"))
+  dev, _ = readers.read_sst2(os.path.join(d, "dev.tsv"))
+  x = probes.sentence_features(m.module, m.params, m.tokenizer,
+                               [e["sentence"] for e in train[:gc.train]])[-1:]
+  mu, sd = x.mean(1)[0], x.std(1)[0] + 1e-6
+  probe = jax_first(probes.train_layer_probes(
+      jnp.asarray((x - mu) / sd), np.array([e["label"] for e in train[:gc.train]]), 2,
+      steps=cfg.probe.steps, seed=cfg.seed))
+  shown, errs = [], []
+  for e in dev[:gc.examples]:
+    ids = m.tokenizer(e["sentence"])["input_ids"]
+    batch = {"input_ids": jnp.asarray([ids]), "input_mask": jnp.ones((1, len(ids)), jnp.int32)}
+    logit = lambda o: probes.probe_logits(probe, (o["last_hidden_state"][0].mean(0) - mu) / sd)
+    cls = int(jnp.argmax(logit(_plain(m, batch))))
+    fn, emb = attribution.embedding_fn(m.module, m.params, batch, lambda o: logit(o)[cls])
+    attr, total, err = attribution.integrated_gradients(fn, emb, jnp.zeros_like(emb), gc.steps)
+    errs.append(err)
+    toks = m.tokenizer.convert_ids_to_tokens(ids)
+    shown.append((f"gold {e['label']} pred {cls}  f(x)-f(0) {total:+.3f}  completeness error "
+                  f"{100 * err:.3f}%", toks, attr))
+  log(f"IG ({gc.steps} Gauss-Legendre nodes, zero-embedding baseline): completeness error "
+      f"max {100 * max(errs):.4f}%, mean {100 * np.mean(errs):.4f}% over {len(errs)} sentences")
+  reporting.write_text_atomic(os.path.join(out_dir, "ig.html"), report.token_html(
+      f"{cfg.model}: integrated gradients of an SST-2 probe's logit", shown))
+  report.heatmaps(os.path.join(out_dir, "ig.png"), [
+      (c[:40], np.asarray(a)[None], [""], t, "attribution") for c, t, a in shown[:4]])
+  summary = dict(completeness_error_max=max(errs), completeness_error_mean=float(np.mean(errs)),
+                 sentences=len(errs), steps=gc.steps)
+  reporting.write_json_atomic(os.path.join(out_dir, "ig.json"), summary)
+  return summary
+
+
+def _plain(m, batch):
+  """The model's last hidden state on one batch (outputs dict) for the prediction."""
+  out, _ = m.module.apply({"params": m.params}, batch["input_ids"], batch["input_mask"])
+  return out

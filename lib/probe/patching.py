@@ -249,3 +249,36 @@ def timed(fn, *args, **kwargs) -> tuple:
   t0 = time.perf_counter()
   out = jax.block_until_ready(fn(*args, **kwargs))
   return out, time.perf_counter() - t0
+
+
+ROLES = ("first token", "before subject", "subject first", "subject middle", "subject last",
+         "after subject", "last token")
+
+
+def token_roles(subject_mask, input_mask) -> np.ndarray:
+  """ROME's alignment of positions across examples: each position's index in ROLES (-1: pad).
+
+  The first and last real tokens keep their own roles unless they belong to the subject.
+  """
+  subj, real = np.asarray(subject_mask, bool), np.asarray(input_mask, bool)
+  roles = np.full(subj.shape, -1)
+  for n in range(subj.shape[0]):
+    s = np.flatnonzero(subj[n])
+    last = int(real[n].sum()) - 1
+    for t in range(last + 1):
+      if subj[n, t]:
+        roles[n, t] = 2 if t == s[0] else 4 if t == s[-1] else 3
+      else:
+        roles[n, t] = 0 if t == 0 else 6 if t == last else 1 if t < s[0] else 5
+  return roles
+
+
+def role_average(effect, roles) -> np.ndarray:
+  """Mean of effect (N, layers, T) over the positions of each role: (layers, len(ROLES)), NaN
+  where no example has that role."""
+  out = np.full((effect.shape[1], len(ROLES)), np.nan)
+  for r in range(len(ROLES)):
+    n, t = np.nonzero(roles == r)
+    if len(n):
+      out[:, r] = np.nanmean(effect[n, :, t], axis=0)
+  return out

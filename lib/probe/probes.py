@@ -11,13 +11,15 @@ import numpy as np
 import optax
 
 from lib.data.tokenize import WordPieces, special_wrap
+from lib.probe import hooks
 
 
 # ------------------------------------------------------------------------------ features
-def _hidden_fn(module):
+def _hidden_fn(module, edit=None):
   @jax.jit
   def run(params, ids, mask):
-    _, inter = module.apply({"params": params}, ids, mask, deterministic=True)
+    batch = {"input_ids": ids, "input_mask": mask}
+    _, inter = hooks.apply(module, params, batch, edit)
     return jnp.stack(inter["hidden_states"])                                 # (L+1, B, T, D)
   return run
 
@@ -35,7 +37,7 @@ def _batches(seqs: list, batch: int):
 
 
 def word_features(module, params, tokenizer, sentences: Sequence[Sequence[str]],
-                  max_len: int = 128, batch: int = 32, pool: str = "first"):
+                  max_len: int = 128, batch: int = 32, pool: str = "first", edit=None):
   """Every hidden state of every word: (L+1, words, D) float32, and the kept sentence indices.
 
   Args:
@@ -43,6 +45,8 @@ def word_features(module, params, tokenizer, sentences: Sequence[Sequence[str]],
     max_len: word pieces per row with the special tokens; longer sentences are skipped (counted
       and logged), so word-level labels must be taken from the returned sentence indices.
     pool: "first" (the word's first sub-word) or "mean" (of its sub-words).
+    edit: a `hooks` edit applied in the forward pass (e.g. an INLP projection); the states
+      from its layer on show its effect.
   """
   if pool not in ("first", "mean"):
     raise ValueError(f"pool: expected 'first' or 'mean', got {pool!r}")
@@ -59,7 +63,7 @@ def word_features(module, params, tokenizer, sentences: Sequence[Sequence[str]],
   if len(kept) < len(sentences):
     logging.warning("word_features: skipped %d of %d sentences longer than %d pieces",
                     len(sentences) - len(kept), len(sentences), max_len)
-  run, out, i = _hidden_fn(module), [], 0
+  run, out, i = _hidden_fn(module, edit), [], 0
   for part, ids, mask in _batches(seqs, batch):
     h = np.asarray(run(params, ids, mask))                                  # (L+1, B, T, D)
     for r in range(len(part)):
