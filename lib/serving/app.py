@@ -7,6 +7,7 @@ up (503 + Retry-After). An API key, when set, is compared in constant time (hmac
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import json
@@ -14,6 +15,7 @@ import time
 from typing import Optional
 
 import numpy as np
+from absl import logging
 import pydantic
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -186,7 +188,7 @@ class Server:
             "dimension": int(len(outs[0]["embedding"]))}
 
   def _build(self) -> FastAPI:
-    app = FastAPI(title="workbench model server", version="1")
+    app = FastAPI(title="workbench model server", version="1", lifespan=self._lifespan)
     schema = lambda m: {"requestBody": {"required": True, "content": {"application/json": {
         "schema": m.model_json_schema()}}}}
     for name, model in (("ner", TextsRequest), ("classify", TextsRequest),
@@ -201,6 +203,16 @@ class Server:
     app.add_exception_handler(405, lambda r, e: _error(405, "method",
                                                        f"{r.method} not allowed on {r.url.path}"))
     return app
+
+  @contextlib.asynccontextmanager
+  async def _lifespan(self, app):
+    del app
+    yield
+    # Shutdown: uvicorn has answered the in-flight requests; stop the worker after the queue.
+    await asyncio.to_thread(self.engine.batcher.stop, True)
+    logging.info("stopped: %d batches, %d units, %d compilations after warm-up",
+                 self.engine.batcher.batches, self.engine.batcher.units,
+                 self.engine.compiles_since_ready())
 
   def _readyz(self):
     if not self.engine.ready:

@@ -1,0 +1,92 @@
+"""Serve a trained model over HTTP (FastAPI + uvicorn) with dynamic batching.
+
+  ./run.sh serve --model=workdirs/ner                      # POST /v1/ner, /v1/embed
+  ./run.sh serve --model=workdirs/sst2 --port=8001         # POST /v1/classify, /v1/embed
+  ./run.sh serve --model=minilm                            # POST /v1/embed (sentence embeddings)
+  .venv/bin/python research/serve.py --model=workdirs/sst2_lora --adapter=workdirs/sst2_lora/adapter
+  curl -s localhost:8000/v1/ner -d '{"texts": ["John lives in Paris."]}'
+
+Endpoints follow the model's head (lib/serving/engine.py ENDPOINTS); GET /healthz, /readyz
+(after warm-up compiled every batch shape), /metrics (Prometheus), /docs (OpenAPI). Binds
+127.0.0.1 unless --host says otherwise. The API key, if any, is read from the environment variable
+named by --api_key_env (never a flag: flags show in `ps`). Ctrl-C / SIGTERM stop accepting,
+answer what is queued, then exit.
+"""
+
+import os
+import sys
+import threading
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lib import cli, errors  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "model source: run workdir (@best/@latest/@<step>), our model "
+                    "dir, a Hugging Face dir or 'minilm'")
+flags.DEFINE_string("adapter", "", "adapter dir (peft.save_adapter) merged into --model at load")
+flags.DEFINE_string("host", "127.0.0.1", "address to bind (default loopback only)")
+flags.DEFINE_integer("port", 8000, "port")
+flags.DEFINE_integer("max_batch", 32, "units (texts / windows) per model call; 1 = no batching")
+flags.DEFINE_integer("max_tokens", 8192, "padded tokens per model call")
+flags.DEFINE_float("max_wait_ms", 5.0, "how long the oldest queued unit waits for company")
+flags.DEFINE_integer("max_queue", 2048, "queued units beyond which requests get 503")
+flags.DEFINE_list("length_buckets", ["16", "32", "64", "128"], "padded sequence lengths")
+flags.DEFINE_integer("max_texts", 64, "texts per request")
+flags.DEFINE_integer("max_chars", 20000, "characters per text")
+flags.DEFINE_integer("max_body_bytes", 1 << 20, "request body bytes")
+flags.DEFINE_integer("max_concurrent", 256, "requests in flight beyond which requests get 429")
+flags.DEFINE_string("api_key_env", "", "environment variable holding the API key ('' = none)")
+flags.DEFINE_string("tokenizer", "", "tokenizer location overriding the model's own")
+flags.DEFINE_string("data_dir", common.DATA_DIR, "shared data folder (GPT-2 BPE tables)")
+flags.mark_flags_as_required(["model"])
+
+
+def load(source, adapter):
+  """The inference model, with `adapter` loaded and LoRA-style factors merged."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from lib import model_io, models, peft  # pylint: disable=g-import-not-at-top
+  model = model_io.load_for_inference(source, data_dir=FLAGS.data_dir, tokenizer=FLAGS.tokenizer)
+  params = peft.load_adapter(adapter, model.params) if adapter else model.params
+  params, args = peft.merge(params, model.args)
+  return dataclasses.replace(model, params=params, args=args,
+                             module=models.build(args, model.head, model.num_labels))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import uvicorn  # pylint: disable=g-import-not-at-top
+  from lib.serving import app as A, batcher as B, engine as E  # pylint: disable=g-import-not-at-top
+  key = ""
+  if FLAGS.api_key_env:
+    key = os.environ.get(FLAGS.api_key_env, "")
+    if not key:
+      raise errors.ConfigError(f"--api_key_env={FLAGS.api_key_env}: the variable is unset or "
+                               "empty")
+  try:
+    buckets = tuple(sorted(int(b) for b in FLAGS.length_buckets))
+  except ValueError:
+    raise errors.ConfigError(f"--length_buckets={FLAGS.length_buckets}: expected integers") \
+        from None
+  model = load(FLAGS.model, FLAGS.adapter)
+  limits = B.BatchLimits(FLAGS.max_batch, FLAGS.max_tokens, FLAGS.max_wait_ms, FLAGS.max_queue,
+                         buckets)
+  engine = E.Engine(model, limits)
+  if not engine.endpoints or engine.endpoints == ("generate",):
+    raise errors.ModelSourceError(f"--model={FLAGS.model}: head {model.head!r} of a "
+                                  f"{model.args.arch} model has no served endpoint yet")
+  server = A.Server(engine, A.Limits(FLAGS.max_body_bytes, FLAGS.max_texts, FLAGS.max_chars,
+                                     FLAGS.max_concurrent, api_key=key or None))
+  threading.Thread(target=engine.warm_up, name="warm-up", daemon=True).start()
+  logging.info("serving %s (head %r: %s) on http://%s:%d; compiling %d batch shapes",
+               FLAGS.model, model.head, list(engine.endpoints), FLAGS.host, FLAGS.port,
+               len(limits.shapes()))
+  uvicorn.run(server.app, host=FLAGS.host, port=FLAGS.port, log_level="warning",
+              timeout_graceful_shutdown=30)
+
+
+if __name__ == "__main__":
+  cli.run(main)
