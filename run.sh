@@ -8,6 +8,7 @@
 #   ./run.sh convert [flags]       research/convert.py
 #   ./run.sh benchmark [flags]     research/benchmark.py  (needs torch: installs test requirements)
 #   ./run.sh data_benchmark [flags] research/data_benchmark.py
+#   ./run.sh probe [flags]         research/causal_probe.py (probes, patching, INLP, IG)
 #   ./run.sh attack [flags]        research/attack.py     (char/word/HotFlip attacks on a model)
 #   ./run.sh serve [flags]         research/serve.py      (HTTP API for a model: --model=...)
 # Exit codes (the scripts': run.sh passes them on): 0 done, 1 a bug (traceback), 2 a user
@@ -72,6 +73,7 @@ case "$cmd" in
   convert) setup; exec "$PY" research/convert.py "$@" ;;
   benchmark) setup_test; exec "$PY" research/benchmark.py "$@" ;;
   data_benchmark) setup; exec "$PY" research/data_benchmark.py "$@" ;;
+  probe) setup; exec "$PY" research/causal_probe.py "$@" ;;
   attack) setup; exec "$PY" research/attack.py "$@" ;;
   serve) setup; exec "$PY" research/serve.py "$@" ;;
   help|-h|--help) usage ;;
