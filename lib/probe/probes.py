@@ -90,7 +90,7 @@ def sentence_features(module, params, tokenizer, texts: Sequence[str], max_len: 
   for part, ids, mask in _batches([np.asarray(e, np.int32) for e in enc], batch):
     h = np.asarray(run(params, ids, mask))                                  # (L+1, B, T, D)
     m = mask[None, :, :, None]
-    out.append(((h * m).sum(2) / m.sum(2))[:, :len(part)])
+    out.append(((h * m).sum(2) / np.maximum(m.sum(2), 1))[:, :len(part)])   # pad rows: 0
   return np.concatenate(out, 1).astype(np.float32)
 
 
