@@ -140,6 +140,12 @@ def adversarial_variants():
   }
 
 
+def bf16(c) -> None:
+  """The `bf16` variant of every run config: bfloat16 compute (parameters and optimizer state
+  stay float32)."""
+  c.model.dtype = "bfloat16"
+
+
 def apply_variant(cfg: ml_collections.ConfigDict, variant: str, variants: dict):
   """Applies the '+'-joined variants named in `variant` (e.g. 'quick+bf16') to `cfg`.
 

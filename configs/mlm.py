@@ -93,7 +93,7 @@ def base(objective: str) -> ml_collections.ConfigDict:
 def efficiency_variants() -> dict:
   """Variants shared by both objectives: the speed and memory switches."""
   return {
-      "bf16": lambda c: setattr(c.model, "dtype", "bfloat16"),
+      "bf16": common.bf16,
       "remat": lambda c: setattr(c.model, "remat", "full"),
       "accum4": lambda c: setattr(c.optim, "accum_steps", 4),
       "quick": _quick,

@@ -39,7 +39,7 @@ def get_config(variant: str = ""):
   c.train.patience = 0
   return common.apply_variant(c, variant, {
       "quick": _quick,
-      "bf16": _bf16,
+      "bf16": common.bf16,
       **common.adversarial_variants(),
       **common.peft_variants([["classifier/.*", "train"]]),
   })
@@ -50,6 +50,3 @@ def _quick(c):
   c.train.epochs = 2
   c.train.log_every = 5
 
-
-def _bf16(c):
-  c.model.dtype = "bfloat16"

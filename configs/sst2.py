@@ -38,7 +38,7 @@ def get_config(variant: str = ""):
   c.train.eval_every = 500
   return common.apply_variant(c, variant, {
       "quick": _quick,
-      "bf16": _bf16,
+      "bf16": common.bf16,
       **common.adversarial_variants(),
       # The pooler is a pretrained projection: LoRA adapts its kernel too, its bias is trained.
       **common.peft_variants(
@@ -52,6 +52,3 @@ def _quick(c):
   c.train.eval_every = 0
   c.train.log_every = 5
 
-
-def _bf16(c):
-  c.model.dtype = "bfloat16"

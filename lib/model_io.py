@@ -55,13 +55,9 @@ class LoadedModel:
 def write_model_json(directory: str, args: ModelArgs, head=None, num_labels: int = 0,
                      label_names=None, **extra) -> None:
   """Writes model.json (atomically) describing the model whose params live in `directory`."""
-  os.makedirs(directory, exist_ok=True)
   body = dict(args=dataclasses.asdict(args), head=head, num_labels=int(num_labels),
               label_names=list(label_names or []), **extra)
-  tmp = os.path.join(directory, f".{MODEL_JSON}.{os.getpid()}.tmp")
-  with open(tmp, "w") as f:
-    json.dump(body, f, indent=1)
-  os.replace(tmp, os.path.join(directory, MODEL_JSON))
+  atomic.write_bytes(os.path.join(directory, MODEL_JSON), json.dumps(body, indent=1).encode())
 
 
 def read_model_json(directory: str) -> dict:

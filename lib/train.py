@@ -35,16 +35,16 @@ def default_config() -> ml_collections.ConfigDict:
     num_steps: optimizer steps; if 0, `epochs` * steps per epoch (see `num_train_steps`).
     epochs: used only when num_steps == 0.
     log_every: log train metrics (means over the window) every this many steps.
-    eval_every: call the eval callback every this many steps (0 = only at the end).
-    checkpoint_every: periodic saves, for `Checkpointer(save_every=...)` (0 = only at the end
-      and on preemption, which always save).
+    eval_every: call the eval callback every this many steps (0: lib/experiment.py evaluates
+      once per epoch; `fit` alone, only at the end).
+    checkpoint_every: periodic saves, for `Checkpointer(save_every=...)` (0: lib/experiment.py
+      saves at each evaluation; the end and preemption always save).
     keep: checkpoints to keep, for `Checkpointer(keep=...)`.
-    seed: parameter init and dropout keys.
     peak_flops: peak FLOP/s of ONE device for model-FLOPs utilisation (0 = don't report MFU),
       e.g. 989e12 for an H100 SXM (bf16 dense), 197e12 for a TPU v5e chip.
   """
   return ml_collections.ConfigDict(dict(num_steps=1000, epochs=0, log_every=50, eval_every=0,
-                                        checkpoint_every=1000, keep=3, seed=0, peak_flops=0.0))
+                                        checkpoint_every=1000, keep=3, peak_flops=0.0))
 
 
 def num_train_steps(cfg, steps_per_epoch: Optional[int] = None) -> int:

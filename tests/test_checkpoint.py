@@ -20,6 +20,7 @@ import pytest
 
 from lib import checkpoint
 from lib import distributed
+from lib import preemption
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -480,7 +481,7 @@ def test_sigint_sets_flag_and_uninstall_restores_handler():
   # (the second Ctrl-C is handed to the previous handler).
   outer = signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
-    handler = checkpoint.install_preemption_handler()
+    handler = preemption.install_preemption_handler()
     try:
       assert not handler.preempted()
       os.kill(os.getpid(), signal.SIGINT)

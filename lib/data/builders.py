@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from lib import atomic
 from lib.data import readers
 
 # Bump when the parsing or the features change: it is part of every cache key, so old caches are not reused.
@@ -209,10 +210,7 @@ def _derived_labels(dataset, data_dir, files_hash, cache_dir):
       _DERIVED_LABELS[key] = tuple(json.load(f))
   if key not in _DERIVED_LABELS:
     labels = ner_label_names(data_dir) if dataset == "conll2003" else pos_label_names(data_dir)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(f"{path}.{os.getpid()}.tmp", "w") as f:
-      json.dump(labels, f)
-    os.replace(f"{path}.{os.getpid()}.tmp", path)
+    atomic.write_bytes(path, json.dumps(labels).encode())
     _DERIVED_LABELS[key] = tuple(labels)
   return _DERIVED_LABELS[key]
 

@@ -2,6 +2,7 @@
 
 import collections
 import hashlib
+import io
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ from typing import Callable, Optional
 import grain
 import numpy as np
 
+from lib import atomic
 from lib.data import builders, own, packing, sources
 from lib.data import tokenize as tok_lib
 from lib.data import transforms as T
@@ -49,10 +51,9 @@ def _save_features(path, feats, info):
          "__len": np.array([len(f[arrays[0]]) for f in feats] if arrays else [0] * len(feats), np.int64)}
   for k in keys:
     out[k] = np.concatenate([f[k] for f in feats]) if k in arrays else np.array([f[k] for f in feats])
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.{os.getpid()}.tmp.npz"
-  np.savez(tmp, **out)
-  os.replace(tmp, path)   # atomic: concurrent readers see no file or the complete one
+  buf = io.BytesIO()
+  np.savez(buf, **out)
+  atomic.write_bytes(path, buf.getvalue())   # concurrent readers see no file or the complete one
 
 
 def _load_features(path):

@@ -8,7 +8,7 @@ import os
 import re
 from typing import Callable, Optional
 
-from lib import errors
+from lib import atomic, errors
 from lib.data import builders, own, readers
 
 # Named token-classification datasets: the example field of per-word label ids.
@@ -163,10 +163,7 @@ def _named_split_counts(src, builder, cache_dir) -> dict:
           ids = e[src.label_key] if src.label_key else [e["label"]]
           c.update(src.label_names[int(i)] for i in ids)
       counts[split] = dict(sorted(c.items()))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(f"{path}.{os.getpid()}.tmp", "w") as f:
-      json.dump(counts, f)
-    os.replace(f"{path}.{os.getpid()}.tmp", path)
+    atomic.write_bytes(path, json.dumps(counts).encode())
     _SPLIT_COUNTS[path] = counts
   return _SPLIT_COUNTS[path]
 
