@@ -2,12 +2,16 @@
 regression head on embeddings, and the cloze scorer of prompt-based methods (PET / LM-BFF)."""
 
 import functools
+import json
+import os
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from lib import atomic, data
 
 
 # ----------------------------------------------------------------------------- K-shot splits
@@ -171,3 +175,130 @@ def cloze_texts(template: str, sentences: Sequence[str], mask_token: str) -> lis
     raise ValueError(f"fewshot cloze template {template!r}: expected one '{{mask}}' and a "
                      "'{sentence}'")
   return [template.replace("{sentence}", s).replace("{mask}", mask_token) for s in sentences]
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+def _clean(text) -> str:
+  text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+  return " ".join(text.split())     # tabs and newlines would break the TSV row
+
+
+def _write_tsv(path: str, examples, label_names) -> None:
+  rows = ["sentence\tlabel"] + [f"{_clean(e['sentence'])}\t{label_names[int(e['label'])]}"
+                                for e in examples]
+  atomic.write_bytes(path, ("\n".join(rows) + "\n").encode("utf-8"))
+
+
+def write_kshot_data(data_cfg, k: int, seed: int, out_dir: str, dev_k: int = -1) -> dict:
+  """The K-shot train and dev TSVs of one seed (from the training split) and the full test split,
+  with label names, in `out_dir` (kept when present: the sample is a function of its arguments).
+
+  Returns:
+    {'train': path, 'validation': path, 'test': path}.
+  """
+  paths = {s: os.path.join(out_dir, f"{s}.tsv") for s in ("train", "validation", "test")}
+  if all(os.path.exists(p) for p in paths.values()):
+    return paths
+  src = data.source_of(dict(data_cfg))
+  if src.task != "seq_cls":
+    raise ValueError(f"config.data.dataset={src.dataset!r}: the K-shot protocol here needs a "
+                     "sequence-classification dataset")
+  split = src.split("train")
+  examples = split.__getitems__(list(range(len(split))))
+  train_idx, dev_idx = kshot_split([int(e["label"]) for e in examples], k, seed, dev_k)
+  os.makedirs(out_dir, exist_ok=True)
+  _write_tsv(paths["train"], [examples[i] for i in train_idx], src.label_names)
+  _write_tsv(paths["validation"], [examples[i] for i in dev_idx], src.label_names)
+  test = src.split("test")
+  _write_tsv(paths["test"], test.__getitems__(list(range(len(test)))), src.label_names)
+  return paths
+
+
+def kshot_config(cfg, paths: dict, task: str, **overrides):
+  """A copy of `cfg` on the K-shot files (own TSV data), for `task`, with `overrides` as
+  'block.key' -> value."""
+  c = cfg.copy_and_resolve_references()
+  c.data.dataset, c.data.max_train_examples, c.task = "tsv:", 0, task
+  c.data.train, c.data.validation, c.data.test = paths["train"], paths["validation"], paths["test"]
+  for key, value in overrides.items():
+    block, name = key.split(".")
+    c[block][name] = value
+  return c
+
+
+def run_once(cfg, workdir: str) -> dict:
+  """One run through the skeleton (a finished workdir's metrics.json is read, not rerun)."""
+  from lib import experiment, tasks   # here: lib/tasks/contrastive imports this module
+  done = os.path.join(workdir, "metrics.json")
+  if not os.path.exists(done):
+    if experiment.run(cfg, workdir, tasks.get(cfg.task)) is None:
+      raise RuntimeError(f"{workdir}: the run was preempted; rerun to resume")
+  with open(done, encoding="utf-8") as f:
+    out = json.load(f)
+  return {"dev": out["dev"]["accuracy"], "test": out["test"]["accuracy"],
+          "steps": out["train"]["steps"], "wall_s": out["train"]["wall_s"]}
+
+
+def run_method(cfg, method: str, paths: dict, workdir: str) -> dict:
+  """SetFit ('setfit') or standard fine-tuning ('finetune': each (lr, batch size) of
+  cfg.fewshot.grid, the best dev accuracy reported, LM-BFF's protocol) on one K-shot sample."""
+  if method == "setfit":
+    return run_once(kshot_config(cfg, paths, "contrastive", **dict(cfg.fewshot.setfit_overrides)),
+                    workdir)
+  if method != "finetune":
+    raise ValueError(f"config.fewshot.methods: unknown method {method!r}; valid: setfit, finetune")
+  best = None
+  for lr, bs in cfg.fewshot.grid:
+    c = kshot_config(cfg, paths, "classification", **{"optim.lr": lr, "data.batch_size": bs})
+    out = dict(run_once(c, os.path.join(workdir, f"lr{lr:g}_bs{bs}")), lr=lr, batch_size=bs)
+    if best is None or out["dev"] > best["dev"]:
+      best = out
+  return best
+
+
+def summarize(results: list) -> list:
+  """Rows (method, k, n, test mean, test std, dev mean) over the seeds of each (method, K);
+  std is the sample standard deviation (ddof=1), as LM-BFF reports."""
+  rows = []
+  for method, k in sorted({(r["method"], r["k"]) for r in results}):
+    test = [r["test"] for r in results if (r["method"], r["k"]) == (method, k)]
+    dev = [r["dev"] for r in results if (r["method"], r["k"]) == (method, k)]
+    rows.append(dict(method=method, k=k, n=len(test), test_mean=float(np.mean(test)),
+                     test_std=float(np.std(test, ddof=1)) if len(test) > 1 else 0.0,
+                     dev_mean=float(np.mean(dev))))
+  return rows
+
+
+def table_markdown(rows: list, full_data: float = 0.0) -> str:
+  """The summary as a markdown table (test accuracy mean (std) over seeds)."""
+  lines = ["| method | K per class | seeds | test accuracy mean (std) | K-shot dev mean |",
+           "|---|---|---|---|---|"]
+  lines += [f"| {r['method']} | {r['k']} | {r['n']} | {100 * r['test_mean']:.1f} "
+            f"({100 * r['test_std']:.1f}) | {100 * r['dev_mean']:.1f} |" for r in rows]
+  if full_data:
+    lines.append(f"| finetune, full training set (configs/sst2.py) | all | 1 | "
+                 f"{100 * full_data:.1f} | |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_learning_curve(path: str, rows: list, full_data: float = 0.0) -> None:
+  """Test accuracy (mean, std band) against K per method; the full-data result as a line."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for method in sorted({r["method"] for r in rows}):
+    rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["k"])
+    k = [r["k"] for r in rs]
+    m, s = np.array([r["test_mean"] for r in rs]), np.array([r["test_std"] for r in rs])
+    ax.errorbar(k, m, yerr=s, marker="o", capsize=3, label=method)
+  if full_data:
+    ax.axhline(full_data, color="gray", ls="--", label="finetune, full data")
+  ax.set(xscale="log", xlabel="K (examples per class)", ylabel="test accuracy")
+  ax.legend()
+  fig.tight_layout()
+  tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.png")
+  fig.savefig(tmp, dpi=120)
+  plt.close(fig)
+  os.replace(tmp, path)

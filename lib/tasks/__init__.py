@@ -23,9 +23,10 @@ task's name.
 """
 
 from lib import errors
-from lib.tasks import classification, clm, mlm, ner
+from lib.tasks import classification, clm, contrastive, mlm, ner
 
-TASKS = {"ner": ner, "classification": classification, "mlm": mlm, "clm": clm}
+TASKS = {"ner": ner, "classification": classification, "mlm": mlm, "clm": clm,
+         "contrastive": contrastive}
 
 
 def register(name: str, task) -> None:

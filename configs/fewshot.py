@@ -1,0 +1,52 @@
+"""Few-shot SST-2 with MiniLM: SetFit-style contrastive fine-tuning vs standard fine-tuning on K
+examples per class (LM-BFF's protocol: per seed a K-shot train and a K-shot dev set of the same
+size from the training split, the grid point with the best K-shot dev accuracy, the full test set).
+
+  ./run.sh fewshot --config=configs/fewshot.py --workdir=workdirs/fewshot
+  .venv/bin/python research/fewshot.py --config=configs/fewshot.py:curve --workdir=/tmp/fewshot
+
+Variants: (none) K = 16, seeds 0-4, both methods; curve: K in 8, 16, 32, 64; quick: seed 0,
+K = 16, one grid point (smoke test); setfit / finetune: that method alone.
+SetFit: pairs of the K-shot set (20 iterations: one positive and one negative partner per example
+each; at most 1,280 pairs), cosine-similarity loss on mean-pooled embeddings, 1 epoch, batch 16,
+lr 2e-5; then a logistic-regression head (C = 1) on the L2-normalised embeddings.
+Standard fine-tuning: pooler + classifier, 100 steps, dev evaluation every 25, grid lr in
+{2e-5, 5e-5} x batch 8 (LM-BFF: 1,000 steps, lr in {1e-5, 2e-5, 5e-5} x batch {2, 4, 8}: cut for
+the CPU).
+Measured: see research/fewshot.py's table.md in the workdir and the README.
+"""
+
+import ml_collections
+
+from configs import common
+from configs import sst2
+
+
+def get_config(variant: str = ""):
+  c = sst2.get_config()
+  c.train.epochs, c.train.num_steps, c.train.eval_every = 0, 100, 25
+  c.train.keep, c.train.log_every = 1, 25
+  c.optim.warmup_frac = 0.1
+  c.data.batch_size = 8
+  c.data.eval_batch_size = 128
+  c.fewshot = ml_collections.ConfigDict(dict(
+      ks=(16,), seeds=(0, 1, 2, 3, 4), methods=("setfit", "finetune"),
+      dev_k=-1,                                  # dev examples per class (< 0: K)
+      grid=((5e-5, 8),),                         # standard fine-tuning: (lr, batch size)
+      # SetFit's run: 'block.key' -> value over the fine-tuning settings above.
+      setfit_overrides=(("optim.lr", 1e-4), ("data.batch_size", 16), ("train.num_steps", 0),
+                        ("train.epochs", 1), ("train.eval_every", 0)),
+      full_data_accuracy=0.8962,                 # configs/sst2.py, seed 0, whole training set
+  ))
+  c.setfit = ml_collections.ConfigDict(dict(iterations=20, max_pairs=1280, c=1.0, normalize=True))
+  return common.apply_variant(c, variant, {
+      "curve": lambda c: setattr(c.fewshot, "ks", (8, 16, 32, 64)),
+      "quick": _quick,
+      "grid": lambda c: setattr(c.fewshot, "grid", ((1e-5, 8), (2e-5, 8), (5e-5, 8))),
+      "setfit": lambda c: setattr(c.fewshot, "methods", ("setfit",)),
+      "finetune": lambda c: setattr(c.fewshot, "methods", ("finetune",)),
+  })
+
+
+def _quick(c):
+  c.fewshot.seeds = (0,)
