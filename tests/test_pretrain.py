@@ -321,11 +321,12 @@ def test_mlm_run_writes_a_checkpoint_that_finetuning_starts_from(tmp_path):
   for a, b in zip(jax.tree.leaves(saved["encoder"]), jax.tree.leaves(loaded.params["encoder"])):
     np.testing.assert_array_equal(a, b)
   assert loaded.params["classifier"]["kernel"].shape == (32, 9)
-  # A fine-tuning run (what research/finetune.py runs) from the workdir at lr 0: its checkpoint
+  # A fine-tuning run (what research/finetune.py runs) from the workdir at lr 1e-30 (the config
+  # check wants lr > 0; an update of ~1e-30 is far below float32 resolution): its checkpoint
   # keeps the encoder bit for bit, and it found the tokenizer through model.json.
   ft_cfg = sst2_config.get_config("quick")
   ft_cfg.model.init_from = workdir
-  ft_cfg.optim.lr = 0.0
+  ft_cfg.optim.lr = 1e-30
   ft_cfg.train.num_steps = 2
   ft_cfg.data.update(max_train_examples=64, batch_size=8, cache_dir=CACHE)
   ft = str(tmp_path / "ft")
