@@ -8,6 +8,8 @@
 #   ./run.sh convert [flags]       research/convert.py
 #   ./run.sh benchmark [flags]     research/benchmark.py  (needs torch: installs test requirements)
 #   ./run.sh data_benchmark [flags] research/data_benchmark.py
+#   ./run.sh fewshot [flags]       research/fewshot.py    (default: --config=configs/fewshot.py)
+#   ./run.sh continual [flags]     research/continual.py  (default: --config=configs/continual.py)
 #   ./run.sh probe [flags]         research/causal_probe.py (probes, patching, INLP, IG)
 #   ./run.sh attack [flags]        research/attack.py     (char/word/HotFlip attacks on a model)
 #   ./run.sh serve [flags]         research/serve.py      (HTTP API for a model: --model=...)
@@ -73,6 +75,14 @@ case "$cmd" in
   convert) setup; exec "$PY" research/convert.py "$@" ;;
   benchmark) setup_test; exec "$PY" research/benchmark.py "$@" ;;
   data_benchmark) setup; exec "$PY" research/data_benchmark.py "$@" ;;
+  fewshot)
+    setup
+    if [[ $# -eq 0 ]]; then set -- --config=configs/fewshot.py --workdir=workdirs/fewshot; fi
+    exec "$PY" research/fewshot.py "$@" ;;
+  continual)
+    setup
+    if [[ $# -eq 0 ]]; then set -- --config=configs/continual.py --workdir=workdirs/continual; fi
+    exec "$PY" research/continual.py "$@" ;;
   probe) setup; exec "$PY" research/causal_probe.py "$@" ;;
   attack) setup; exec "$PY" research/attack.py "$@" ;;
   serve) setup; exec "$PY" research/serve.py "$@" ;;

@@ -302,3 +302,48 @@ def plot_learning_curve(path: str, rows: list, full_data: float = 0.0) -> None:
   fig.savefig(tmp, dpi=120)
   plt.close(fig)
   os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- cloze prediction
+
+def verbalizer_token_ids(tokenizer, words: Sequence[str]) -> np.ndarray:
+  """One vocabulary id per label word.
+
+  Raises:
+    ValueError: a word that is not a single token of the tokenizer (named).
+  """
+  ids = []
+  for w in words:
+    pieces = tokenizer(w, add_special_tokens=False)["input_ids"]
+    if len(pieces) != 1:
+      raise ValueError(f"fewshot cloze verbalizer word {w!r} is {len(pieces)} tokens "
+                       f"({tokenizer.convert_ids_to_tokens(pieces)}); expected one")
+    ids.append(pieces[0])
+  return np.asarray(ids, np.int32)
+
+
+def cloze_log_probs(module, params, tokenizer, sentences, template: str, words,
+                    batch_size: int = 64, max_len: int = 128) -> np.ndarray:
+  """(N, C) label-word log-probabilities of one pattern with an MLM-head model (PET / LM-BFF
+  zero-shot or after prompt-based fine-tuning); the sentence is truncated, never the pattern.
+
+  Args:
+    module, params: a BERT with the 'mlm' head (e.g. model_io.load_for_inference(source, 'mlm')).
+    template: with '{sentence}' and '{mask}' (cloze_texts).
+    words: one label word per class, in label order.
+  """
+  verb = verbalizer_token_ids(tokenizer, words)
+  apply = jax.jit(lambda p, ids, m: module.apply({"params": p}, ids, m)[0]["logits"])
+  out = []
+  for s in range(0, len(sentences), batch_size):
+    texts = cloze_texts(template, sentences[s:s + batch_size], tokenizer.mask_token)
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_len,
+                    return_tensors="np")
+    ids = enc["input_ids"].astype(np.int32)
+    is_mask = ids == tokenizer.mask_token_id
+    if (is_mask.sum(1) != 1).any():
+      raise ValueError(f"fewshot cloze: {(is_mask.sum(1) != 1).sum()} texts lost their mask to "
+                       f"truncation at max_len={max_len}")
+    logits = apply(params, ids, enc["attention_mask"].astype(np.int32))
+    out.append(np.asarray(verbalizer_log_probs(logits, jnp.argmax(is_mask, 1), verb)))
+  return np.concatenate(out)

@@ -107,3 +107,24 @@ def test_pattern_ensemble_and_template():
       "good film It was [MASK]."]
   with pytest.raises(ValueError, match="template"):
     fewshot.cloze_texts("{sentence}", ["x"], "[MASK]")
+
+
+def test_cloze_log_probs_reads_the_mask_position_of_an_mlm_model():
+  from lib import model_io, models
+  tok, _ = model_io.load_tokenizer("minilm", "bert", "")
+  args = models.ModelArgs(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, max_len=32,
+                          vocab_size=len(tok))
+  module = models.build(args, "mlm")
+  params, _ = models.init_params(module, jax.random.key(0))
+  sentences = ["a fine film", "dull"]
+  got = fewshot.cloze_log_probs(module, params, tok, sentences, "{sentence} it was {mask} .",
+                                ["great", "terrible"], max_len=16)
+  verb = [tok.convert_tokens_to_ids(w) for w in ("great", "terrible")]
+  for i, s in enumerate(sentences):         # independent: one unpadded text at a time
+    enc = tok(f"{s} it was {tok.mask_token} .", return_tensors="np")
+    ids = enc["input_ids"].astype(np.int32)
+    logits = np.asarray(module.apply({"params": params}, ids, np.ones_like(ids))[0]["logits"])
+    words = logits[0, list(ids[0]).index(tok.mask_token_id), verb]
+    np.testing.assert_allclose(got[i], words - np.log(np.exp(words).sum()), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="verbalizer word"):
+    fewshot.verbalizer_token_ids(tok, ["unbelievablyxq"])
