@@ -1,0 +1,117 @@
+"""Reproduce a declared result table (tables/<name>.py): run its missing cells, or emit them as
+commands for another machine, and aggregate the finished ones into tables/<name>.md/.csv/.png.
+
+  ./run.sh reproduce --table=tables/quick                  # run missing cells, then aggregate
+  ./run.sh reproduce --table=tables/peft --list            # every cell and its status
+  ./run.sh reproduce --table=tables/peft --emit=commands   # one shell line per missing cell
+  ./run.sh reproduce --table=tables/peft --emit=slurm > peft.sbatch   # a Slurm array job
+  ./run.sh reproduce --table=tables/peft --aggregate --readme=README.md
+
+A cell (row x seed) is finished when its workdir (<workdir_root>/<table>/<row>-<hash>/seed_<s>)
+holds a readable metrics.json: it is skipped. A workdir without one (a crashed or preempted run)
+is resumed by rerunning the same command; an unreadable metrics.json is renamed aside and the
+cell rerun. Claim rows run first. A preempted cell (exit 75) stops the run with exit 75: rerun to
+continue. Emitted lines are exactly the commands this script runs, from the repository root.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lib import cli, tables  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("table", None, "a declaration: tables/<name>[.py] or <name>")
+flags.DEFINE_string("workdir_root", tables.DEFAULT_WORKDIR_ROOT, "where the cells' workdirs go "
+                    "(relative to the repository root unless absolute)")
+flags.DEFINE_enum("emit", "", ["", "commands", "slurm"], "print the missing cells' commands "
+                  "instead of running them")
+flags.DEFINE_bool("aggregate", False, "only aggregate the finished cells (run nothing)")
+flags.DEFINE_bool("list", False, "print every cell with its status and exit")
+flags.DEFINE_list("rows", [], "only these row ids (default: all)")
+flags.DEFINE_integer("max_cells", 0, "run at most this many cells now (0: all missing)")
+flags.DEFINE_string("python", "", "interpreter in the cells' commands (default: .venv/bin/python "
+                    "when the repository has one, else this interpreter)")
+flags.DEFINE_string("out_dir", "", "where <name>.md/.csv/.png go (default: the declaration's "
+                    "folder)")
+flags.DEFINE_string("readme", "", "also fill this file's <!-- table:NAME --> blocks from "
+                    "<out_dir>/NAME.md")
+flags.mark_flags_as_required(["table"])
+
+
+def _python() -> str:
+  if FLAGS.python:
+    return FLAGS.python
+  venv = os.path.join(".venv", "bin", "python")
+  return venv if os.path.exists(os.path.join(tables.REPO_ROOT, venv)) else sys.executable
+
+
+def _aggregate(table) -> None:
+  out_dir = FLAGS.out_dir or os.path.dirname(tables.resolve_path(FLAGS.table))
+  results = tables.aggregate(table, FLAGS.workdir_root)
+  command = f"research/reproduce.py --table=tables/{table.name} --aggregate"
+  for path in tables.write_aggregates(table, results, out_dir, command):
+    print(f"wrote {path}")
+  if FLAGS.readme:
+    filled = tables.update_readme(FLAGS.readme, out_dir)
+    print(f"{FLAGS.readme}: filled blocks {filled or 'none'}")
+
+
+def _run(todo: list) -> int:
+  """Runs the cells in order; returns 75 when one was preempted, 1 when any failed, else 0."""
+  failed, waiting = [], []
+  for i, cell in enumerate(todo):
+    if not tables.ready(cell):
+      waiting.append(cell.name)
+      print(f"[{i + 1}/{len(todo)}] {cell.name}: waits for {', '.join(cell.deps)}", flush=True)
+      continue
+    state = tables.status(cell)
+    print(f"[{i + 1}/{len(todo)}] {cell.name} ({state}) -> {cell.workdir}.log", flush=True)
+    rc = tables.run_cell(cell)
+    if rc == tables.EXIT_PREEMPTED:
+      print(f"{cell.name}: preempted; rerun the same command to continue", flush=True)
+      return tables.EXIT_PREEMPTED
+    if rc != 0 or tables.status(cell) != "done":
+      failed.append(f"{cell.name} (exit {rc}; log {cell.workdir}.log)")
+  for name in failed:
+    print(f"failed: {name}", file=sys.stderr)
+  if waiting:
+    print(f"not run (dependencies unfinished): {', '.join(waiting)}", file=sys.stderr)
+  return 1 if failed or waiting else 0
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  table = tables.load(FLAGS.table)
+  os.chdir(tables.REPO_ROOT)  # the cells' commands and workdirs are relative to the repo root
+  cells = tables.cells(table, FLAGS.workdir_root, _python(), FLAGS.rows)
+  if FLAGS.list:
+    for c in cells:
+      print(f"{tables.status(c):8s} {c.name:32s} {c.workdir}")
+    return 0
+  if FLAGS.aggregate:
+    _aggregate(table)
+    return 0
+  todo = [c for c in cells if tables.status(c) != "done"]
+  if FLAGS.max_cells:
+    todo = todo[:FLAGS.max_cells]
+  if FLAGS.emit:
+    ready = [c for c in todo if tables.ready(c)]
+    if len(ready) < len(todo):
+      print(f"# {len(todo) - len(ready)} cells wait for unfinished cells they start from: emit "
+            "again once those ran", file=sys.stderr)
+    sys.stdout.write(tables.emit(ready, FLAGS.emit, table))
+    return 0
+  print(f"table {table.name}: {len(cells)} cells, {len(cells) - len(todo)} done, "
+        f"{len(todo)} to run", flush=True)
+  rc = _run(todo)
+  if rc != tables.EXIT_PREEMPTED:
+    _aggregate(table)
+  return rc
+
+
+if __name__ == "__main__":
+  cli.run(main)

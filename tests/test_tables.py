@@ -1,0 +1,275 @@
+"""lib/tables.py and research/reproduce.py: statistics against hand computations and scipy's own
+tests, cells skipped / rerun / resumed, emitted commands equal to the ones run, README blocks,
+and the `quick` table end to end (slow)."""
+
+import csv
+import io
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from scipy import stats
+
+from lib import errors, tables
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T975_DF2 = 4.302652729911275   # Student's t, 0.975 quantile, 2 degrees of freedom (printed tables)
+
+# A stand-in research script: records its argv, writes metrics.json (dev.f1 = 0.5 + seed / 100),
+# exits with the code named in $FAKE_EXIT_<seed> if set (75 = preempted).
+FAKE_SCRIPT = textwrap.dedent("""\
+    import json, os, sys
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if "=" in a)
+    seed = int(args["seed"])
+    with open(os.environ["FAKE_CALLS"], "a") as f:
+      f.write(json.dumps(sys.argv) + "\\n")
+    code = int(os.environ.get(f"FAKE_EXIT_{seed}", "0"))
+    if code:
+      sys.exit(code)
+    os.makedirs(args["workdir"], exist_ok=True)
+    with open(os.path.join(args["workdir"], "metrics.json"), "w") as f:
+      json.dump({"dev": {"f1": 0.5 + seed / 100}, "rows": [{"x": seed}]}, f)
+    """)
+
+
+def _declaration(tmp_path, body: str) -> str:
+  script = tmp_path / "fake_script.py"
+  script.write_text(FAKE_SCRIPT)
+  path = tmp_path / "fake_table.py"
+  path.write_text("from lib import tables\nSCRIPT = %r\n" % str(script) + textwrap.dedent(body))
+  return str(path)
+
+
+FAKE_TABLE = """\
+    TABLE = tables.Table(
+        name="fake", title="fake", columns=(tables.Column("dev.f1", "dev F1"),),
+        rows=(tables.Row("b", "B", args=("--init={workdir:a}",), seeds=(0, 1), script=SCRIPT,
+                         seed_flag="--seed", claim=True, vs="a"),
+              tables.Row("a", "A", seeds=(0, 1, 2), script=SCRIPT, seed_flag="--seed"),
+              tables.Row("c", "C", seeds=(0,), script=SCRIPT, seed_flag="--seed")))
+    """
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def test_summarize_by_hand():
+  s = tables.summarize([0.80, 0.82, 0.87])
+  assert s.n == 3 and s.mean == pytest.approx(0.83)
+  std = math.sqrt((0.03 ** 2 + 0.01 ** 2 + 0.04 ** 2) / 2)      # sample std, ddof 1
+  assert s.std == pytest.approx(std)
+  assert s.half_width == pytest.approx(T975_DF2 * std / math.sqrt(3))
+  assert s.interval == pytest.approx((0.83 - s.half_width, 0.83 + s.half_width))
+  one = tables.summarize([0.7])
+  assert (one.n, one.mean, one.std, one.half_width, one.interval) == (1, 0.7, None, None, None)
+  assert tables.summarize([]) is None
+
+
+def test_interval_matches_scipy_one_sample_test():
+  vals = [0.861, 0.8579, 0.8620, 0.8623]
+  s = tables.summarize(vals)
+  ci = stats.ttest_1samp(vals, 0.86).confidence_interval(0.95)
+  assert s.interval == pytest.approx((ci.low, ci.high), rel=1e-9)
+
+
+def test_compare_against_a_reported_value():
+  s = tables.summarize([0.80, 0.82, 0.87])     # half width 0.08957
+  inside = tables.compare(s, 0.90)
+  assert inside["delta"] == pytest.approx(-0.07) and inside["within_noise"] is True
+  outside = tables.compare(s, 0.95)
+  assert outside["delta"] == pytest.approx(-0.12) and outside["within_noise"] is False
+  assert tables.compare(tables.summarize([0.8]), 0.9)["within_noise"] is None
+  assert tables.compare(tables.summarize([0.8]), 0.9)["delta"] == pytest.approx(-0.1)
+
+
+def test_compare_welch_matches_scipy():
+  ours, ref = [0.80, 0.82, 0.87], [0.86, 0.90, 0.93, 0.95]
+  r = tables.summarize(ref)
+  out = tables.compare(tables.summarize(ours), r.mean, r.std, r.n)
+  ci = stats.ttest_ind(ours, ref, equal_var=False).confidence_interval(0.95)
+  assert out["delta"] == pytest.approx(0.83 - 0.91)
+  assert (out["delta"] - out["half_width"], out["delta"] + out["half_width"]) == pytest.approx(
+      (ci.low, ci.high), rel=1e-9)
+  assert out["within_noise"] == (ci.low <= 0 <= ci.high)
+  far = tables.compare(tables.summarize([0.50, 0.51, 0.52]), r.mean, r.std, r.n)
+  assert far["within_noise"] is False
+
+
+# ----------------------------------------------------------------------------- declarations, cells
+
+def test_cells_order_placeholders_and_workdirs(tmp_path):
+  table = tables.load(_declaration(tmp_path, FAKE_TABLE))
+  cells = tables.cells(table, str(tmp_path / "w"), python="PY")
+  # Row b is the claim, but starts from row a: a's cells come first within the claims group
+  # (seed-major), then the rest.
+  assert [c.name for c in cells] == ["a/seed_0", "b/seed_0", "a/seed_1", "b/seed_1", "a/seed_2",
+                                     "c/seed_0"]
+  b1 = cells[3]
+  a1 = cells[2]
+  assert f"--init={a1.workdir}" in b1.argv and b1.deps == (a1.workdir,)
+  assert b1.argv[:2] == ("PY", table.rows[0].script)
+  assert b1.argv[-2:] == (f"--workdir={b1.workdir}", "--seed=1")
+  assert b1.workdir.startswith(str(tmp_path / "w" / "fake" / "b-")) and b1.workdir.endswith("seed_1")
+  assert len({c.workdir for c in cells}) == len(cells)
+
+
+def test_declaration_errors(tmp_path):
+  bad = _declaration(tmp_path, """\
+      TABLE = tables.Table(name="bad", title="t", columns=(tables.Column("dev.f1", "F1"),),
+          rows=(tables.Row("a", "A", vs="zz"), tables.Row("a", "A2"),
+                tables.Row("b", "B", args=("--x={workdir:nope}",))))
+      """)
+  with pytest.raises(errors.ConfigError, match="declared twice.*unknown row 'zz'|unknown row"):
+    tables.load(bad)
+  with pytest.raises(errors.MissingFileError, match="no declaration file"):
+    tables.load(str(tmp_path / "absent"))
+
+
+def _reproduce(args, tmp_path, env_extra=None):
+  env = dict(os.environ, FAKE_CALLS=str(tmp_path / "calls.jsonl"), **(env_extra or {}))
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "research", "reproduce.py"), *args,
+                         f"--workdir_root={tmp_path / 'w'}", f"--python={sys.executable}",
+                         f"--out_dir={tmp_path / 'out'}"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  return proc
+
+
+def _calls(tmp_path):
+  path = tmp_path / "calls.jsonl"
+  if not path.exists():
+    return []
+  calls = [json.loads(line) for line in path.read_text().splitlines()]
+  path.unlink()
+  return calls
+
+
+def test_emitted_commands_are_the_ones_run_then_finished_cells_are_skipped(tmp_path):
+  decl = _declaration(tmp_path, FAKE_TABLE)
+  emitted = _reproduce([f"--table={decl}", "--emit=commands"], tmp_path)
+  assert emitted.returncode == 0, emitted.stderr
+  # b's cells start from a's workdirs: they are emitted once a's cells are done.
+  lines = [shlex.split(x) for x in emitted.stdout.splitlines()]
+  assert "2 cells wait" in emitted.stderr and len(lines) == 4
+  run = _reproduce([f"--table={decl}"], tmp_path)
+  assert run.returncode == 0, run.stdout + run.stderr
+  ran = _calls(tmp_path)
+  assert [[sys.executable] + c for c in ran if "--init" not in " ".join(c)] == lines
+  assert len(ran) == 6
+  again = _reproduce([f"--table={decl}"], tmp_path)
+  assert again.returncode == 0 and "6 done, 0 to run" in again.stdout and not _calls(tmp_path)
+  assert _reproduce([f"--table={decl}", "--emit=commands"], tmp_path).stdout == ""
+  with open(tmp_path / "out" / "fake.csv") as f:
+    rows = {r["row"]: r for r in csv.DictReader(f)}
+  assert float(rows["a"]["dev.f1:mean"]) == pytest.approx(0.51)   # seeds 0, 1, 2
+  assert float(rows["b"]["delta"]) == pytest.approx(0.505 - 0.51)
+  assert (tmp_path / "out" / "fake.png").stat().st_size > 1000
+
+
+def test_corrupt_or_missing_metrics_rerun_and_partial_resumes(tmp_path):
+  decl = _declaration(tmp_path, FAKE_TABLE)
+  assert _reproduce([f"--table={decl}"], tmp_path).returncode == 0
+  _calls(tmp_path)
+  cells = {c.name: c for c in tables.cells(tables.load(decl), str(tmp_path / "w"))}
+  (open(os.path.join(cells["a/seed_2"].workdir, "metrics.json"), "w")).write('{"dev": {"f1"')
+  os.remove(os.path.join(cells["c/seed_0"].workdir, "metrics.json"))
+  assert tables.status(cells["a/seed_2"]) == "corrupt"
+  assert tables.status(cells["c/seed_0"]) == "partial"
+  run = _reproduce([f"--table={decl}"], tmp_path)
+  assert run.returncode == 0, run.stdout + run.stderr
+  ran = sorted(c[-1] + " " + c[-2].split("/")[-2][:2] for c in _calls(tmp_path))
+  assert ran == ["--seed=0 c-", "--seed=2 a-"]
+  assert [f for f in os.listdir(cells["a/seed_2"].workdir) if f.startswith("metrics.json.corrupt")]
+  assert tables.status(cells["a/seed_2"]) == "done"
+  with open(os.path.join(cells["c/seed_0"].workdir, "cell.json")) as f:
+    assert json.load(f)["returncode"] == 0
+
+
+def test_preempted_cell_stops_the_run(tmp_path):
+  decl = _declaration(tmp_path, FAKE_TABLE)
+  run = _reproduce([f"--table={decl}"], tmp_path, {"FAKE_EXIT_1": "75"})
+  assert run.returncode == 75, run.stdout + run.stderr
+  assert [c[-1] for c in _calls(tmp_path)] == ["--seed=0", "--seed=0", "--seed=1"]   # a0, b0, a1
+  failed = _reproduce([f"--table={decl}"], tmp_path, {"FAKE_EXIT_2": "1"})
+  assert failed.returncode == 1 and "failed: a/seed_2" in failed.stderr
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+def test_aggregate_uses_cells_then_recorded_values(tmp_path):
+  decl = _declaration(tmp_path, """\
+      TABLE = tables.Table(
+          name="agg", title="agg", columns=(tables.Column("dev.f1", "dev F1"),
+                                            tables.Column("rows.0.x", "x", digits=1)),
+          rows=(tables.Row("a", "A", seeds=(0, 1, 2), script=SCRIPT, seed_flag="--seed",
+                           reported=tables.Reported(0.90, "paper, Table 1"),
+                           recorded=tables.Recorded({"dev.f1": {1: 0.82, 2: 0.87}}, "old log")),
+                tables.Row("b", "B", seeds=(0,), script=SCRIPT, seed_flag="--seed")))
+      """)
+  table = tables.load(decl)
+  cells = tables.cells(table, str(tmp_path / "w"))
+  a0 = cells[0].workdir
+  os.makedirs(a0)
+  with open(os.path.join(a0, "metrics.json"), "w") as f:
+    json.dump({"dev": {"f1": 0.80}, "rows": [{"x": 7}]}, f)
+  a, b = tables.aggregate(table, str(tmp_path / "w"))
+  assert a.values["dev.f1"] == {0: 0.80, 1: 0.82, 2: 0.87} and a.recorded_seeds == [1, 2]
+  assert a.summaries["rows.0.x"].n == 1 and a.summaries["rows.0.x"].mean == 7
+  assert a.comparison["delta"] == pytest.approx(-0.07) and a.comparison["within_noise"] is True
+  assert b.seeds == [] and b.summaries["dev.f1"] is None and b.comparison is None
+  info = dict(command="cmd", commit="abc", date="today", python="3", packages={"jax": "1"},
+              host="h")
+  md = tables.markdown(table, [a, b], info)
+  assert "| A [1][2] | 3 | 0.8300 ± 0.0361 | 7.0 | [0.7404, 0.9196] | reported 0.9000 | -0.0700 | yes |" in md
+  assert "| B | not run | – | – | – | – | – | – |" in md
+  assert "[1] reported: paper, Table 1" in md and "recorded outside the table runner: old log" in md
+  rows = list(csv.DictReader(io.StringIO(tables.csv_text(table, [a, b]))))
+  assert rows[0]["within_noise"] == "True" and float(rows[0]["ci_low"]) == pytest.approx(0.740434,
+                                                                                         abs=1e-6)
+
+
+def test_readme_blocks(tmp_path):
+  text = ("intro\n<!-- table:x -->\nold x\n<!-- /table -->\nmiddle\n"
+          "<!-- table:y -->\n<!-- /table -->\nend\n")
+  new, names = tables.replace_blocks(text, {"x": "NEW X\n", "y": "NEW Y"})
+  assert names == ["x", "y"]
+  assert new == ("intro\n<!-- table:x -->\nNEW X\n<!-- /table -->\nmiddle\n"
+                 "<!-- table:y -->\nNEW Y\n<!-- /table -->\nend\n")
+  with pytest.raises(errors.ConfigError, match=r"README.md:6: block table:y has no aggregate"):
+    tables.replace_blocks(text, {"x": "X"})
+  with pytest.raises(errors.ConfigError, match="markers but 0 closed"):
+    tables.replace_blocks("<!-- table:x -->\nno end\n", {"x": "X"})
+  readme = tmp_path / "README.md"
+  readme.write_text(text)
+  (tmp_path / "x.md").write_text("X TABLE\n")
+  (tmp_path / "y.md").write_text("Y TABLE\n")
+  assert tables.update_readme(str(readme), str(tmp_path)) == ["x", "y"]
+  assert "<!-- table:x -->\nX TABLE\n<!-- /table -->" in readme.read_text()
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.mark.slow
+def test_quick_table_end_to_end(tmp_path):
+  """tables/quick.py with research/finetune.py in every cell (4 tiny runs), then skipped."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if "device_count" not in f)
+  cmd = [sys.executable, "research/reproduce.py", "--table=tables/quick",
+         f"--workdir_root={tmp_path / 'w'}", f"--out_dir={tmp_path}"]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  with open(tmp_path / "quick.csv") as f:
+    rows = {r["row"]: r for r in csv.DictReader(f)}
+  assert set(rows) == {"lr3e-3", "lr1e-4"} and all(r["n"] == "2" for r in rows.values())
+  for r in rows.values():
+    assert 0 <= float(r["dev.f1:mean"]) <= 1 and float(r["train.steps:mean"]) == 4
+  md = (tmp_path / "quick.md").read_text()
+  assert md.count("| lr ") == 2 and "row lr3e-3" in md and "Cells run at commits" in md
+  assert (tmp_path / "quick.png").stat().st_size > 1000
+  again = subprocess.run(cmd + ["--emit=commands"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+  assert again.returncode == 0 and again.stdout == ""
