@@ -13,6 +13,8 @@
 #   ./run.sh probe [flags]         research/causal_probe.py (probes, patching, INLP, IG)
 #   ./run.sh attack [flags]        research/attack.py     (char/word/HotFlip attacks on a model)
 #   ./run.sh serve [flags]         research/serve.py      (HTTP API for a model: --model=...)
+#   ./run.sh reproduce [flags]     research/reproduce.py  (a declared table: --table=tables/<name>;
+#                                  run missing cells, --emit=commands|slurm, --aggregate)
 # Exit codes (the scripts': run.sh passes them on): 0 done, 1 a bug (traceback), 2 a user
 # error (one line 'error: ...'; --debug or WORKBENCH_DEBUG=1 adds the traceback), 75 preempted
 # (the state is checkpointed: rerun the same command to resume). Script flags: <cmd> --help.
@@ -86,6 +88,7 @@ case "$cmd" in
   probe) setup; exec "$PY" research/causal_probe.py "$@" ;;
   attack) setup; exec "$PY" research/attack.py "$@" ;;
   serve) setup; exec "$PY" research/serve.py "$@" ;;
+  reproduce) setup_test; exec "$PY" research/reproduce.py "$@" ;;  # reference rows need torch
   help|-h|--help) usage ;;
   *) echo "unknown command: $cmd" >&2; usage >&2; exit 2 ;;
 esac
