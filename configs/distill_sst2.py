@@ -1,0 +1,71 @@
+"""SST-2 distillation: a MiniLM-L6 teacher fine-tuned by configs/sst2.py -> a 3-layer student
+made from teacher layers (1, 3, 5) (lib/distill.py).
+
+  ./run.sh finetune --config=configs/sst2.py --workdir=workdirs/sst2          # the teacher
+  ./run.sh distill --config=configs/distill_sst2.py --workdir=workdirs/distill_sst2
+  ./run.sh distill --config=configs/distill_sst2.py:hard --workdir=workdirs/sst2_l3_nodistill
+  ./run.sh convert --to=hf --src=workdirs/distill_sst2 --dst=/tmp/distill_sst2_hf
+
+Loss = hard * cross-entropy on the labels + soft * T^2 KL(teacher || student at T) + hidden *
+(1 - cos) of every student hidden state (embeddings, each layer) and its teacher layer's +
+attention / value * MiniLM KLs of the last layer's attention and value relations.
+
+Variants (`--config=configs/distill_sst2.py:<variant>`, '+'-joined):
+  (none)     hard 1.0, soft 1.0 (T = 2), hidden 1.0 (cosine, mapped layers); the training recipe
+             of configs/sst2.py (AdamW 5e-5, 1 epoch, batch 32, max 66 word-pieces).
+  hard       the same student, init and steps without distillation (hard loss only; no teacher).
+  soft       hard + soft KL.               hidden  hard + soft + hidden cosine (= the default).
+  minilm     hard + soft + hidden + last-layer attention (1.0) and value-relation (1.0) KL.
+  quick      the first 1,000 training sentences (smoke test).
+  cache      teacher logits computed once and cached (soft loss only: use with `soft` or `hard`).
+  bf16_teacher  the teacher computes in bfloat16.
+  layers024  the student from teacher layers (0, 2, 4) instead of (1, 3, 5).
+
+Measured: see the README's distillation section (subsampled runs on this 2-core CPU).
+"""
+
+from configs import common, sst2
+
+
+def get_config(variant: str = ""):
+  c = sst2.get_config("")
+  return with_distill(c, variant, teacher="workdirs/sst2")
+
+
+def with_distill(c, variant: str, *, teacher: str, overrides=None):
+  """A fine-tuning config `c` plus the distill block and the distillation variants (`overrides`:
+  variants of the same names replaced, e.g. a task's own `quick`)."""
+  from lib import distill  # pylint: disable=g-import-not-at-top  # configs may use lib
+  c.model.init_from = ""             # the student is made from the teacher (or model.preset)
+  c.distill = distill.default_config()
+  c.distill.teacher = teacher
+  c.distill.weights.hidden = 1.0
+  return common.apply_variant(c, variant, dict(variants(), **(overrides or {})))
+
+
+def _weights(**w):
+  def apply(c):
+    c.distill.weights.update(dict(dict(hard=1.0, soft=0.0, hidden=0.0, attention=0.0, value=0.0),
+                                  **w))
+  return apply
+
+
+def _quick(c):
+  c.data.max_train_examples = 1000
+  c.train.eval_every = 0
+  c.train.log_every = 5
+
+
+def variants() -> dict:
+  """The distillation variants shared by configs/distill_sst2.py and configs/distill_ner.py."""
+  return {
+      "hard": _weights(),
+      "soft": _weights(soft=1.0),
+      "hidden": _weights(soft=1.0, hidden=1.0),
+      "minilm": _weights(soft=1.0, hidden=1.0, attention=1.0, value=1.0),
+      "quick": _quick,
+      "cache": lambda c: setattr(c.distill, "cache_logits", True),
+      "bf16_teacher": lambda c: setattr(c.distill, "teacher_dtype", "bfloat16"),
+      "layers024": lambda c: setattr(c.distill, "layers", (0, 2, 4)),
+      "bf16": common.bf16,
+  }

@@ -1,0 +1,562 @@
+"""Knowledge distillation: the student made from chosen teacher layers, the distillation losses
+(soft-target KL, hidden states, MiniLM attention and value relations), the frozen teacher inside
+the train step or its cached logits, and the teacher/student comparison of metrics.json."""
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from lib import atomic, data, errors, experiment, model_io, models, sharding, train
+from lib.tasks import common, supervised
+
+HIDDEN_LOSSES = ("cosine", "mse")
+EPS = 1e-12   # inside logs of probabilities that may be exactly 0 (masked keys)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `distill` block of a distillation config; every weight and the temperature documented.
+
+  Total loss = hard * task loss (the task's own, on the labels) + soft * T^2 KL(teacher || student
+  at temperature T) + hidden * hidden-state loss + attention * MiniLM attention KL + value *
+  MiniLM value-relation KL. A weight of 0 skips its term (and the teacher outputs it needs).
+  """
+  return ml_collections.ConfigDict(dict(
+      teacher="",               # model source: a fine-tuning workdir, our model dir, a HF dir
+      layers=(),                # teacher layers the student starts from (its layer i = teacher
+                                # layer layers[i]); () = every other, ending with the last
+      temperature=2.0,          # soft targets: softmax(logits / T); the KL is scaled by T^2
+      weights=ml_collections.ConfigDict(dict(hard=1.0, soft=1.0, hidden=0.0, attention=0.0,
+                                             value=0.0)),
+      hidden_loss="cosine",     # cosine (1 - cos, DistilBERT) | mse, over real tokens
+      hidden_layers="mapped",   # mapped: embeddings and every student layer vs its teacher layer;
+                                # last: the last hidden states only
+      minilm_layers="last",     # attention/value transfer: last (MiniLM) | mapped layers
+      teacher_dtype="float32",  # compute dtype of the frozen teacher (bfloat16 halves its cost)
+      cache_logits=False,       # teacher logits computed once, cached beside the data (soft
+                                # loss only: hidden/attention/value need the teacher in the step)
+      cache_dir="",             # '' = <data cache dir>/teacher_logits
+      speed_batch_size=32,      # inference examples/s of teacher and student on the test set
+  ))
+
+
+def every_other(num_layers: int) -> tuple:
+  """Teacher layers of a half-depth student: every other one, ending with the last ((1, 3, 5)
+  of 6), so the student's top layer is the one the teacher's head was trained on."""
+  return tuple(range(num_layers - 1, -1, -2))[::-1]
+
+
+def check_layers(layers, num_layers: int, where: str = "config.distill.layers") -> tuple:
+  """The student's teacher layers as a tuple of ints; bad ones raise ConfigError."""
+  layers = tuple(layers) or every_other(num_layers)
+  bad = [l for l in layers if not isinstance(l, int) or not 0 <= l < num_layers]
+  if bad or len(set(layers)) != len(layers):
+    raise errors.ConfigError(f"{where}={layers}: expected distinct teacher layer indices in "
+                             f"[0, {num_layers}) (the teacher has {num_layers} layers)")
+  return layers
+
+
+# ----------------------------------------------------------------------------- student init
+
+def student_from_layers(args: models.ModelArgs, params: dict, layers) -> tuple:
+  """(ModelArgs, params) of a student whose layer i is a copy of the teacher's layer layers[i];
+  the embeddings, pooler and head are the teacher's (DistilBERT's initialisation)."""
+  layers = check_layers(layers, args.num_layers)
+  backbone = model_io.BACKBONE[args.arch]
+  enc = params[backbone]
+  rest = {k: v for k, v in enc.items() if not k.startswith("layer_")}
+  rest.update({f"layer_{i}": enc[f"layer_{l}"] for i, l in enumerate(layers)})
+  return dataclasses.replace(args, num_layers=len(layers)), dict(params, **{backbone: rest})
+
+
+def hidden_map(layers) -> tuple:
+  """Student hidden-state index -> teacher hidden-state index (0 = embeddings, i + 1 = the
+  output of layer i)."""
+  return (0,) + tuple(l + 1 for l in layers)
+
+
+@dataclasses.dataclass
+class Teacher:
+  """The frozen teacher: module, parameters (host or placed on the mesh) and where it came from."""
+  module: object
+  params: dict
+  args: models.ModelArgs
+  head: Optional[str]
+  label_names: list
+  source: str
+  tokenizer: str          # its tokenizer's location (the student records the same)
+  step: Optional[int] = None
+
+
+def load_teacher(source: str, data_dir: str, dtype: str = "float32") -> Teacher:
+  """The teacher from any model source (a run workdir means its reported checkpoint)."""
+  if not source:
+    raise errors.ConfigError("config.distill.teacher is empty: give a model source (a fine-tuning "
+                             "workdir, our model dir or a HF dir)")
+  m = model_io.load_for_inference(source, data_dir=data_dir, dtype=dtype)
+  _, where = model_io.load_tokenizer(source, m.args.arch, data_dir)
+  return Teacher(m.module, m.params, m.args, m.head, m.label_names, source, where, m.step)
+
+
+def write_student_init(out_dir: str, teacher: Teacher, layers) -> str:
+  """The student's initial model dir (our format, the teacher's head and tokenizer) made from
+  `layers` of the teacher; an existing one is reused if it was made from the same teacher
+  checkpoint and layers, else refused."""
+  layers = check_layers(layers, teacher.args.num_layers)
+  made_from = dict(teacher=model_io.pinned(teacher.source, teacher.step), layers=list(layers))
+  if os.path.exists(os.path.join(out_dir, model_io.MODEL_JSON)):
+    old = model_io.read_model_json(out_dir).get("distilled_from")
+    if old != made_from:
+      raise errors.ConfigError(f"{out_dir}: the student init there was made from {old}, not "
+                               f"{made_from}: use a new --workdir")
+    return out_dir
+  args, params = student_from_layers(teacher.args, teacher.params, layers)
+  return model_io.save_model_dir(out_dir, args, params, teacher.head, len(teacher.label_names),
+                                 teacher.label_names, tokenizer=teacher.tokenizer,
+                                 distilled_from=made_from)
+
+
+def same_task(teacher: Teacher, head, label_names) -> bool:
+  """Whether the teacher's head predicts the task's labels in the same order (soft targets)."""
+  return teacher.head == head and list(teacher.label_names) == list(label_names)
+
+
+def place_params(module, params, mesh, rules):
+  """Host parameters of `module` placed on the mesh by the same logical rules as the student."""
+  abstract, logical = models.abstract_params(module)
+  shard = sharding.param_shardings(abstract, logical, mesh, rules)
+  return jax.tree.map(lambda x, s: jax.make_array_from_callback(
+      x.shape, s, lambda idx, x=x: np.asarray(x)[idx]), params, shard)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def _masked_mean(x, mask):
+  """Mean of x over the positions where mask is 1 (x and mask broadcast to the same shape)."""
+  mask = jnp.broadcast_to(mask, x.shape).astype(jnp.float32)
+  return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def _kl(p_log, q_log, axis=-1):
+  """KL(p || q) along `axis` from log-probabilities; terms where p is 0 count 0."""
+  p = jnp.exp(p_log)
+  return jnp.where(p > 0, p * (p_log - q_log), 0.0).sum(axis)
+
+
+def logits_mask(logits, batch):
+  """Positions the soft loss averages over: real tokens (B, T) of token logits (B, T, C), real
+  rows (B,) of sequence logits (B, C) (example_ids -1 = a padding row)."""
+  if logits.ndim == 3:
+    return batch["input_mask"]
+  if "example_ids" in batch:
+    return (batch["example_ids"] >= 0).astype(jnp.int32)
+  return jnp.ones(logits.shape[:1], jnp.int32)
+
+
+def soft_kl(student_logits, teacher_logits, temperature: float, mask):
+  """T^2 * mean over `mask` of KL(softmax(teacher / T) || softmax(student / T)) (Hinton et al.:
+  the T^2 keeps the soft gradients' scale independent of T)."""
+  t = float(temperature)
+  s_log = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, -1)
+  t_log = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t, -1)
+  return t * t * _masked_mean(_kl(t_log, s_log), mask)
+
+
+def hidden_loss(student, teacher, input_mask, kind: str = "cosine"):
+  """1 - cos (or the mean squared error per feature) between hidden states (B, T, D), averaged
+  over the real tokens of `input_mask` (B, T)."""
+  s, t = student.astype(jnp.float32), teacher.astype(jnp.float32)
+  if kind == "cosine":
+    cos = (s * t).sum(-1) / jnp.maximum(
+        jnp.linalg.norm(s, axis=-1) * jnp.linalg.norm(t, axis=-1), EPS)
+    per_token = 1.0 - cos
+  elif kind == "mse":
+    per_token = ((s - t) ** 2).mean(-1)
+  else:
+    raise errors.ConfigError(f"config.distill.hidden_loss={kind!r}: valid: {HIDDEN_LOSSES}")
+  return _masked_mean(per_token, input_mask)
+
+
+def relation_kl(student_probs, teacher_probs, input_mask):
+  """KL(teacher || student) of (B, H, T, T) distributions over keys, averaged over heads and real
+  queries (MiniLM's attention transfer; padded keys have probability 0 in both)."""
+  t_log = jnp.log(teacher_probs.astype(jnp.float32) + EPS)
+  s_log = jnp.log(student_probs.astype(jnp.float32) + EPS)
+  kl = jnp.where(teacher_probs > 0, teacher_probs * (t_log - s_log), 0.0).sum(-1)  # (B, H, T)
+  return _masked_mean(kl, input_mask[:, None, :])
+
+
+def value_relation(values, input_mask):
+  """MiniLM value relation softmax(V V^T / sqrt(d)) per head: values (B, T, H, Dh) -> (B, H, T,
+  T), padded keys masked out."""
+  v = values.astype(jnp.float32)
+  scores = jnp.einsum("bqhd,bkhd->bhqk", v, v) / jnp.sqrt(v.shape[-1])
+  bias = jnp.where(input_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(scores + bias, -1)
+
+
+# ----------------------------------------------------------------------------- model calls
+
+def _apply(module, variables, kw, attentions: bool, values_at=()):
+  """module.apply with attentions and the value vectors (B, T, H, Dh) of layers `values_at`
+  (captured from the `value` Dense outputs: no model change) in intermediates['values']."""
+  if attentions:
+    kw = dict(kw, output_attentions=True)
+  if not values_at:
+    return module.apply(variables, **kw)
+  backbone = model_io.BACKBONE[module.args.arch]
+  want = {(backbone, f"layer_{i}", "attention", "value") for i in values_at}
+  pick = lambda m, method: method == "__call__" and tuple(m.path) in want
+  (out, inter), state = module.apply(variables, capture_intermediates=pick, **kw)
+  caps = state["intermediates"][backbone]
+  values = tuple(caps[f"layer_{i}"]["attention"]["value"]["__call__"][0] for i in values_at)
+  return out, dict(inter, values=values)
+
+
+def forward(module, params, batch, *, attentions: bool = False, values_at=()):
+  """(outputs, intermediates) of `module` on a batch, deterministic (the frozen teacher)."""
+  inputs = {k: batch[k] for k in common.MODEL_INPUTS if k in batch}
+  return _apply(module, {"params": params}, dict(inputs, deterministic=True), attentions,
+                values_at)
+
+
+class _Recorded:
+  """The student as the task's loss sees it: `apply` also returns what the distillation losses
+  need and keeps (outputs, intermediates), so the hard and the distillation losses share one
+  forward pass (read back in the same trace)."""
+
+  def __init__(self, module, attentions: bool, values_at):
+    self.module, self.args = module, module.args
+    self.attentions, self.values_at, self.last = attentions, tuple(values_at), None
+
+  def apply(self, variables, **kw):
+    self.last = _apply(self.module, variables, kw, self.attentions, self.values_at)
+    return self.last
+
+
+def _pairs(dcfg, student_layers: int, teacher_layers: int, layers):
+  """((student hidden index, teacher hidden index), ...) and the same for MiniLM layers."""
+  hmap = hidden_map(layers)
+  hidden = tuple(enumerate(hmap)) if dcfg.hidden_layers == "mapped" else (
+      (len(hmap) - 1, hmap[-1]),)
+  if dcfg.hidden_layers not in ("mapped", "last"):
+    raise errors.ConfigError(f"config.distill.hidden_layers={dcfg.hidden_layers!r}: valid: "
+                             "'mapped', 'last'")
+  if dcfg.minilm_layers not in ("mapped", "last"):
+    raise errors.ConfigError(f"config.distill.minilm_layers={dcfg.minilm_layers!r}: valid: "
+                             "'mapped', 'last'")
+  minilm = ((student_layers - 1, teacher_layers - 1),) if dcfg.minilm_layers == "last" else (
+      tuple(enumerate(layers)))
+  return hidden, minilm
+
+
+def make_loss(task, module, cfg, teacher_module, layers):
+  """loss_fn(params, batch, rng, train, teacher_params) -> (loss, metrics): the weighted sum of
+  the task's own loss and the distillation terms (see `default_config`). The teacher runs
+  deterministic under stop_gradient: it gets no gradient (and, outside the train state, no
+  optimizer state). A batch with 'teacher_logits' (the cache) skips the teacher's forward pass."""
+  d, w = cfg.distill, cfg.distill.weights
+  hidden_pairs, minilm = _pairs(d, module.args.num_layers, teacher_module.args.num_layers, layers)
+  s_vals, t_vals = (tuple(p[i] for p in minilm) for i in (0, 1)) if w.value else ((), ())
+  rec = _Recorded(module, bool(w.attention), s_vals)
+  task_loss = task.make_loss(rec, cfg)
+  needs_teacher_pass = bool(w.hidden or w.attention or w.value)
+
+  def loss_fn(params, batch, rng, train_, teacher_params):
+    hard, metrics = task_loss(params, batch, rng, train_)
+    s_out, s_inter = rec.last
+    if "teacher_logits" in batch and not needs_teacher_pass:
+      t_out, t_inter = {"logits": batch["teacher_logits"]}, {}
+    elif not (w.soft or needs_teacher_pass):   # hard loss only: the teacher is not run
+      t_out, t_inter = {}, {}
+    else:
+      t_out, t_inter = jax.lax.stop_gradient(forward(
+          teacher_module, jax.lax.stop_gradient(teacher_params), batch,
+          attentions=bool(w.attention), values_at=t_vals))
+    mask = batch["input_mask"]
+    terms = {"hard": hard}
+    if w.soft:
+      terms["soft"] = soft_kl(s_out["logits"], t_out["logits"], d.temperature,
+                              logits_mask(s_out["logits"], batch))
+    if w.hidden:
+      terms["hidden"] = sum(hidden_loss(s_inter["hidden_states"][i], t_inter["hidden_states"][j],
+                                        mask, d.hidden_loss) for i, j in hidden_pairs
+                            ) / len(hidden_pairs)
+    if w.attention:
+      terms["attention"] = sum(relation_kl(s_inter["attentions"][i], t_inter["attentions"][j],
+                                           mask) for i, j in minilm) / len(minilm)
+    if w.value:
+      terms["value"] = sum(relation_kl(value_relation(sv, mask), value_relation(tv, mask), mask)
+                           for sv, tv in zip(s_inter["values"], t_inter["values"])) / len(minilm)
+    total = sum(w[k] * v for k, v in terms.items())
+    return total, dict(metrics, loss=total, **{f"distill_{k}": v for k, v in terms.items()})
+  return loss_fn
+
+
+def check_compatible(dcfg, student_args, teacher: Teacher, head, label_names) -> None:
+  """Raises ConfigError when a weighted term cannot compare this student with this teacher."""
+  w = dcfg.weights
+  unknown = sorted(set(w.keys()) - {"hard", "soft", "hidden", "attention", "value"})
+  if unknown:
+    raise errors.ConfigError(f"config.distill.weights: unknown terms {unknown}; valid: hard, "
+                             "soft, hidden, attention, value")
+  if w.soft and not same_task(teacher, head, label_names):
+    raise errors.ConfigError(
+        f"config.distill.weights.soft={w.soft}: the teacher {teacher.source} has head "
+        f"{teacher.head} with labels {teacher.label_names}; the task needs {head} with "
+        f"{label_names}: set weights.soft=0 or give a teacher fine-tuned on this task")
+  if w.hidden and student_args.hidden_size != teacher.args.hidden_size:
+    raise errors.ConfigError(
+        f"config.distill.weights.hidden={w.hidden}: student width {student_args.hidden_size} != "
+        f"teacher width {teacher.args.hidden_size} (learned projections are not implemented)")
+  if (w.attention or w.value) and student_args.num_heads != teacher.args.num_heads:
+    raise errors.ConfigError(
+        f"config.distill.weights.attention/value: student heads {student_args.num_heads} != "
+        f"teacher heads {teacher.args.num_heads}")
+  if dcfg.cache_logits and (w.hidden or w.attention or w.value):
+    raise errors.ConfigError("config.distill.cache_logits=True caches logits only: the hidden, "
+                             "attention and value terms need the teacher in the step (weights 0)")
+
+
+# ----------------------------------------------------------------------------- teacher logit cache
+
+def _row_key(ids, types, mask) -> bytes:
+  """Identity of one input row: its real tokens and token types (padding length ignored)."""
+  keep = mask.astype(bool)
+  return hashlib.blake2b(ids[keep].tobytes() + b"|" + types[keep].tobytes(),
+                         digest_size=16).digest()
+
+
+def _rows(batch):
+  """(row index, key) of the real rows of a numpy batch."""
+  ids = batch.get("example_ids", np.zeros(len(batch["input_ids"]), np.int64))
+  types = batch.get("token_type_ids", np.zeros_like(batch["input_ids"]))
+  return [(b, _row_key(batch["input_ids"][b], types[b], batch["input_mask"][b]))
+          for b in range(len(ids)) if ids[b] >= 0]
+
+
+def cache_key(teacher: Teacher, data_identity: dict) -> str:
+  """Hash of the teacher (source, step, architecture, every parameter's bytes) and the data
+  (the training split's config and content fingerprint): either changing gives a new cache."""
+  h = hashlib.sha256(json.dumps(dict(
+      source=model_io.pinned(teacher.source, teacher.step), args=dataclasses.asdict(teacher.args),
+      data=data_identity), sort_keys=True, default=str).encode())
+  for leaf in jax.tree.leaves(teacher.params):
+    h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return h.hexdigest()[:32]
+
+
+class LogitCache:
+  """Teacher logits of every training row, by row identity: (real tokens, C) per token row or
+  (1, C) per sequence row, stored in `<dir>/<key>.npz` (the key names teacher and data)."""
+
+  def __init__(self, table: dict, token_level: bool, path: str):
+    self.table, self.token_level, self.path = table, token_level, path
+
+  @classmethod
+  def load_or_build(cls, directory: str, key: str, predict, train_iter) -> "LogitCache":
+    """The cache of `key`, or (absent: first use, or teacher or data changed) one pass of
+    `predict(batch) -> logits` over one epoch of `train_iter`, written atomically."""
+    path = os.path.join(directory, f"{key}.npz")
+    if os.path.exists(path):
+      with np.load(path) as z:
+        keys, offs, flat = z["keys"], z["offsets"], z["logits"]
+        token_level = bool(z["token_level"])
+      logging.info("teacher logits: %d rows from %s", len(keys), path)
+      return cls({k.tobytes(): flat[offs[i]:offs[i + 1]] for i, k in enumerate(keys)},
+                 token_level, path)
+    table, token_level, t0 = {}, False, time.perf_counter()
+    for _ in range(len(train_iter)):
+      batch = next(train_iter)
+      logits = np.asarray(predict(batch), np.float32)
+      token_level = logits.ndim == 3
+      for b, k in _rows(batch):
+        real = batch["input_mask"][b].astype(bool)
+        table[k] = logits[b][real] if token_level else logits[b:b + 1]
+    keys = list(table)
+    offs = np.cumsum([0] + [len(table[k]) for k in keys])
+    os.makedirs(directory, exist_ok=True)
+    atomic.write_bytes(path, _npz_bytes(keys=np.array(keys, dtype="S16"), offsets=offs,
+                                        logits=np.concatenate([table[k] for k in keys]),
+                                        token_level=np.array(token_level)))
+    logging.info("teacher logits: %d rows computed in %.1f s -> %s", len(keys),
+                 time.perf_counter() - t0, path)
+    return cls(table, token_level, path)
+
+  def lookup(self, batch) -> np.ndarray:
+    """Teacher logits for a numpy batch: (B, C) or (B, T, C); dummy rows are zeros.
+
+    Raises:
+      RuntimeError: a real row that the cache does not hold (the data is not what was cached).
+    """
+    c = next(iter(self.table.values())).shape[-1]
+    shape = batch["input_ids"].shape + (c,) if self.token_level else (len(batch["input_ids"]), c)
+    out = np.zeros(shape, np.float32)
+    rows = _rows(batch)
+    missing = [b for b, k in rows if k not in self.table]
+    if missing:
+      raise RuntimeError(f"{self.path}: {len(missing)} training rows of this batch are not in the "
+                         "teacher-logit cache (the data changed while the key did not)")
+    for b, k in rows:
+      if self.token_level:
+        out[b][batch["input_mask"][b].astype(bool)] = self.table[k]
+      else:
+        out[b] = self.table[k][0]
+    return out
+
+
+def _npz_bytes(**arrays) -> bytes:
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  return buf.getvalue()
+
+
+class WithTeacherLogits:
+  """A training iterator whose batches carry 'teacher_logits' from a LogitCache (position,
+  length and state are the wrapped iterator's)."""
+
+  def __init__(self, it, cache: LogitCache):
+    self.it, self.cache = it, cache
+
+  def __len__(self):
+    return len(self.it)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self.it)
+    return dict(batch, teacher_logits=self.cache.lookup(batch))
+
+  def __getattr__(self, name):
+    return getattr(self.it, name)
+
+
+# ----------------------------------------------------------------------------- the comparison
+
+def inference_speed(module, params, batches, batch_sharding) -> float:
+  """Examples (real rows) per second of a jitted forward pass over `batches`, timed on a second
+  pass after a first that compiles every bucket shape."""
+  fwd = jax.jit(lambda p, b: forward(module, p, b)[0]["logits"])
+  def one_pass():
+    n = 0
+    for batch in batches:
+      n += int((batch.get("example_ids", np.zeros(1)) >= 0).sum())
+      inputs = {k: batch[k] for k in common.MODEL_INPUTS if k in batch}
+      fwd(params, sharding.shard_batch(inputs, batch_sharding)).block_until_ready()
+    return n
+  one_pass()
+  t0 = time.perf_counter()
+  n = one_pass()
+  return n / (time.perf_counter() - t0)
+
+
+def speed_batches(run, batch_size: int):
+  """A list of this process's test batches at `batch_size` (the speed measurement's input)."""
+  d = dict(supervised.data_kwargs(run.cfg.data, "test", jax.process_count()),
+           eval_batch_size=batch_size // jax.process_count())
+  return list(data.from_config(d, run.tokenizer, "test", train=False,
+                               shard_index=jax.process_index(), shard_count=jax.process_count()))
+
+
+class Evaluator:
+  """The task's evaluator of the student whose `final` adds the `distill` block: teacher and
+  student parameters, dev/test metric and inference examples/s measured here on the test set
+  (batch `speed_batch_size`), student_over_teacher (test metric ratio) and speedup."""
+
+  def __init__(self, run, teacher: Teacher, teacher_params):
+    self.base, self.run = run.task.make_evaluator(run), run
+    self.teacher, self.teacher_params = teacher, teacher_params
+
+  def __getattr__(self, name):
+    return getattr(self.base, name)
+
+  def dev(self, state):
+    return self.base.dev(state)
+
+  def final(self, state, history=()):
+    out = self.base.final(state, history)
+    return dict(out, distill=self.block(state.params, out))
+
+  def block(self, student_params, student_out) -> dict:
+    r, t, metric = self.run, self.teacher, self.run.task.METRIC
+    t_eval = r.task.make_evaluator(dataclasses.replace(r, module=t.module))
+    t_out = t_eval.final(train.TrainState(step=np.int32(-1), params=self.teacher_params,
+                                          opt_state=()))
+    batches = speed_batches(r, r.cfg.distill.speed_batch_size)
+    speed = {name: inference_speed(m, p, batches, r.bsh) for name, m, p in
+             (("teacher", t.module, self.teacher_params), ("student", r.module, student_params))}
+    entry = lambda name, params, out, layers: dict(
+        source=t.source if name == "teacher" else r.workdir, layers=layers,
+        params=models.param_count(params), dev=out["dev"][metric], test=out["test"][metric],
+        examples_per_s=speed[name])
+    return dict(
+        metric=metric, speed_batch_size=r.cfg.distill.speed_batch_size,
+        teacher=entry("teacher", self.teacher_params, t_out, t.args.num_layers),
+        student=entry("student", student_params, student_out, r.args.num_layers),
+        student_over_teacher=student_out["test"][metric] / max(t_out["test"][metric], 1e-12),
+        speedup=speed["student"] / speed["teacher"])
+
+  def summary(self, out: dict) -> str:
+    b = out["distill"]
+    return (f"{self.base.summary(out)} | teacher test {b['teacher']['test']:.4f} | student/teacher "
+            f"{b['student_over_teacher']:.3f} | speedup {b['speedup']:.2f}x")
+
+
+# ----------------------------------------------------------------------------- the run
+
+def _data_identity(run) -> dict:
+  d = supervised.data_kwargs(run.cfg.data, "train")
+  skip = ("data_dir", "cache_dir", "batch_size", "eval_batch_size", "max_eval_examples")
+  return dict({k: v for k, v in d.items() if k not in skip}, content=run.data.fingerprint)
+
+
+def attach_cache(run, teacher: Teacher, teacher_params) -> LogitCache:
+  """Wraps run.data.train so its batches carry the teacher's cached logits (built if absent)."""
+  if jax.process_count() > 1:
+    raise errors.ConfigError("config.distill.cache_logits=True runs on one process only")
+  cfg = run.cfg
+  directory = cfg.distill.cache_dir or os.path.join(
+      cfg.data.cache_dir or data.DEFAULT_CACHE_DIR, "teacher_logits")
+  fresh = data.from_config(supervised.data_kwargs(cfg.data, "train"), run.tokenizer, "train",
+                           train=True)
+  fwd = jax.jit(lambda p, b: forward(teacher.module, p, b)[0]["logits"])
+  predict = lambda b: fwd(teacher_params, sharding.shard_batch(
+      {k: b[k] for k in common.MODEL_INPUTS if k in b}, run.bsh))
+  cache = LogitCache.load_or_build(directory, cache_key(teacher, _data_identity(run)), predict,
+                                   fresh)
+  run.data.train = WithTeacherLogits(run.data.train, cache)
+  return cache
+
+
+def run(cfg, workdir: str, task, *, preset_args=None) -> Optional[dict]:
+  """Distils cfg.distill.teacher into a student (its chosen layers, or a random `preset_args`)
+  on cfg's task: the fine-tuning run and outputs, with the distillation loss and the `distill`
+  block in metrics.json. Returns the metrics.json content, or None when preempted."""
+  d = cfg.distill
+  teacher = load_teacher(d.teacher, cfg.data.dir, d.teacher_dtype)
+  layers = check_layers(d.layers, teacher.args.num_layers)
+  source = None
+  if preset_args is None:
+    source = write_student_init(os.path.join(workdir, "student_init"), teacher, layers)
+  r = experiment.setup(cfg, workdir, task, source=source, preset_args=preset_args)
+  check_compatible(d, r.args, teacher, task.HEAD, r.data.label_names)
+  t_params = place_params(teacher.module, teacher.params, r.mesh, r.rules)
+  if d.cache_logits:
+    attach_cache(r, teacher, t_params)
+  loss = make_loss(task, r.module, cfg, teacher.module, layers)
+  evaluator = Evaluator(r, teacher, t_params)
+  fitted = experiment.fit(r, evaluator, hooks=[experiment.adapter_hook(r)],
+                          loss_fn=lambda p, b, rng, tr: loss(p, b, rng, tr, t_params))
+  if fitted is None:
+    return None
+  return experiment.finish(r, evaluator, fitted)

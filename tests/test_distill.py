@@ -1,0 +1,187 @@
+"""Distillation (lib/distill.py): losses against hand computations, the student made from teacher
+layers, the frozen teacher (no gradient, no optimizer state), the logit cache's key, and a quick
+run end to end that exports to Hugging Face."""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import distill_sst2
+from lib import distill, errors, model_io, models
+from lib.tasks import classification
+
+TEACHER = models.ModelArgs(vocab_size=64, hidden_size=32, num_layers=4, num_heads=2, mlp_dim=64,
+                           max_len=32, dropout_rate=0.0, attention_dropout_rate=0.0)
+
+
+def _cfg(**weights):
+  c = ml_collections.ConfigDict(dict(distill=distill.default_config()))
+  c.distill.weights.update(dict(dict(hard=1.0, soft=1.0, hidden=1.0, attention=1.0, value=1.0),
+                                **weights))
+  return c
+
+
+def _teacher(seed=0, args=TEACHER):
+  module = models.build(args, "seq_cls", 2)
+  params = models.init_params(module, jax.random.key(seed))[0]
+  # Logits of a random init are ~0 for every input; larger ones make the soft loss informative.
+  params["classifier"]["kernel"] = params["classifier"]["kernel"] * 300.0
+  for i in range(args.num_layers):   # and peaked attention (near uniform at init)
+    att = params["encoder"][f"layer_{i}"]["attention"]
+    for name in ("query", "key", "value"):
+      att[name]["kernel"] = att[name]["kernel"] * (5.0 + i)
+  return module, params
+
+
+def _batch(b=4, t=8, seed=0):
+  rng = np.random.default_rng(seed)
+  mask = np.ones((b, t), np.int32)
+  mask[1, 5:] = 0
+  mask[3, 3:] = 0
+  ids = np.where(mask > 0, rng.integers(1, 64, (b, t)), 0).astype(np.int32)
+  return dict(input_ids=ids, input_mask=mask, token_type_ids=np.zeros_like(ids),
+              label=rng.integers(0, 2, b).astype(np.int32))
+
+
+def _losses(layers, cfg=None, seed=0):
+  """The distillation terms of a student made from `layers` of a random teacher."""
+  t_module, t_params = _teacher(seed)
+  s_args, s_params = distill.student_from_layers(TEACHER, t_params, layers)
+  s_module = models.build(s_args, "seq_cls", 2)
+  loss = distill.make_loss(classification, s_module, cfg or _cfg(), t_module, layers)
+  return jax.jit(loss, static_argnums=3)(s_params, _batch(), None, False, t_params)
+
+
+# ----------------------------------------------------------------------------- the losses
+
+def test_student_equal_to_the_teacher_has_zero_distillation_losses():
+  _, m = _losses((0, 1, 2, 3))
+  for k in ("soft", "hidden", "attention", "value"):
+    assert abs(float(m[f"distill_{k}"])) < 1e-6, (k, m[f"distill_{k}"])
+  _, other = _losses((1, 3))          # a real (half-depth) student: every term is positive
+  for k in ("soft", "hidden", "attention", "value"):
+    assert float(other[f"distill_{k}"]) > 1e-5, (k, other[f"distill_{k}"])
+
+
+def test_soft_kl_is_t_squared_times_kl_at_temperature_t_by_hand():
+  s, t = np.array([[1.0, 0.0, -1.0]]), np.array([[0.0, 2.0, 0.5]])
+  for temp in (1.0, 2.0, 4.0):
+    p = np.exp(t[0] / temp) / np.exp(t[0] / temp).sum()
+    q = np.exp(s[0] / temp) / np.exp(s[0] / temp).sum()
+    hand = temp ** 2 * sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    got = distill.soft_kl(jnp.asarray(s), jnp.asarray(t), temp, jnp.ones(1))
+    assert float(got) == pytest.approx(hand, rel=1e-5)
+  # Token logits (B, T, C): the mean over real tokens only.
+  s3, t3 = np.zeros((1, 2, 3)), np.stack([t, t * 100.0], 1)
+  masked = distill.soft_kl(jnp.asarray(s3), jnp.asarray(t3), 2.0, jnp.array([[1, 0]]))
+  q = np.full(3, 1 / 3)
+  p = np.exp(t[0] / 2) / np.exp(t[0] / 2).sum()
+  assert float(masked) == pytest.approx(4.0 * float((p * np.log(p / q)).sum()), rel=1e-5)
+
+
+def test_hidden_and_relation_losses_by_hand():
+  s = jnp.array([[[1.0, 0.0], [5.0, 5.0]]])                 # (1, 2, 2); token 2 is padding
+  t = jnp.array([[[1.0, 1.0], [0.0, 1.0]]])
+  mask = jnp.array([[1, 0]])
+  assert float(distill.hidden_loss(s, t, mask)) == pytest.approx(1 - 1 / math.sqrt(2), rel=1e-6)
+  assert float(distill.hidden_loss(s, t, mask, "mse")) == pytest.approx(0.5, rel=1e-6)
+  v = jnp.array([[[[1.0]], [[2.0]], [[9.0]]]])               # (1, T=3, H=1, Dh=1), key 3 padded
+  rel = distill.value_relation(v, jnp.array([[1, 1, 0]]))
+  row0 = np.exp([1.0, 2.0]) / np.exp([1.0, 2.0]).sum()       # softmax of v0 * (v0, v1)
+  np.testing.assert_allclose(rel[0, 0, 0], [*row0, 0.0], rtol=1e-6)
+
+
+def test_teacher_gets_no_gradient():
+  t_module, t_params = _teacher()
+  s_args, s_params = distill.student_from_layers(TEACHER, t_params, (1, 3))
+  s_module = models.build(s_args, "seq_cls", 2)
+  loss = distill.make_loss(classification, s_module, _cfg(), t_module, (1, 3))
+  g_teacher = jax.jit(jax.grad(lambda tp: loss(s_params, _batch(), None, False, tp)[0]))(t_params)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_teacher))
+  g_student = jax.jit(jax.grad(lambda sp: loss(sp, _batch(), None, False, t_params)[0]))(s_params)
+  assert float(jnp.abs(g_student["encoder"]["layer_0"]["attention"]["query"]["kernel"]).max()) > 0
+
+
+# ----------------------------------------------------------------------------- the student
+
+def test_student_layers_are_the_chosen_teacher_layers():
+  _, t_params = _teacher()
+  args, s = distill.student_from_layers(TEACHER, t_params, (0, 3))
+  assert args.num_layers == 2 and sorted(s["encoder"]) == ["embeddings", "layer_0", "layer_1"]
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a),
+                                                                jax.tree.leaves(b)))
+  assert same(s["encoder"]["layer_0"], t_params["encoder"]["layer_0"])
+  assert same(s["encoder"]["layer_1"], t_params["encoder"]["layer_3"])
+  assert not same(s["encoder"]["layer_1"], t_params["encoder"]["layer_1"])
+  assert same(s["classifier"], t_params["classifier"]) and same(s["pooler"], t_params["pooler"])
+  assert distill.every_other(6) == (1, 3, 5) and distill.every_other(4) == (1, 3)
+  assert distill.hidden_map((1, 3)) == (0, 2, 4)
+  # The map through the model: the student's first layer is the teacher's first here.
+  t_module, _ = _teacher()
+  _, s1 = distill.student_from_layers(TEACHER, t_params, (0,))
+  s_module = models.build(distill.student_from_layers(TEACHER, t_params, (0,))[0], "seq_cls", 2)
+  hs = distill.forward(s_module, s1, _batch())[1]["hidden_states"]
+  ht = distill.forward(t_module, t_params, _batch())[1]["hidden_states"]
+  np.testing.assert_allclose(hs[1], ht[1], atol=1e-6)
+  for bad in ((4,), (1, 1), (-1,)):
+    with pytest.raises(errors.ConfigError, match="distinct teacher layer indices"):
+      distill.check_layers(bad, 4)
+
+
+# ----------------------------------------------------------------------------- the logit cache
+
+class _Batches:
+  def __init__(self, batches):
+    self.batches, self.i = batches, 0
+
+  def __len__(self):
+    return len(self.batches)
+
+  def __next__(self):
+    self.i += 1
+    return self.batches[(self.i - 1) % len(self.batches)]
+
+
+def _teacher_record(params, source="t"):
+  return distill.Teacher(None, params, TEACHER, "seq_cls", ["neg", "pos"], source, "minilm")
+
+
+def test_logit_cache_is_rebuilt_when_the_teacher_or_the_data_change(tmp_path):
+  module, params = _teacher()
+  batches = [_batch(seed=i) for i in range(3)]
+  for b in batches:
+    b["example_ids"] = np.arange(4)
+  calls = []
+  def predict_with(p):
+    def predict(b):
+      calls.append(1)
+      return distill.forward(module, p, b)[0]["logits"]
+    return predict
+  key = distill.cache_key(_teacher_record(params), {"dataset": "x"})
+  cache = distill.LogitCache.load_or_build(str(tmp_path), key, predict_with(params),
+                                           _Batches(batches))
+  assert len(calls) == 3
+  np.testing.assert_allclose(cache.lookup(batches[1]),
+                             distill.forward(module, params, batches[1])[0]["logits"], atol=1e-6)
+  # Same teacher and data: read back, nothing recomputed.
+  again = distill.LogitCache.load_or_build(str(tmp_path), key, predict_with(params),
+                                           _Batches(batches))
+  assert len(calls) == 3 and np.array_equal(again.lookup(batches[2]), cache.lookup(batches[2]))
+  # One teacher parameter changed (same source path): a new key, the logits recomputed.
+  changed = jax.tree.map(lambda x: x, params)
+  changed["classifier"]["kernel"] = changed["classifier"]["kernel"] + 1.0
+  key2 = distill.cache_key(_teacher_record(changed), {"dataset": "x"})
+  assert key2 != key
+  new = distill.LogitCache.load_or_build(str(tmp_path), key2, predict_with(changed),
+                                         _Batches(batches))
+  assert len(calls) == 6
+  assert not np.allclose(new.lookup(batches[0]), cache.lookup(batches[0]))
+  assert distill.cache_key(_teacher_record(params), {"dataset": "y"}) != key
+  with pytest.raises(RuntimeError, match="not in the teacher-logit cache"):
+    cache.lookup(_batch(seed=99) | {"example_ids": np.arange(4)})
