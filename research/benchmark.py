@@ -45,6 +45,8 @@ flags.DEFINE_bool("tune_malloc", True, "re-run under MALLOC_ARENA_MAX=1 MALLOC_M
                   "MALLOC_TRIM_THRESHOLD_=64G: else glibc mmaps XLA's per-step buffers afresh and "
                   "the step page-faults ~1 GB every call (~20% of a MiniLM step)")
 flags.DEFINE_string("xla_flags", "", "extra XLA_FLAGS")
+flags.DEFINE_string("workdir", "", "also write the rows to <workdir>/metrics.json as {'rows': "
+                    "[...]} (a cell of research/reproduce.py)")
 flags.DEFINE_enum("omp_wait_policy", "PASSIVE", ["PASSIVE", "ACTIVE", "default"],
                   "torch's OpenMP workers: PASSIVE sleeps at barriers; on a shared, loaded CPU "
                   "spinning workers made HF steps 2-10x slower, so PASSIVE is HF's best case here")
@@ -114,6 +116,9 @@ def main(argv):
               f" s, hf steps {[round(x, 3) for x in row['hf_step_s']]} s", flush=True)
         rows.append(row)
   print(bench.format_table(rows))
+  if FLAGS.workdir:
+    from lib import reporting  # pylint: disable=g-import-not-at-top
+    reporting.write_json_atomic(os.path.join(FLAGS.workdir, "metrics.json"), {"rows": rows})
 
 
 if __name__ == "__main__":
