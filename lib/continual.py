@@ -205,7 +205,7 @@ def mask_logits(logits, lo, hi):
 
 
 def make_loss(module, cfg=None):
-  """loss_fn(params, batch, rng, train) -> (token cross-entropy within each row's block, metrics)."""
+  """loss_fn(params, batch, rng, train) -> (cross-entropy in each row's label block, metrics)."""
   del cfg
 
   def loss_fn(params, batch, rng, train_mode):

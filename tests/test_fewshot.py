@@ -128,3 +128,40 @@ def test_cloze_log_probs_reads_the_mask_position_of_an_mlm_model():
     np.testing.assert_allclose(got[i], words - np.log(np.exp(words).sum()), rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="verbalizer word"):
     fewshot.verbalizer_token_ids(tok, ["unbelievablyxq"])
+
+
+@pytest.mark.slow
+def test_kshot_files_and_setfit_task_run_through_the_skeleton(tmp_path):
+  import csv
+  from configs import fewshot as fewshot_config
+  from lib import experiment, models, tasks
+  d = tmp_path / "toy"
+  d.mkdir()
+  rng = np.random.default_rng(0)
+  for name, n in (("train", 40), ("dev", 8), ("test", 12)):
+    with open(d / f"{name}.tsv", "w") as f:
+      f.write("sentence\tlabel\n")
+      for i in range(n):
+        good = i % 2
+        f.write(f"{'great' if good else 'awful'} {' '.join(rng.choice(['film', 'plot'], 3))} "
+                f"{name}{i}\t{'pos' if good else 'neg'}\n")
+  cfg = fewshot_config.get_config()
+  cfg.data.dataset, cfg.data.cache_dir = f"tsv:{d}", str(tmp_path / "cache")
+  cfg.data.max_len, cfg.data.eval_batch_size = 16, 8
+  paths = fewshot.write_kshot_data(cfg.data, 4, seed=0, out_dir=str(tmp_path / "k4"))
+  read = lambda s: list(csv.DictReader(open(paths[s]), delimiter="\t"))
+  train, dev, test = read("train"), read("validation"), read("test")
+  assert sorted(r["label"] for r in train) == ["neg"] * 4 + ["pos"] * 4 and len(dev) == 8
+  assert all("train" in r["sentence"] for r in train + dev)          # never dev or test lines
+  assert not {r["sentence"] for r in train} & {r["sentence"] for r in dev} and len(test) == 12
+  c = fewshot.kshot_config(cfg, paths, "contrastive", **dict(cfg.fewshot.setfit_overrides))
+  c.data.batch_size, c.setfit.iterations = 8, 2
+  tiny = models.ModelArgs(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, max_len=32)
+  out = experiment.run(c, str(tmp_path / "run"), tasks.get("contrastive"), preset_args=tiny)
+  assert out["train"]["steps"] == 2 * 2 * 8 // 8                    # pairs per epoch / batch
+  rows = list(csv.DictReader(open(tmp_path / "run" / "test_predictions.tsv"), delimiter="\t"))
+  assert len(rows) == 12
+  acc = np.mean([r["gold"] == r["predicted"] for r in rows])
+  assert out["test"]["accuracy"] == pytest.approx(acc)
+  head = np.load(tmp_path / "run" / "head.npz")
+  assert head["kernel"].shape == (32, 2) and list(head["label_names"]) == ["neg", "pos"]

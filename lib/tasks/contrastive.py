@@ -1,5 +1,6 @@
-"""SetFit-style contrastive task: the encoder is fine-tuned on sentence pairs with a cosine-similarity
-loss on mean-pooled embeddings; a logistic-regression head on the training embeddings classifies.
+"""SetFit-style contrastive task: the encoder is fine-tuned on sentence pairs with a cosine-
+similarity loss on mean-pooled embeddings; a logistic-regression head on the training embeddings
+classifies.
 
 Config: the fine-tuning data block (a sequence-classification dataset) and a `setfit` block:
 iterations (pairs per example and iteration: one positive, one negative), c (the head's inverse
