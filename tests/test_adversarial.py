@@ -134,6 +134,7 @@ def test_freelb_accumulates_as_the_papers_loop(init_scale):
   _close(got, acc)
 
 
+@pytest.mark.slow
 def test_peft_labels_and_accumulation_in_a_sharded_step():
   """Frozen parameters stay untouched; a jitted, sharded step with 2 micro-batches and epsilon 0
   equals the plain loss's step; with epsilon > 0 the update differs."""
