@@ -3,6 +3,7 @@
 #   ./run.sh setup                 create .venv, install pinned requirements + MiniLM weights
 #   ./run.sh test [pytest args]    install test requirements too, run the test suite
 #   ./run.sh finetune [flags]      research/finetune.py   (default: --config=configs/ner.py)
+#   ./run.sh distill [flags]       research/distill.py    (a teacher -> a smaller student)
 #   ./run.sh pretrain [flags]      research/pretrain_mlm.py (--config=configs/mlm.py or clm.py)
 #   ./run.sh generate [flags]      research/generate.py   (sample from a GPT-2 workdir)
 #   ./run.sh convert [flags]       research/convert.py
@@ -72,6 +73,7 @@ case "$cmd" in
     setup
     if [[ $# -eq 0 ]]; then set -- --config=configs/ner.py --workdir=workdirs/ner; fi
     exec "$PY" research/finetune.py "$@" ;;
+  distill) setup; exec "$PY" research/distill.py "$@" ;;
   pretrain) setup; exec "$PY" research/pretrain_mlm.py "$@" ;;
   generate) setup; exec "$PY" research/generate.py "$@" ;;
   convert) setup; exec "$PY" research/convert.py "$@" ;;

@@ -185,3 +185,94 @@ def test_logit_cache_is_rebuilt_when_the_teacher_or_the_data_change(tmp_path):
   assert distill.cache_key(_teacher_record(params), {"dataset": "y"}) != key
   with pytest.raises(RuntimeError, match="not in the teacher-logit cache"):
     cache.lookup(_batch(seed=99) | {"example_ids": np.arange(4)})
+
+
+# ----------------------------------------------------------------------------- a run end to end
+
+def _write_tsv(path, n, seed):
+  rng = np.random.default_rng(seed)
+  words = ["film", "plot", "actor", "scene", "story"]
+  with open(path, "w") as f:
+    f.write("sentence\tlabel\n")
+    for _ in range(n):
+      good = rng.integers(2)
+      f.write(f"{'great' if good else 'awful'} {' '.join(rng.choice(words, 4))}\t"
+              f"{'pos' if good else 'neg'}\n")
+
+
+def _quick_config(tmp_path, variant):
+  d = tmp_path / "toydata"
+  d.mkdir(exist_ok=True)
+  for name, n, seed in (("train.tsv", 64, 0), ("dev.tsv", 16, 1), ("test.tsv", 16, 2)):
+    _write_tsv(d / name, n, seed)
+  args = models.ModelArgs(hidden_size=32, num_layers=4, num_heads=2, mlp_dim=64, max_len=32,
+                          dropout_rate=0.0, attention_dropout_rate=0.0)
+  module = models.build(args, "seq_cls", 2)
+  params = models.init_params(module, jax.random.key(0))[0]
+  teacher = model_io.save_model_dir(str(tmp_path / "teacher"), args, params, "seq_cls", 2,
+                                    ["neg", "pos"], tokenizer="minilm")
+  cfg = distill_sst2.get_config(variant)
+  cfg.data.dataset, cfg.data.cache_dir = f"tsv:{d}", str(tmp_path / "cache")
+  cfg.data.max_train_examples, cfg.data.batch_size, cfg.data.eval_batch_size = 0, 16, 16
+  cfg.data.max_len, cfg.train.epochs, cfg.optim.lr = 16, 2, 3e-3
+  cfg.distill.teacher, cfg.distill.speed_batch_size = teacher, 8
+  return cfg, params
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end_writes_the_distill_block_and_exports_to_hf(tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from lib import hf, tasks  # pylint: disable=g-import-not-at-top
+  cfg, t_params = _quick_config(tmp_path, "quick+minilm")
+  workdir = str(tmp_path / "run")
+  out = distill.run(cfg, workdir, tasks.get("classification"))
+  saved = json.load(open(os.path.join(workdir, "metrics.json")))
+  b = saved["distill"]
+  assert b["teacher"]["layers"] == 4 and b["student"]["layers"] == 2
+  student = model_io.load_model(workdir, "seq_cls", 2)
+  assert b["student"]["params"] == models.param_count(student.params)
+  assert b["teacher"]["params"] == models.param_count(t_params)
+  assert b["student"]["test"] == out["test"]["accuracy"] == saved["test"]["accuracy"]
+  assert b["student_over_teacher"] == pytest.approx(b["student"]["test"] / b["teacher"]["test"])
+  assert b["speedup"] == pytest.approx(b["student"]["examples_per_s"]
+                                       / b["teacher"]["examples_per_s"])
+  # The optimizer state is Adam's two moments of the student's parameters, none of the teacher's.
+  n_student = b["student"]["params"]
+  assert 8 * n_student <= saved["train"]["optimizer_state_bytes"] < 8 * n_student + 1024
+  assert all(k in saved["train"] for k in ("steps", "wall_s"))
+  init = json.load(open(os.path.join(workdir, "student_init", "model.json")))
+  assert init["distilled_from"]["layers"] == [1, 3]
+  # The student exports to a directory transformers loads, with our logits.
+  dst = str(tmp_path / "hf")
+  model = model_io.ours_to_hf(workdir, dst, cfg.data.dir)
+  pt, info = transformers.BertForSequenceClassification.from_pretrained(
+      dst, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  assert pt.config.num_hidden_layers == 2
+  enc = hf.load_bert_tokenizer(dst)(["great film plot", "awful scene"], padding=True,
+                                    return_tensors="np")
+  batch = {k: enc[v].astype(np.int32) for k, v in (("input_ids", "input_ids"),
+           ("input_mask", "attention_mask"), ("token_type_ids", "token_type_ids"))}
+  ours = distill.forward(models.build(model.args, "seq_cls", 2), model.params, batch)[0]
+  with torch.no_grad():
+    theirs = pt.eval()(**{k: torch.tensor(v) for k, v in enc.items()}).logits.numpy()
+  np.testing.assert_allclose(np.asarray(ours["logits"]), theirs, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_cached_logits_run_and_a_rerun_reads_the_cache(tmp_path):
+  from lib import tasks  # pylint: disable=g-import-not-at-top
+  cfg, _ = _quick_config(tmp_path, "quick+soft+cache")
+  cfg.train.epochs = 1
+  distill.run(cfg, str(tmp_path / "run"), tasks.get("classification"))
+  files = os.listdir(tmp_path / "cache" / "teacher_logits")
+  assert len(files) == 1 and files[0].endswith(".npz")
+  with np.load(tmp_path / "cache" / "teacher_logits" / files[0]) as z:
+    assert len(z["keys"]) == 64 and z["logits"].shape == (64, 2)
+  stamp = os.path.getmtime(tmp_path / "cache" / "teacher_logits" / files[0])
+  distill.run(cfg, str(tmp_path / "run2"), tasks.get("classification"))
+  assert os.path.getmtime(tmp_path / "cache" / "teacher_logits" / files[0]) == stamp
+  bad = distill_sst2.get_config("minilm+cache")
+  with pytest.raises(errors.ConfigError, match="cache_logits=True caches logits only"):
+    distill.check_compatible(bad.distill, TEACHER, _teacher_record({}), "seq_cls", ["neg", "pos"])
