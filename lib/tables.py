@@ -62,7 +62,8 @@ class Recorded:
 
 @dataclasses.dataclass(frozen=True)
 class Column:
-  """A metric column: `path` into metrics.json ('test.f1', 'train.trainable_percent', 'rows.0.x')."""
+  """A metric column: `path` into metrics.json ('test.f1', 'train.trainable_percent', 'rows.0.x';
+  'test.f1|test.accuracy': the first present)."""
   path: str
   label: str
   digits: int = 4
@@ -119,7 +120,8 @@ class Table:
 def _check(table: Table, where: str) -> Table:
   """Refuses duplicate or malformed row ids, unknown `vs`/placeholder rows, an unknown primary."""
   ids = [r.id for r in table.rows]
-  problems = [f"row id {i!r} is not letters, digits, '_', '.', '-'" for i in ids if not _ID.match(i)]
+  problems = [f"row id {i!r} is not letters, digits, '_', '.', '-'"
+              for i in ids if not _ID.match(i)]
   problems += [f"row id {i!r} is declared twice" for i in sorted(set(ids)) if ids.count(i) > 1]
   for r in table.rows:
     refs = [m for a in r.args for m in _PLACEHOLDER.findall(a)] + ([r.vs] if r.vs else [])
@@ -128,6 +130,10 @@ def _check(table: Table, where: str) -> Table:
       problems.append(f"row {r.id!r} has no seeds")
     if r.reported and r.vs:
       problems.append(f"row {r.id!r} has both reported and vs (choose one)")
+  dirs = {}
+  for r in table.rows:
+    dirs.setdefault(row_dir(table, r, ""), []).append(r.id)
+  problems += [f"rows {ids_} run the same command" for ids_ in dirs.values() if len(ids_) > 1]
   if table.primary and table.primary not in [c.path for c in table.columns]:
     problems.append(f"primary {table.primary!r} is not one of the columns' paths")
   if problems:
@@ -180,10 +186,14 @@ class Cell:
 
 
 def row_dir(table: Table, row: Row, root: str) -> str:
-  """`<root>/<table>/<row id>-<hash>`: the hash covers the row's command, so a changed row gets
-  fresh cells and the old ones stay where they were."""
+  """`<root>/<config or script name>-<hash>`: the hash covers the row's command, so a changed row
+  gets fresh cells (the old ones stay), and the same command in two tables shares its cells."""
+  del table  # the command alone names the cells
   key = json.dumps([row.script, row.config, list(row.args), row.seed_flag])
-  return os.path.join(root, table.name, f"{row.id}-{hashlib.sha1(key.encode()).hexdigest()[:6]}")
+  name = row.config or os.path.basename(row.script)
+  name = re.sub(r"[^A-Za-z0-9_.+-]", "_",
+                os.path.basename(name).replace(".py", "").replace(":", "."))
+  return os.path.join(root, f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}")
 
 
 def cell_workdir(table: Table, row: Row, seed: int, root: str) -> str:
@@ -278,7 +288,11 @@ def ready(cell: Cell, cwd: str = REPO_ROOT) -> bool:
 
 
 def get_path(metrics: dict, path: str):
-  """metrics['a']['b'][0] for 'a.b.0' (list indices as integers); None where absent."""
+  """metrics['a']['b'][0] for 'a.b.0' (list indices as integers); None where absent. 'p|q': the
+  first of the paths present (one column for NER's test.f1 and SST-2's test.accuracy)."""
+  if "|" in path:
+    found = [v for v in (get_path(metrics, p) for p in path.split("|")) if v is not None]
+    return found[0] if found else None
   node = metrics
   for part in path.split("."):
     if isinstance(node, list) and part.isdigit() and int(part) < len(node):
@@ -441,7 +455,7 @@ def compare(ours: Summary, ref_value: float, ref_std: Optional[float] = None, re
 class RowResult:
   """A row's aggregate: per-column summaries, the comparison of the primary metric, provenance."""
   row: Row
-  seeds: list                      # seeds that have a primary value
+  seeds: list                      # seeds with a value in some column
   summaries: dict                  # column path -> Summary or None
   values: dict                     # column path -> {seed: value}
   recorded_seeds: list             # seeds whose values came from row.recorded
@@ -492,8 +506,8 @@ def aggregate(table: Table, root: str = DEFAULT_WORKDIR_ROOT, cwd: str = REPO_RO
   for row in table.rows:
     values, recorded, commits = _row_values(table, row, root, cwd)
     summaries = {p: summarize(list(v.values())) for p, v in values.items()}
-    results[row.id] = RowResult(row, sorted(values[table.primary_path]), summaries, values,
-                                recorded, commits)
+    seeds = sorted({s for v in values.values() for s in v})   # with any value
+    results[row.id] = RowResult(row, seeds, summaries, values, recorded, commits)
   for res in results.values():
     res.comparison = _comparison(table, res, results)
   return [results[r.id] for r in table.rows]
@@ -542,14 +556,22 @@ def _noise_text(cmp: Optional[dict]) -> str:
   return {None: "n/a (1 seed)", True: "yes", False: "**no**"}[cmp["within_noise"]]
 
 
+def _seeds_text(n: int, declared: int) -> str:
+  if n == 0:
+    return "not run"
+  text = str(n) if n == declared else f"{n} of {declared}"
+  return text + " (single seed)" if n == 1 else text
+
+
 def _row_notes(res: RowResult, notes: list) -> str:
   """Footnote marks for the row's reported source, recorded values and note (appended to notes)."""
   texts = []
   if res.row.reported:
     texts.append(f"reported: {res.row.reported.source}")
   if res.recorded_seeds:
-    texts.append(f"seeds {', '.join(map(str, res.recorded_seeds))} recorded outside the table "
-                 f"runner: {res.row.recorded.source}")
+    seeds = res.recorded_seeds
+    texts.append(f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} recorded "
+                 f"outside the table runner: {res.row.recorded.source}")
   if res.row.note:
     texts.append(res.row.note)
   marks = []
@@ -570,8 +592,7 @@ def markdown(table: Table, results: Sequence[RowResult], info: dict) -> str:
            "|" + "---|" * len(head)]
   for res in results:
     s, cmp = res.summaries[table.primary_path], res.comparison
-    n = len(res.seeds)
-    seeds = "not run" if n == 0 else (f"{n} (single seed)" if n == 1 else str(n))
+    seeds = _seeds_text(len(res.seeds), len(res.row.seeds))
     ci = (f"[{_fmt(s.interval[0], pcol)}, {_fmt(s.interval[1], pcol)}]"
           if s is not None and s.interval else "–")
     ref = "–"
