@@ -32,6 +32,7 @@ def get_config(variant: str = ""):
   c.fewshot = ml_collections.ConfigDict(dict(
       ks=(16,), seeds=(0, 1, 2, 3, 4), methods=("setfit", "finetune"),
       dev_k=-1,                                  # dev examples per class (< 0: K)
+      pool="all",                                # all | sentences (lib/fewshot.sentence_like)
       grid=((5e-5, 8),),                         # standard fine-tuning: (lr, batch size)
       # SetFit's run: 'block.key' -> value over the fine-tuning settings above.
       setfit_overrides=(("optim.lr", 1e-4), ("data.batch_size", 16), ("train.num_steps", 0),
@@ -42,6 +43,7 @@ def get_config(variant: str = ""):
   return common.apply_variant(c, variant, {
       "curve": lambda c: setattr(c.fewshot, "ks", (8, 16, 32, 64)),
       "quick": _quick,
+      "sentences": lambda c: setattr(c.fewshot, "pool", "sentences"),
       "grid": lambda c: setattr(c.fewshot, "grid", ((1e-5, 8), (2e-5, 8), (5e-5, 8))),
       "setfit": lambda c: setattr(c.fewshot, "methods", ("setfit",)),
       "finetune": lambda c: setattr(c.fewshot, "methods", ("finetune",)),

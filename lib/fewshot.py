@@ -190,9 +190,18 @@ def _write_tsv(path: str, examples, label_names) -> None:
   atomic.write_bytes(path, ("\n".join(rows) + "\n").encode("utf-8"))
 
 
-def write_kshot_data(data_cfg, k: int, seed: int, out_dir: str, dev_k: int = -1) -> dict:
+def sentence_like(text, min_words: int = 8) -> bool:
+  """A full sentence rather than a phrase: >= min_words words and a final . ! or ? (GLUE's SST-2
+  training split holds every phrase of the treebank; LM-BFF samples its 6,920 sentences)."""
+  words = _clean(text).split()
+  return len(words) >= min_words and words[-1][-1] in ".!?"
+
+
+def write_kshot_data(data_cfg, k: int, seed: int, out_dir: str, dev_k: int = -1,
+                     pool: str = "all") -> dict:
   """The K-shot train and dev TSVs of one seed (from the training split) and the full test split,
   with label names, in `out_dir` (kept when present: the sample is a function of its arguments).
+  pool: 'all' training examples, or 'sentences' (sentence_like ones only) to sample from.
 
   Returns:
     {'train': path, 'validation': path, 'test': path}.
@@ -206,6 +215,10 @@ def write_kshot_data(data_cfg, k: int, seed: int, out_dir: str, dev_k: int = -1)
                      "sequence-classification dataset")
   split = src.split("train")
   examples = split.__getitems__(list(range(len(split))))
+  if pool not in ("all", "sentences"):
+    raise ValueError(f"config.fewshot.pool={pool!r}: expected 'all' or 'sentences'")
+  if pool == "sentences":
+    examples = [e for e in examples if sentence_like(e["sentence"])]
   train_idx, dev_idx = kshot_split([int(e["label"]) for e in examples], k, seed, dev_k)
   os.makedirs(out_dir, exist_ok=True)
   _write_tsv(paths["train"], [examples[i] for i in train_idx], src.label_names)

@@ -38,7 +38,7 @@ def main(argv):
     for seed in cfg.fewshot.seeds:
       name = f"k{k}_seed{seed}"
       paths = fewshot.write_kshot_data(cfg.data, k, seed, os.path.join(root, "data", name),
-                                       cfg.fewshot.dev_k)
+                                       cfg.fewshot.dev_k, cfg.fewshot.pool)
       for method in cfg.fewshot.methods:
         out = fewshot.run_method(cfg, method, paths, os.path.join(root, "runs", method, name))
         results.append(dict(out, method=method, k=k, seed=seed))

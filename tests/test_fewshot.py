@@ -165,3 +165,9 @@ def test_kshot_files_and_setfit_task_run_through_the_skeleton(tmp_path):
   assert out["test"]["accuracy"] == pytest.approx(acc)
   head = np.load(tmp_path / "run" / "head.npz")
   assert head["kernel"].shape == (32, 2) and list(head["label_names"]) == ["neg", "pos"]
+
+
+def test_sentence_like_pool_filter():
+  assert fewshot.sentence_like("a gorgeous , witty , seductive movie that rewards patience .")
+  assert not fewshot.sentence_like("finely detailed")
+  assert not fewshot.sentence_like("to fall prey to a boatload of screenwriting cliches that sink")
