@@ -20,7 +20,7 @@ import platform
 import re
 import shlex
 import subprocess
-import sys
+import textwrap
 import time
 from typing import Mapping, Optional, Sequence
 
@@ -186,13 +186,16 @@ class Cell:
 
 
 def row_dir(table: Table, row: Row, root: str) -> str:
-  """`<root>/<config or script name>-<hash>`: the hash covers the row's command, so a changed row
-  gets fresh cells (the old ones stay), and the same command in two tables shares its cells."""
+  """`<root>/[<script>.]<config>-<hash>` (the script named unless it is research/finetune.py).
+
+  The hash covers the row's command: a changed row gets fresh cells (the old ones stay), and the
+  same command in two tables shares its cells.
+  """
   del table  # the command alone names the cells
   key = json.dumps([row.script, row.config, list(row.args), row.seed_flag])
-  name = row.config or os.path.basename(row.script)
-  name = re.sub(r"[^A-Za-z0-9_.+-]", "_",
-                os.path.basename(name).replace(".py", "").replace(":", "."))
+  parts = [] if row.script == "research/finetune.py" else [os.path.basename(row.script)]
+  parts += [os.path.basename(row.config)] if row.config else []
+  name = re.sub(r"[^A-Za-z0-9_.+-]", "_", ".".join(parts).replace(".py", "").replace(":", "."))
   return os.path.join(root, f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}")
 
 
@@ -670,7 +673,7 @@ def png_bytes(table: Table, results: Sequence[RowResult]) -> bytes:
       ax.plot(res.comparison["ref"] * pcol.scale, y, "x", color="#c44e52", markersize=8)
   ax.set_yticks(ys, [r.row.label[:48] for r in shown], fontsize=8)
   ax.set_xlabel(f"{pcol.label} (mean, 95% interval; x = compared with)")
-  ax.set_title(table.title[:80], fontsize=9)
+  ax.set_title(textwrap.fill(table.title, 70), fontsize=9)
   lo = min([r.summaries[table.primary_path].mean * pcol.scale for r in shown], default=0)
   ax.set_xlim(left=max(0.0, lo - 0.1 * abs(lo)) if lo > 0 else None)
   fig.tight_layout()

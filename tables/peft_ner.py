@@ -41,6 +41,8 @@ def _row(id_, label, variant, args=(), seeds=(0,), before=None, extra=None, **kw
   return tables.Row(id_, label, config, tuple(args), seeds=seeds, recorded=recorded, **kw)
 
 
+REFERENCE = ("research/reference_peft.py: Hugging Face peft 0.21.2 on the HF PyTorch MiniLM "
+             "(torch 2.13.0), a plain loop fed our batches, schedule, epochs and seed")
 NOT_COMPARABLE = "median step measured while other jobs shared the two cores: left out"
 
 TABLE = tables.Table(
@@ -60,6 +62,12 @@ TABLE = tables.Table(
              claim=True, vs="lora", before=(224_937, 0.99, 3.57, 0.24, 0.8330, 0.8063),
              note="AdaLoRA's trainable % counts rank 12; its optimizer state also holds the "
                   "sensitivity and uncertainty averages (16 bytes per parameter)"),
+        tables.Row("hf_lora", "HF PEFT LoRA r=8, reference (PyTorch; Δ = reference - ours)",
+                   "configs/ner.py:lora", script="research/reference_peft.py", seeds=(0, 1, 2),
+                   claim=True, vs="lora", note=REFERENCE),
+        tables.Row("hf_adalora", "HF PEFT AdaLoRA 12→8, reference (Δ = reference - ours)",
+                   "configs/ner.py:adalora", script="research/reference_peft.py",
+                   seeds=(0, 1, 2), claim=True, vs="adalora", note=REFERENCE),
         _row("lora_lr5e-4", "LoRA r=8, lr 5e-4", "lora", ["--config.optim.lr=5e-4"],
              before=(150_921, 0.66, 1.21, None, 0.8210, 0.7951), note=NOT_COMPARABLE),
         _row("lora_all_r4", "LoRA r=4 on every linear layer (attention + MLP)", "lora",

@@ -286,3 +286,31 @@ def test_quick_table_end_to_end(tmp_path):
   again = subprocess.run(cmd + ["--emit=commands"], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=300)
   assert again.returncode == 0 and again.stdout == ""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config,trainable", [
+    # 25 LoRA modules (attention q/k/v/out x 6 layers + the pooler) x r 8 x (384 + 384), the
+    # classifier 384 x 2 + 2, the pooler bias 384: our count for configs/sst2.py:lora.
+    ("configs/sst2.py:quick+lora", 25 * 8 * 768 + 770 + 384),
+    # 24 AdaLoRA modules x (12 x 768 + 12 singular values), the classifier 384 x 9 + 9.
+    ("configs/ner.py:quick+adalora", 24 * (12 * 768 + 12) + 384 * 9 + 9),
+])
+def test_reference_peft_runs_and_trains_what_ours_trains(tmp_path, config, trainable):
+  """research/reference_peft.py on a few batches: HF PEFT trains exactly our parameter count."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if "device_count" not in f)
+  cmd = [sys.executable, "research/reference_peft.py", f"--config={config}",
+         f"--workdir={tmp_path}", "--config.data.max_train_examples=48",
+         "--config.data.max_eval_examples=16", "--config.data.max_len=32",
+         "--config.train.epochs=1", "--config.data.batch_size=16", "--config.train.eval_every=0"]
+  cmd += ["--config.data.stride=8"] if "ner" in config else []
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  with open(tmp_path / "metrics.json") as f:
+    m = json.load(f)
+  assert m["train"]["trainable_params"] == trainable
+  metric = "f1" if "ner" in config else "accuracy"
+  assert 0 <= m["test"][metric] <= 1 and 0 <= m["dev"][metric] <= 1
+  assert m["train"]["steps"] >= 3 and 1 <= m["train"]["best_step"] <= m["train"]["steps"]
