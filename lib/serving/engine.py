@@ -14,10 +14,9 @@ import re
 import threading
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from lib import metrics, model_io
+from lib import export, metrics, model_io
 from lib.data import tokenize as tok_lib
 from lib.serving import batcher as B
 
@@ -57,15 +56,8 @@ def split_words(text: str) -> list:
 
 
 def _forward(module, params, ids, mask):
-  out, _ = module.apply({"params": params}, input_ids=ids, input_mask=mask, deterministic=True)
-  h = out["last_hidden_state"].astype(jnp.float32)                      # (B, T, D)
-  m = mask[..., None].astype(jnp.float32)
-  pooled = (h * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)                 # (B, D)
-  emb = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
-  res = {"embedding": emb}
-  if "logits" in out:
-    res["logits"] = out["logits"].astype(jnp.float32)
-  return res
+  # The exported computation (lib/export.py): what /v1/* serve is what an export file runs.
+  return export.predict_outputs(module, params, ids, mask)
 
 
 def window_settings(source: str, args) -> tuple:

@@ -1,0 +1,153 @@
+"""Load generation against a served model (loopback only): closed-loop clients at a concurrency,
+bounded in requests and seconds; throughput, latency percentiles, status counts, batch sizes.
+
+`run_level` keeps `concurrency` requests in flight (each client sends its next request when the
+last is answered) until `requests` are sent or `max_seconds` pass; a request still unanswered
+after `timeout_s` counts as an error. `ServerProcess` starts research/serve.py in a subprocess on
+a free loopback port and waits for /readyz.
+"""
+
+import asyncio
+import dataclasses
+import ipaddress
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+from typing import Optional, Sequence
+
+import numpy as np
+
+logging.getLogger("httpx").setLevel(logging.WARNING)    # not one INFO line per request
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def check_loopback(url: str) -> None:
+  """Raises ValueError unless `url` names a loopback host (the load test never leaves the box)."""
+  host = urllib.parse.urlparse(url).hostname or ""
+  try:
+    ok = host == "localhost" or ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(f"{url}: the load test only targets loopback addresses (127.0.0.1, ::1, "
+                     "localhost)")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+  """The q-th percentile (0..100) by linear interpolation (numpy's default); nan when empty."""
+  return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+@dataclasses.dataclass
+class Level:
+  """What one concurrency level measured."""
+  concurrency: int
+  sent: int
+  ok: int
+  status: dict          # HTTP status -> count ('error' for no answer)
+  seconds: float
+  latencies_ms: list
+
+  def row(self) -> dict:
+    lat = self.latencies_ms
+    return dict(concurrency=self.concurrency, sent=self.sent, ok=self.ok,
+                throughput_rps=self.ok / self.seconds if self.seconds else 0.0,
+                p50_ms=percentile(lat, 50), p95_ms=percentile(lat, 95), p99_ms=percentile(lat, 99),
+                errors_5xx=sum(n for s, n in self.status.items() if str(s).startswith("5")),
+                errors_other=sum(n for s, n in self.status.items()
+                                 if s != 200 and not str(s).startswith("5")))
+
+
+async def _level(url, path, bodies, concurrency, requests, max_seconds, timeout_s, headers):
+  import httpx  # pylint: disable=g-import-not-at-top
+  status, lat, sent = {}, [], [0]
+  deadline = time.perf_counter() + max_seconds
+  limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+  async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits,
+                               headers=headers) as client:
+    async def worker():
+      while sent[0] < requests and time.perf_counter() < deadline:
+        body = bodies[sent[0] % len(bodies)]
+        sent[0] += 1
+        t0 = time.perf_counter()
+        try:
+          r = await client.post(path, json=body)
+          code = r.status_code
+        except httpx.HTTPError:
+          code = "error"
+        if code == 200:
+          lat.append((time.perf_counter() - t0) * 1000)
+        status[code] = status.get(code, 0) + 1
+    t0 = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    seconds = time.perf_counter() - t0
+  return Level(concurrency, sent[0], len(lat), status, seconds, lat)
+
+
+def run_level(url: str, path: str, bodies: Sequence[dict], concurrency: int, requests: int,
+              max_seconds: float, timeout_s: float = 60.0, headers: Optional[dict] = None) -> Level:
+  """Sends up to `requests` POSTs of `bodies` (cycled) to url+path, `concurrency` at a time."""
+  check_loopback(url)
+  return asyncio.run(_level(url, path, list(bodies), concurrency, requests, max_seconds,
+                            timeout_s, headers or {}))
+
+
+def scrape(text: str, name: str) -> float:
+  """The sum of a Prometheus sample `name` over its label sets in an exposition `text`."""
+  total = 0.0
+  for line in text.splitlines():
+    if line.startswith(name + " ") or line.startswith(name + "{"):
+      total += float(line.rsplit(" ", 1)[1])
+  return total
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+class ServerProcess:
+  """research/serve.py in a subprocess on a free loopback port; a context manager that stops it
+  (SIGTERM, then the process's graceful shutdown) on exit. Its log goes to `log_path`."""
+
+  def __init__(self, flags: Sequence[str], log_path: str, ready_timeout_s: float = 900.0):
+    self.port = free_port()
+    self.url = f"http://127.0.0.1:{self.port}"
+    self.flags, self.log_path, self.ready_timeout_s = list(flags), log_path, ready_timeout_s
+    self.proc = None
+
+  def __enter__(self) -> "ServerProcess":
+    import httpx  # pylint: disable=g-import-not-at-top
+    cmd = [sys.executable, os.path.join(ROOT, "research", "serve.py"), "--host=127.0.0.1",
+           f"--port={self.port}"] + self.flags
+    self.log = open(self.log_path, "w", encoding="utf-8")   # pylint: disable=consider-using-with
+    self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+    t0 = time.time()
+    while time.time() - t0 < self.ready_timeout_s:
+      if self.proc.poll() is not None:
+        raise RuntimeError(f"the server exited with {self.proc.returncode}; see {self.log_path}")
+      try:
+        if httpx.get(self.url + "/readyz", timeout=5).status_code == 200:
+          self.ready_s = time.time() - t0
+          return self
+      except httpx.HTTPError:
+        pass
+      time.sleep(1.0)
+    self.__exit__(None, None, None)
+    raise TimeoutError(f"the server was not ready after {self.ready_timeout_s} s; see "
+                       f"{self.log_path}")
+
+  def __exit__(self, *exc) -> None:
+    if self.proc is not None and self.proc.poll() is None:
+      self.proc.terminate()
+      try:
+        self.proc.wait(60)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait()
+    self.log.close()

@@ -1,0 +1,84 @@
+"""Tests of lib/serving/loadtest.py: counting, concurrency, bounds, percentiles, loopback only."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from lib.serving import loadtest as L
+
+
+class FakeServer:
+  """A FastAPI app on a free loopback port: POST /v1/x sleeps 20 ms; every 4th request gets 503.
+  It records the most requests it ever had in flight."""
+
+  def __init__(self):
+    import uvicorn   # pylint: disable=g-import-not-at-top
+    from fastapi import FastAPI   # pylint: disable=g-import-not-at-top
+    from fastapi.responses import JSONResponse   # pylint: disable=g-import-not-at-top
+    self.seen, self.inflight, self.most = 0, 0, 0
+    app = FastAPI()
+
+    @app.post("/v1/x")
+    async def x(body: dict):
+      del body
+      self.seen += 1
+      n = self.seen
+      self.inflight += 1
+      self.most = max(self.most, self.inflight)
+      await asyncio.sleep(0.02)
+      self.inflight -= 1
+      return JSONResponse({}, 503 if n % 4 == 0 else 200)
+    self.port = L.free_port()
+    self.uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                            log_level="warning"))
+    self.thread = threading.Thread(target=self.uv.run, daemon=True)
+    self.thread.start()
+    while not self.uv.started:
+      time.sleep(0.02)
+
+  def close(self):
+    self.uv.should_exit = True
+    self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def fake():
+  srv = FakeServer()
+  yield srv
+  srv.close()
+
+
+def test_counts_statuses_and_concurrency(fake):
+  fake.seen = fake.most = 0
+  level = L.run_level(f"http://127.0.0.1:{fake.port}", "/v1/x", [{"a": 1}], concurrency=8,
+                      requests=40, max_seconds=30)
+  assert level.sent == 40 and fake.seen == 40
+  assert level.status == {200: 30, 503: 10} and level.ok == 30
+  assert fake.most == 8                         # 8 in flight at once, never more
+  row = level.row()
+  assert row["errors_5xx"] == 10 and row["errors_other"] == 0
+  assert 20 <= row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]   # each request sleeps 20 ms
+  assert row["throughput_rps"] == pytest.approx(30 / level.seconds)
+
+
+def test_time_bound_stops_early(fake):
+  t0 = time.perf_counter()
+  level = L.run_level(f"http://127.0.0.1:{fake.port}", "/v1/x", [{}], concurrency=1,
+                      requests=10_000, max_seconds=0.3)
+  assert time.perf_counter() - t0 < 3 and level.sent < 100
+
+
+def test_helpers():
+  assert L.percentile([1, 2, 3, 4], 50) == 2.5
+  assert L.percentile([10, 20, 30, 40, 50], 95) == pytest.approx(48.0)   # 40 + 0.8 * 10
+  text = ('# TYPE serve_batch_size histogram\nserve_batch_size_sum{a="1"} 12.0\n'
+          'serve_batch_size_sum{a="2"} 3\nserve_batch_size_count 5\n')
+  assert L.scrape(text, "serve_batch_size_sum") == 15.0
+  assert L.scrape(text, "serve_batch_size_count") == 5.0
+  for url in ("http://127.0.0.1:8000", "http://localhost:1", "http://[::1]:80"):
+    L.check_loopback(url)
+  for url in ("http://10.0.0.1:8000", "http://example.com", "http://0.0.0.0:80"):
+    with pytest.raises(ValueError, match="only targets loopback"):
+      L.check_loopback(url)
