@@ -1,14 +1,15 @@
 """Reproduce a declared result table (tables/<name>.py): run its missing cells, or emit them as
 commands for another machine, and aggregate the finished ones into tables/<name>.md/.csv/.png.
 
-  ./run.sh reproduce --table=tables/quick                  # run missing cells, then aggregate
-  ./run.sh reproduce --table=tables/peft --list            # every cell and its status
-  ./run.sh reproduce --table=tables/peft --emit=commands   # one shell line per missing cell
-  ./run.sh reproduce --table=tables/peft --emit=slurm > peft.sbatch   # a Slurm array job
-  ./run.sh reproduce --table=tables/peft --aggregate --readme=README.md
+  ./run.sh reproduce --table=tables/quick                 # run missing cells, then aggregate
+  ./run.sh reproduce --table=tables/peft_ner --list       # every cell and its status
+  ./run.sh reproduce --table=tables/peft_ner --emit=commands   # one shell line per missing cell
+  ./run.sh reproduce --table=tables/peft_ner --emit=slurm > peft_ner.sbatch   # a Slurm array
+  ./run.sh reproduce --table=tables/peft_ner --aggregate --readme=README.md
 
-A cell (row x seed) is finished when its workdir (<workdir_root>/<table>/<row>-<hash>/seed_<s>)
-holds a readable metrics.json: it is skipped. A workdir without one (a crashed or preempted run)
+A cell (row x seed) is finished when its workdir (<workdir_root>/[<script>.]<config>-<hash of
+the command>/seed_<s>; tables declaring the same command share it) holds a readable metrics.json:
+it is skipped. A workdir without one (a crashed or preempted run)
 is resumed by rerunning the same command; an unreadable metrics.json is renamed aside and the
 cell rerun. Claim rows run first. A preempted cell (exit 75) stops the run with exit 75: rerun to
 continue. Emitted lines are exactly the commands this script runs, from the repository root.
@@ -48,15 +49,14 @@ def _python() -> str:
   return venv if os.path.exists(os.path.join(tables.REPO_ROOT, venv)) else sys.executable
 
 
-def _aggregate(table) -> None:
-  out_dir = FLAGS.out_dir or os.path.dirname(tables.resolve_path(FLAGS.table))
+def _aggregate(table, out_dir: str, readme: str) -> None:
   results = tables.aggregate(table, FLAGS.workdir_root)
   command = f"research/reproduce.py --table=tables/{table.name} --aggregate"
   for path in tables.write_aggregates(table, results, out_dir, command):
     print(f"wrote {path}")
-  if FLAGS.readme:
-    filled = tables.update_readme(FLAGS.readme, out_dir)
-    print(f"{FLAGS.readme}: filled blocks {filled or 'none'}")
+  if readme:
+    filled = tables.update_readme(readme, out_dir)
+    print(f"{readme}: filled blocks {filled or 'none'}")
 
 
 def _run(todo: list) -> int:
@@ -86,6 +86,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   table = tables.load(FLAGS.table)
+  # Paths the user typed are relative to where they are; the cells' to the repository root.
+  out_dir = os.path.abspath(FLAGS.out_dir or os.path.dirname(tables.resolve_path(FLAGS.table)))
+  readme = os.path.abspath(FLAGS.readme) if FLAGS.readme else ""
   os.chdir(tables.REPO_ROOT)  # the cells' commands and workdirs are relative to the repo root
   cells = tables.cells(table, FLAGS.workdir_root, _python(), FLAGS.rows)
   if FLAGS.list:
@@ -93,7 +96,7 @@ def main(argv):
       print(f"{tables.status(c):8s} {c.name:32s} {c.workdir}")
     return 0
   if FLAGS.aggregate:
-    _aggregate(table)
+    _aggregate(table, out_dir, readme)
     return 0
   todo = [c for c in cells if tables.status(c) != "done"]
   if FLAGS.max_cells:
@@ -109,7 +112,7 @@ def main(argv):
         f"{len(todo)} to run", flush=True)
   rc = _run(todo)
   if rc != tables.EXIT_PREEMPTED:
-    _aggregate(table)
+    _aggregate(table, out_dir, readme)
   return rc
 
 
