@@ -381,13 +381,13 @@ def emit(todo: Sequence[Cell], kind: str, table: Table) -> str:
   The lines are exactly the argv that `run_cell` runs, to be run from the repository root.
   """
   lines = [shlex.join(c.argv) for c in todo]
-  if kind == "commands":
-    return "".join(line + "\n" for line in lines)
-  if kind != "slurm":
+  if kind not in ("commands", "slurm"):
     raise errors.ConfigError(f"--emit={kind}: expected 'commands' or 'slurm'")
+  if kind == "commands" or not lines:      # nothing to run: no job script either
+    return "".join(line + "\n" for line in lines)
   body = "\n".join(f"  {shlex.quote(line)}" for line in lines)
   return (f"#!/bin/bash\n#SBATCH --job-name=table-{table.name}\n"
-          f"#SBATCH --array=0-{max(len(lines) - 1, 0)}\n#SBATCH --output=slurm-%A_%a.out\n"
+          f"#SBATCH --array=0-{len(lines) - 1}\n#SBATCH --output=slurm-%A_%a.out\n"
           f"# One array task per missing cell of tables/{table.name}.py; run from the repo root.\n"
           f"cd \"${{WORKBENCH_ROOT:-$SLURM_SUBMIT_DIR}}\"\nCMDS=(\n{body}\n)\n"
           f"eval \"${{CMDS[$SLURM_ARRAY_TASK_ID]}}\"\n")

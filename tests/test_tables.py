@@ -179,6 +179,18 @@ def test_emitted_commands_are_the_ones_run_then_finished_cells_are_skipped(tmp_p
   assert (tmp_path / "out" / "fake.png").stat().st_size > 1000
 
 
+def test_slurm_array_task_runs_the_emitted_command(tmp_path):
+  decl = _declaration(tmp_path, FAKE_TABLE)
+  lines = _reproduce([f"--table={decl}", "--emit=commands"], tmp_path).stdout.splitlines()
+  script = _reproduce([f"--table={decl}", "--emit=slurm"], tmp_path).stdout
+  assert "#SBATCH --array=0-3" in script
+  (tmp_path / "job.sbatch").write_text(script)
+  env = dict(os.environ, FAKE_CALLS=str(tmp_path / "calls.jsonl"), SLURM_ARRAY_TASK_ID="1",
+             WORKBENCH_ROOT=REPO)
+  subprocess.run(["bash", str(tmp_path / "job.sbatch")], env=env, check=True, timeout=120)
+  assert [[sys.executable] + c for c in _calls(tmp_path)] == [shlex.split(lines[1])]
+
+
 def test_corrupt_or_missing_metrics_rerun_and_partial_resumes(tmp_path):
   decl = _declaration(tmp_path, FAKE_TABLE)
   assert _reproduce([f"--table={decl}"], tmp_path).returncode == 0
