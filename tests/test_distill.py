@@ -276,3 +276,26 @@ def test_cached_logits_run_and_a_rerun_reads_the_cache(tmp_path):
   bad = distill_sst2.get_config("minilm+cache")
   with pytest.raises(errors.ConfigError, match="cache_logits=True caches logits only"):
     distill.check_compatible(bad.distill, TEACHER, _teacher_record({}), "seq_cls", ["neg", "pos"])
+
+
+def test_token_logit_cache_returns_each_rows_logits_at_its_real_tokens(tmp_path):
+  """Token logits (B, T, C) are cached per row at its real tokens, whatever the row's padding."""
+  def predict(b):   # a function of each token's id and position: independent of the batch
+    return np.stack([b["input_ids"] * 1.0, np.arange(b["input_ids"].shape[1])[None] + 0.0 * b[
+        "input_ids"]], -1).astype(np.float32)
+  batches = [dict(_batch(seed=i), example_ids=np.array([0, 1, 2, -1])) for i in range(2)]
+  cache = distill.LogitCache.load_or_build(str(tmp_path), "k", predict, _Batches(batches))
+  assert cache.token_level
+  # The same rows re-padded to a longer bucket, in another order, with a dummy row.
+  b = batches[1]
+  wide = {k: np.pad(b[k][[2, 0, 3]], ((0, 0), (0, 4))) for k in ("input_ids", "input_mask",
+                                                                  "token_type_ids")}
+  wide["example_ids"] = np.array([2, 0, -1])
+  got = cache.lookup(wide)
+  assert got.shape == (3, 12, 2)
+  want = predict(b)
+  for row, src in ((0, 2), (1, 0)):
+    real = b["input_mask"][src].astype(bool)
+    np.testing.assert_array_equal(got[row][:real.sum()], want[src][real])
+    assert not got[row][real.sum():].any()
+  assert not got[2].any()                          # the dummy row
