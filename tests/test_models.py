@@ -10,17 +10,21 @@ import pytest
 
 from configs import common
 from lib import models
+from lib.models import heads, layers
 
 SNAPSHOT = os.path.join(os.path.dirname(__file__), "snapshots", "param_paths.json")
-HEADS = {"bert": [None, "mlm", "token_cls", "seq_cls"], "gpt2": [None, "lm", "token_cls", "seq_cls"]}
+HEADS = {"bert": [None, "mlm", "token_cls", "seq_cls"],
+         "gpt2": [None, "lm", "token_cls", "seq_cls"]}
 
 
 def _paths(preset, head):
   module = models.build(common.model_config(preset), head, num_labels=3)
   shapes, specs = models.abstract_params(module)
   flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
-  leaves = jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-  return {"/".join(k.key for k in path): [list(v.shape), list(s)] for (path, v), s in zip(flat, leaves)}
+  leaves = jax.tree_util.tree_leaves(
+      specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  return {"/".join(k.key for k in path): [list(v.shape), list(s)]
+          for (path, v), s in zip(flat, leaves)}
 
 
 def current_snapshot():
@@ -98,7 +102,8 @@ def test_remat_same_gradients_and_bf16_close():
   def grads(**kw):
     m = models.build(_tiny(**kw), "mlm")
     p, _ = models.init_params(m, jax.random.key(4))
-    loss = lambda p: jnp.mean(m.apply({"params": p}, input_ids=ids)[0]["logits"].astype(jnp.float32) ** 2)
+    logits = lambda p: m.apply({"params": p}, input_ids=ids)[0]["logits"]
+    loss = lambda p: jnp.mean(logits(p).astype(jnp.float32) ** 2)
     return jax.grad(loss)(p), loss(p)
 
   g0, l0 = grads()
@@ -117,6 +122,39 @@ def test_dropout_uses_rng():
   a, b, c = run(jax.random.key(0)), run(jax.random.key(0)), run(jax.random.key(1))
   np.testing.assert_array_equal(a["logits"], b["logits"])
   assert not np.allclose(a["logits"], c["logits"])
+
+
+def _regression_head(h):
+  """A toy head from outside lib: one number per row from the model's pooled summary."""
+  pooled = h.pool()                                                     # (B, D)
+  y = layers.dense(h.args, 1, ("embed", None), (None,), "regressor")(pooled, h.deterministic)
+  return {"pooled": pooled, "logits": y[:, 0]}                          # (B,)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_registered_head_builds_and_runs(arch):
+  heads.register_head("toy_regression", _regression_head)
+  try:
+    m = models.build(_tiny(arch=arch), "toy_regression")
+    p, _ = models.init_params(m, jax.random.key(6))
+    ids, mask = jnp.array([[1, 2, 3, 4], [5, 6, 0, 0]]), jnp.array([[1, 1, 1, 1], [1, 1, 0, 0]])
+    out, _ = m.apply({"params": p}, input_ids=ids, input_mask=mask)
+  finally:
+    del heads.HEADS["toy_regression"]
+  assert out["logits"].shape == (2,)
+  assert p["regressor"]["kernel"].shape == (16, 1)
+  want = np.asarray(out["pooled"]) @ np.asarray(p["regressor"]["kernel"])[:, 0]
+  np.testing.assert_allclose(out["logits"], want + float(p["regressor"]["bias"][0]), atol=1e-6)
+  if arch == "gpt2":   # GPT-2 pools the last real token: row 1 ends at position 1
+    np.testing.assert_array_equal(out["pooled"][1], out["last_hidden_state"][1, 1])
+
+
+def test_unknown_head_lists_registered():
+  with pytest.raises(ValueError, match="unknown model head 'probe'; registered:") as e:
+    models.build(_tiny(), "probe")
+  assert all(repr(h) in str(e.value) for h in ("lm", "mlm", "seq_cls", "token_cls"))
+  with pytest.raises(ValueError, match="already registered"):
+    heads.register_head("seq_cls", _regression_head)
 
 
 if __name__ == "__main__":  # regenerate: python tests/test_models.py (review the diff!)

@@ -5,19 +5,23 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from lib.models.bert import Bert
 from lib.models.gpt import Gpt
-from lib.models.layers import ModelArgs
+from lib.models.heads import HEADS, get_head, register_head
+from lib.models.layers import (DOT_GENERALS, ModelArgs, check_dot_general_rules,
+                               register_dot_general)
 
 __all__ = ["ModelArgs", "Bert", "Gpt", "build", "args_from_config", "init_params",
-           "abstract_params", "param_count"]
+           "abstract_params", "param_count", "HEADS", "register_head", "DOT_GENERALS",
+           "register_dot_general"]
 
 _FIELDS = {f.name for f in dataclasses.fields(ModelArgs)}
 
 
 def args_from_config(model_cfg) -> ModelArgs:
-  """ModelArgs from a model sub-config (ConfigDict or dict); extra keys (preset, init_from...) ignored."""
+  """ModelArgs from a model sub-config (ConfigDict or dict); other keys (preset...) are ignored."""
   d = dict(model_cfg)
   return ModelArgs(**{k: v for k, v in d.items() if k in _FIELDS})
 
@@ -27,10 +31,16 @@ def build(model_cfg, head=None, num_labels: int = 0) -> nn.Module:
 
   Args:
     model_cfg: a ModelArgs, or a config with its fields (see configs/common.py).
-    head: None | 'mlm' (BERT) | 'lm' (GPT-2) | 'token_cls' | 'seq_cls'.
+    head: None (no head) or a name in lib/models/heads.py's HEADS: 'mlm' (BERT), 'lm' (GPT-2),
+      'token_cls', 'seq_cls', or one added with `register_head`.
     num_labels: classes of a classification head.
+
+  Raises:
+    ValueError: an unknown head (the registered ones listed) or arch.
   """
   args = model_cfg if isinstance(model_cfg, ModelArgs) else args_from_config(model_cfg)
+  if head is not None:
+    get_head(head)
   if args.arch == "bert":
     return Bert(args, head=head, num_labels=num_labels)
   if args.arch == "gpt2":
@@ -43,16 +53,27 @@ def _init_boxed(module, rng, seq_len):
   return module.init({"params": rng, "dropout": rng}, ids, jnp.ones_like(ids))["params"]
 
 
+def _check_rules(module, params) -> None:
+  """ModelArgs.dot_general rules that match no kernel of this model raise (a typo otherwise)."""
+  rules = getattr(getattr(module, "args", None), "dot_general", ())
+  if rules:
+    check_dot_general_rules(rules, traverse_util.flatten_dict(params, sep="/"))
+
+
 def abstract_params(module, seq_len: int = 8):
   """(ShapeDtypeStruct tree, logical PartitionSpec tree) without allocating anything."""
   boxed = jax.eval_shape(lambda r: _init_boxed(module, r, seq_len), jax.random.key(0))
-  return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
+  shapes = nn.meta.unbox(boxed)
+  _check_rules(module, shapes)
+  return shapes, nn.get_partition_spec(boxed)
 
 
 def init_params(module, rng, seq_len: int = 8):
   """Random init. Returns (params as plain nested dicts, logical PartitionSpec tree)."""
   boxed = _init_boxed(module, rng, seq_len)
-  return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
+  params = nn.meta.unbox(boxed)
+  _check_rules(module, params)
+  return params, nn.get_partition_spec(boxed)
 
 
 def param_count(params) -> int:

@@ -1,13 +1,14 @@
-"""BERT encoder (post-LN, as the original) and its task models."""
+"""BERT encoder (post-LN, as the original) and the model with a head from lib/models/heads.py."""
 
+import functools
 from typing import Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from lib.models import heads
-from lib.models.layers import (ModelArgs, SoftPrompt, attention_bias, embed, layer_norm, run_layers,
-                               strip_prompt)
+from lib.models.layers import ModelArgs, attention_bias, embed, layer_norm, run_layers
+from lib.models.peft_layers import SoftPrompt, strip_prompt
 
 
 class BertEmbeddings(nn.Module):
@@ -32,7 +33,10 @@ class BertEmbeddings(nn.Module):
 
 
 class BertEncoder(nn.Module):
-  """Embeddings and `num_layers` post-LN blocks. Returns (last hidden state, hidden states, attentions)."""
+  """Embeddings and `num_layers` post-LN blocks.
+
+  Returns (last hidden state, hidden states, attentions).
+  """
   args: ModelArgs
 
   def setup(self):
@@ -63,12 +67,14 @@ class BertEncoder(nn.Module):
 
 
 class Bert(nn.Module):
-  """BERT with an optional head.
+  """BERT with an optional head (a name in lib/models/heads.py's HEADS).
 
   head: None (encoder + pooler, as HF BertModel), 'mlm' (tied decoder, as BertForMaskedLM),
-  'token_cls' (BertForTokenClassification), 'seq_cls' (pooler + classifier, BertForSequenceClassification).
+  'token_cls' (BertForTokenClassification), 'seq_cls' (pooler + classifier,
+  BertForSequenceClassification), or any registered head.
   Returns (outputs, intermediates): outputs has 'last_hidden_state', 'pooled' (pooler heads) and
-  'logits' (task heads); intermediates has 'hidden_states' (L+1 tensors) and 'attentions' when asked.
+  the head's outputs ('logits'); intermediates has 'hidden_states' (L+1 tensors) and 'attentions'
+  when asked.
   """
   args: ModelArgs
   head: Optional[str] = None
@@ -82,23 +88,20 @@ class Bert(nn.Module):
   def __call__(self, input_ids=None, input_mask=None, token_type_ids=None, position_ids=None,
                segment_ids=None, deterministic=True, output_attentions=False, inputs_embeds=None,
                embedding_delta=None):
-    x, hidden, attns = self.encoder(input_ids, input_mask, token_type_ids, position_ids, segment_ids,
-                                    deterministic, output_attentions, inputs_embeds,
+    x, hidden, attns = self.encoder(input_ids, input_mask, token_type_ids, position_ids,
+                                    segment_ids, deterministic, output_attentions, inputs_embeds,
                                     embedding_delta)
     outputs = {"last_hidden_state": x}
     inter = {"hidden_states": hidden}
     if attns is not None:
       inter["attentions"] = attns
     a = self.args
-    if self.head is None and self.pooler or self.head == "seq_cls":
-      outputs["pooled"] = heads.Pooler(a, name="pooler")(x, deterministic)
-    if self.head == "mlm":
-      outputs["logits"] = heads.MlmHead(a, name="mlm")(x, self.encoder.attend, deterministic)
-    elif self.head == "token_cls":
-      outputs["logits"] = heads.Classifier(a, self.num_labels, name="classifier")(x, deterministic)
-    elif self.head == "seq_cls":
-      outputs["logits"] = heads.Classifier(a, self.num_labels, name="classifier")(
-          outputs["pooled"], deterministic)
-    elif self.head is not None:
-      raise ValueError(f"unknown BERT head {self.head!r}; valid: None, 'mlm', 'token_cls', 'seq_cls'")
+    pool = functools.cache(lambda: heads.Pooler(a, name="pooler")(x, deterministic))  # (B, D)
+    if self.head is None:
+      if self.pooler:
+        outputs["pooled"] = pool()
+      return outputs, inter
+    mask = jnp.ones(x.shape[:2], jnp.int32) if input_mask is None else input_mask
+    inputs = heads.HeadInputs(a, self.num_labels, x, mask, deterministic, self.encoder.attend, pool)
+    outputs.update(heads.get_head(self.head)(inputs))
     return outputs, inter

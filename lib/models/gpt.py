@@ -7,8 +7,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from lib.models import heads
-from lib.models.layers import (ModelArgs, SoftPrompt, attention_bias, embed, layer_norm, run_layers,
-                               strip_prompt)
+from lib.models.layers import ModelArgs, attention_bias, embed, layer_norm, run_layers
+from lib.models.peft_layers import SoftPrompt, strip_prompt
 
 
 class GptDecoder(nn.Module):
@@ -52,7 +52,8 @@ class GptDecoder(nn.Module):
 
 
 class Gpt(nn.Module):
-  """GPT-2 with head None (as HF GPT2Model), 'lm' (tied, GPT2LMHeadModel), 'token_cls' or 'seq_cls'.
+  """GPT-2 with an optional head (a name in lib/models/heads.py's HEADS): None (as HF GPT2Model),
+  'lm' (tied, GPT2LMHeadModel), 'token_cls', 'seq_cls', or any registered head.
 
   'seq_cls' classifies from the last non-padding token, as HF GPT2ForSequenceClassification
   (its `score` layer has no bias; ours has one, initialised at zero).
@@ -74,17 +75,15 @@ class Gpt(nn.Module):
     outputs, inter = {"last_hidden_state": x}, {"hidden_states": hidden}
     if attns is not None:
       inter["attentions"] = attns
-    if self.head == "lm":
-      outputs["logits"] = self.decoder.attend(x)
-    elif self.head == "token_cls":
-      outputs["logits"] = heads.Classifier(self.args, self.num_labels, name="classifier")(
-          x, deterministic)
-    elif self.head == "seq_cls":
-      mask = jnp.ones(x.shape[:2], jnp.int32) if input_mask is None else input_mask
+    if self.head is None:
+      return outputs, inter
+    mask = jnp.ones(x.shape[:2], jnp.int32) if input_mask is None else input_mask
+
+    def pool():   # the last real token of each row
       last = jnp.maximum(mask.sum(-1) - 1, 0)                              # (B,)
-      pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]   # (B, D)
-      outputs["logits"] = heads.Classifier(self.args, self.num_labels, name="classifier")(
-          pooled, deterministic)
-    elif self.head is not None:
-      raise ValueError(f"unknown GPT head {self.head!r}; valid: None, 'lm', 'token_cls', 'seq_cls'")
+      return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]   # (B, D)
+
+    inputs = heads.HeadInputs(self.args, self.num_labels, x, mask, deterministic,
+                              self.decoder.attend, pool)
+    outputs.update(heads.get_head(self.head)(inputs))
     return outputs, inter

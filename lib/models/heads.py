@@ -1,9 +1,28 @@
-"""Task heads: BERT pooler, tied MLM head, linear classifier (GPT-2's LM head is the tied embedding)."""
+"""Model heads: the registry HEADS (name -> head function) and the modules the heads use."""
+
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from lib.models.layers import P, ModelArgs, activation_fn, dense, layer_norm
+from lib.models.layers import P, ModelArgs, activation_fn, dense, kernel_dot, layer_norm
+
+
+class HeadInputs(NamedTuple):
+  """What a model (Bert, Gpt) hands its head function, inside the model's compact call.
+
+  Modules the head creates (give them names) are children of the model, so their parameters sit
+  at the top of the tree: `classifier/kernel`, `mlm/dense/kernel`, `pooler/dense/kernel`.
+  """
+  args: ModelArgs
+  num_labels: int
+  x: jax.Array                 # (B, T, D) last hidden state
+  input_mask: jax.Array        # (B, T) 1 = real token
+  deterministic: bool
+  attend: Callable             # (..., D) -> (..., V): logits against the word embeddings (tied)
+  pool: Callable               # () -> (B, D): the model's summary of each row (BERT: the
+                               # pooler on [CLS]; GPT-2: the last real token), made once
 
 
 class Pooler(nn.Module):
@@ -31,7 +50,8 @@ class MlmHead(nn.Module):
 
 
 class Classifier(nn.Module):
-  """dropout -> linear `kernel` (embed, num_labels) + `bias`."""
+  """dropout -> linear `kernel` (embed, num_labels) + `bias`, in the compute dtype (no float32
+  accumulation, unlike a Dense); the product goes through the ModelArgs.dot_general seat."""
   args: ModelArgs
   num_labels: int
 
@@ -44,4 +64,54 @@ class Classifier(nn.Module):
     kernel = self.param("kernel", P(nn.initializers.normal(a.initializer_range), ("embed", None)),
                         (a.hidden_size, self.num_labels), a.param_dtype)
     bias = self.param("bias", P(nn.initializers.zeros, (None,)), (self.num_labels,), a.param_dtype)
-    return jnp.dot(x, kernel.astype(x.dtype)) + bias.astype(x.dtype)
+    y = kernel_dot(self, a.dot_general, x, kernel.astype(x.dtype), 1, x.dtype)
+    return y + bias.astype(x.dtype)
+
+
+def mlm_head(h: HeadInputs) -> dict:
+  """BertForMaskedLM's head `mlm`: dense, activation, LayerNorm, tied decoder + bias."""
+  return {"logits": MlmHead(h.args, name="mlm")(h.x, h.attend, h.deterministic)}
+
+
+def lm_head(h: HeadInputs) -> dict:
+  """GPT2LMHeadModel's head: the tied word embeddings, no parameters of its own."""
+  return {"logits": h.attend(h.x)}
+
+
+def token_cls_head(h: HeadInputs) -> dict:
+  """A `classifier` on every position (BertForTokenClassification)."""
+  return {"logits": Classifier(h.args, h.num_labels, name="classifier")(h.x, h.deterministic)}
+
+
+def seq_cls_head(h: HeadInputs) -> dict:
+  """A `classifier` on the model's pooled row (Bert/GPT2ForSequenceClassification)."""
+  pooled = h.pool()
+  return {"pooled": pooled,
+          "logits": Classifier(h.args, h.num_labels, name="classifier")(pooled, h.deterministic)}
+
+
+# name -> head(HeadInputs) -> dict of outputs (at least 'logits'), merged into the model's outputs.
+HEADS = {"mlm": mlm_head, "lm": lm_head, "token_cls": token_cls_head, "seq_cls": seq_cls_head}
+
+
+def register_head(name: str, head: Callable[[HeadInputs], dict]) -> None:
+  """Adds `head` (a function of HeadInputs returning a dict of outputs) as `name`.
+
+  Raises:
+    ValueError: `name` is already registered.
+  """
+  if name in HEADS:
+    raise ValueError(f"head {name!r} is already registered; registered: {sorted(HEADS)}")
+  HEADS[name] = head
+
+
+def get_head(name: str) -> Callable[[HeadInputs], dict]:
+  """The head function registered as `name`.
+
+  Raises:
+    ValueError: an unknown name, listing the registered ones.
+  """
+  if name not in HEADS:
+    raise ValueError(f"unknown model head {name!r}; registered: {sorted(HEADS)} "
+                     "(or None: no head)")
+  return HEADS[name]

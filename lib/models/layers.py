@@ -1,9 +1,9 @@
-"""Shared transformer layers: embeddings, attention, MLP, the residual block and attention masks."""
+"""Base transformer layers: Dense and its matmul seat, attention, MLP, embeddings, norms, blocks."""
 
 import dataclasses
 import functools
 import re
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -50,11 +50,16 @@ class ModelArgs:
   prefix_len: int = 0               # key/value prefixes in every attention layer (0 = none)
   prefix_hidden: int = 0            # width of the prefixes' MLP reparameterisation (0 = direct)
   prompt_len: int = 0               # soft prompt vectors before the first token (0 = none)
+  # The matmul of each kernel (compression experiments: int8, masks), by parameter path:
+  # ((regex over kernel paths, name in DOT_GENERALS), ...); first full match wins; no match (and
+  # the empty default) is "default", the f32-accumulating matmul. E.g. ((".*", "int8"),).
+  dot_general: tuple = ()
 
   def __post_init__(self):
     # model.json stores `lora` as nested lists; keep it a hashable tuple of (str, LoraArgs|None).
     rules = tuple((str(rx), None if m is None else LoraArgs(*m)) for rx, m in self.lora)
     object.__setattr__(self, "lora", rules)
+    object.__setattr__(self, "dot_general", _seat_rules(self.dot_general))
 
   @property
   def head_dim(self) -> int:
@@ -72,7 +77,7 @@ def activation_fn(name: str):
 
 
 def attention_bias(input_mask, segment_ids=None, causal=False):
-  """Additive attention bias (B, 1, T, T): 0 where a query may attend to a key, a large negative elsewhere.
+  """Additive attention bias (B, 1, T, T): 0 where a query may attend to a key, else a large negative.
 
   Keys that are padding are masked for every query (as Hugging Face does); with segment ids (packed
   rows) a query sees only keys of its own segment; `causal` adds the lower-triangular mask.
@@ -104,6 +109,10 @@ def _contract_trailing(x, kernel, n: int):
   return ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
 
 
+def _low_precision(dt) -> bool:
+  return jnp.dtype(dt) in (jnp.bfloat16, jnp.float16)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def dense_f32acc(x, kernel, bias, n: int):
   """x . kernel + bias for bf16/f16 x and kernel, accumulating in float32 in forward AND backward.
@@ -118,13 +127,15 @@ def dense_f32acc(x, kernel, bias, n: int):
   return (y + bias.astype(jnp.float32)).astype(x.dtype)
 
 
-def _dense_fwd(x, kernel, bias, n):
-  return dense_f32acc(x, kernel, bias, n), (x, kernel, bias)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dot_f32acc(x, kernel, n: int):
+  """x (..., K1..Kn) . kernel (K1..Kn, F...) -> float32, as `dense_f32acc` without the bias."""
+  return lax.dot_general(x, kernel, _contract_trailing(x, kernel, n),
+                         preferred_element_type=jnp.float32)
 
 
-def _dense_bwd(n, res, g):
-  x, kernel, bias = res
-  g = g.astype(x.dtype)
+def _dx_dk(x, kernel, g, n: int):
+  """The backward dots of x . kernel for the cotangent g (in x's dtype), accumulated in float32."""
   lead = x.ndim - n                                                     # batch-like dims of x
   f32 = jnp.float32
   # (lead..., F...) . (K..., F...) over F -> (lead..., K...): already in x's dim order.
@@ -133,11 +144,128 @@ def _dense_bwd(n, res, g):
   # x first, so the result is (K..., F...) in kernel order (XLA:CPU rejects the g-first form).
   dk = lax.dot_general(x, g, ((tuple(range(lead)), tuple(range(lead))), ((), ())),
                        preferred_element_type=f32)
-  db = jnp.sum(g.astype(f32), axis=tuple(range(lead)))
-  return dx.astype(x.dtype), dk.astype(kernel.dtype), db.astype(bias.dtype)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+def _dense_fwd(x, kernel, bias, n):
+  return dense_f32acc(x, kernel, bias, n), (x, kernel, bias)
+
+
+def _dense_bwd(n, res, g):
+  x, kernel, bias = res
+  g = g.astype(x.dtype)
+  db = jnp.sum(g.astype(jnp.float32), axis=tuple(range(x.ndim - n)))
+  return (*_dx_dk(x, kernel, g, n), db.astype(bias.dtype))
+
+
+def _dot_fwd(x, kernel, n):
+  return dot_f32acc(x, kernel, n), (x, kernel)
+
+
+def _dot_bwd(n, res, g):
+  x, kernel = res
+  return _dx_dk(x, kernel, g.astype(x.dtype), n)   # the float32 cotangent, in x's precision
 
 
 dense_f32acc.defvjp(_dense_fwd, _dense_bwd)
+dot_f32acc.defvjp(_dot_fwd, _dot_bwd)
+
+
+def matmul(x, kernel, n: int, dt):
+  """x (..., K1..Kn) . kernel (K1..Kn, F...) in compute dtype `dt` (f32 accumulation if low)."""
+  x, kernel = x.astype(dt), kernel.astype(dt)
+  if _low_precision(dt):
+    return dense_f32acc(x, kernel, jnp.zeros(kernel.shape[n:], jnp.float32), n)
+  return lax.dot_general(x, kernel, _contract_trailing(x, kernel, n))
+
+
+# ------------------------------------------------------------------------ the Dense matmul seat
+# A dot_general has lax.dot_general's signature: (lhs, rhs, dimension_numbers,
+# preferred_element_type=None) -> product. Each kernel's is made by a factory from DOT_GENERALS,
+# chosen by ModelArgs.dot_general rules over kernel paths. The factory is called inside the
+# compact call of the module that owns the kernel (a Dense, or the classifier head), with that
+# module: `module.path` names the kernel, and `module.variable(...)`/`module.param(...)` create
+# what the matmul needs (a scale, a mask collection) beside it. The operands arrive in the compute
+# dtype; a float32 `preferred_element_type` asks for float32 accumulation.
+DotGeneral = Callable[..., jax.Array]
+
+
+def default_dot_general(lhs, rhs, dimension_numbers, preferred_element_type=None):
+  """lax.dot_general, except that a bf16/f16 contraction of lhs's trailing dims with rhs's leading
+  dims into float32 (every Dense in low precision) goes through `dot_f32acc`."""
+  n = len(dimension_numbers[0][0])
+  if (_low_precision(lhs.dtype) and _low_precision(rhs.dtype)
+      and preferred_element_type == jnp.float32
+      and tuple(map(tuple, dimension_numbers[0])) == _contract_trailing(lhs, rhs, n)[0]
+      and not any(dimension_numbers[1])):
+    return dot_f32acc(lhs, rhs, n)
+  return lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=preferred_element_type)
+
+
+DOT_GENERALS: dict = {"default": lambda module: default_dot_general}
+
+
+def register_dot_general(name: str, factory: Callable[[nn.Module], DotGeneral]) -> None:
+  """Adds `factory(module) -> dot_general` as `name`, for ModelArgs.dot_general rules to choose.
+
+  Raises:
+    ValueError: `name` is already registered (replacing a matmul silently would change results).
+  """
+  if name in DOT_GENERALS:
+    raise ValueError(f"dot_general {name!r} is already registered; registered: "
+                     f"{sorted(DOT_GENERALS)}")
+  DOT_GENERALS[name] = factory
+
+
+def _seat_rules(rules) -> tuple:
+  """ModelArgs.dot_general as a hashable ((regex, name), ...); malformed rules raise."""
+  want = "((regex over kernel paths, name in DOT_GENERALS), ...), e.g. (('.*', 'int8'),)"
+  if isinstance(rules, str) or not all(isinstance(r, (tuple, list)) and len(r) == 2
+                                       for r in rules):
+    raise ValueError(f"ModelArgs.dot_general: expected {want}; got {rules!r}")
+  for rx, _ in rules:
+    try:
+      re.compile(rx)
+    except (re.error, TypeError) as e:
+      raise ValueError(f"ModelArgs.dot_general: rule regex {rx!r} is not a regex ({e})") from e
+  return tuple((str(rx), str(name)) for rx, name in rules)
+
+
+@functools.lru_cache(maxsize=4096)
+def dot_general_for(rules: tuple, path: str) -> str:
+  """The DOT_GENERALS name of the first rule whose regex fully matches `path` ('default': none)."""
+  return next((name for rx, name in rules if re.fullmatch(rx, path)), "default")
+
+
+def check_dot_general_rules(rules: tuple, paths) -> None:
+  """Raises ValueError if a ModelArgs.dot_general rule fully matches none of the kernel paths
+  among `paths` ('/'-joined parameter paths): such a rule is a typo that would change nothing."""
+  kernels = [p for p in paths if p.endswith("/kernel")]
+  for rx, name in rules:
+    if not any(re.fullmatch(rx, p) for p in kernels):
+      raise ValueError(f"ModelArgs.dot_general rule ({rx!r}, {name!r}) matches no kernel; "
+                       f"kernel paths look like {kernels[:3]}")
+
+
+def seat(module: nn.Module, rules: tuple) -> DotGeneral:
+  """The dot_general that `rules` choose for the kernel `<module path>/kernel`, made by its
+  DOT_GENERALS factory (call inside `module`'s compact method).
+
+  Raises:
+    ValueError: the chosen name is not in DOT_GENERALS (the registered names listed).
+  """
+  path = "/".join(module.path) + "/kernel"
+  name = dot_general_for(rules, path) if rules else "default"
+  if name not in DOT_GENERALS:
+    raise ValueError(f"{path}: ModelArgs.dot_general chooses {name!r}, which is not registered; "
+                     f"registered: {sorted(DOT_GENERALS)}")
+  return DOT_GENERALS[name](module)
+
+
+def kernel_dot(module: nn.Module, rules: tuple, x, kernel, n: int, preferred_element_type=None):
+  """x (..., K1..Kn) . kernel (K1..Kn, F...) with the `seat` of `module`'s kernel."""
+  return seat(module, rules)(x, kernel, _contract_trailing(x, kernel, n),
+                             preferred_element_type=preferred_element_type)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -149,25 +277,14 @@ def lora_for(rules: tuple, path: str) -> Optional[LoraArgs]:
   return None
 
 
-def _low_precision(dt) -> bool:
-  return jnp.dtype(dt) in (jnp.bfloat16, jnp.float16)
-
-
-def _matmul(x, kernel, n: int, dt):
-  """x (..., K1..Kn) . kernel (K1..Kn, F...) in compute dtype `dt` (f32 accumulation if low)."""
-  x, kernel = x.astype(dt), kernel.astype(dt)
-  if _low_precision(dt):
-    return dense_f32acc(x, kernel, jnp.zeros(kernel.shape[n:], jnp.float32), n)
-  return lax.dot_general(x, kernel, _contract_trailing(x, kernel, n))
-
-
 class Dense(nn.Module):
   """nn.DenseGeneral over the trailing `n_in` axes, with the same `kernel` (K..., F...) and `bias`
-  (F...) params and init; in bf16/f16 it computes with `dense_f32acc`.
+  (F...) params and init. The product goes through the dot_general that the `dot_general` rules
+  choose for this kernel (its `seat`); the default, `default_dot_general`, is in bf16/f16
+  `dense_f32acc` (float32 accumulation, the bias added before the one rounding).
 
   If a `lora` rule matches this module's kernel path, it adds the low-rank path
-  alpha/rank * dropout(x) . lora_a (K..., r) . lora_b (r, F...), with lora_b zero-initialised so
-  that the model starts as the base model (AdaLoRA: lora_a . diag(lora_e) . lora_b, lora_e zero).
+  (`peft_layers.low_rank`: alpha/rank * dropout(x) . lora_a . lora_b, parameters of this module).
   """
   features: tuple
   n_in: int
@@ -176,7 +293,8 @@ class Dense(nn.Module):
   std: float
   dtype: str = "float32"
   param_dtype: str = "float32"
-  lora: tuple = ()   # ModelArgs.lora rules
+  lora: tuple = ()          # ModelArgs.lora rules
+  dot_general: tuple = ()   # ModelArgs.dot_general rules
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -185,32 +303,19 @@ class Dense(nn.Module):
     bias = self.param("bias", P(nn.initializers.zeros, self.bias_axes), self.features,
                       self.param_dtype)
     dt = jnp.dtype(self.dtype)
-    if _low_precision(dt):
-      y = dense_f32acc(x.astype(dt), kernel.astype(dt), bias, self.n_in)
+    xc, kc = x.astype(dt), kernel.astype(dt)
+    dot = seat(self, self.dot_general)
+    if dot is default_dot_general and _low_precision(dt):
+      y = dense_f32acc(xc, kc, bias, self.n_in)   # the bias joins the float32 accumulator
     else:
-      xc, kernel, bias = x.astype(dt), kernel.astype(dt), bias.astype(dt)
-      y = lax.dot_general(xc, kernel, _contract_trailing(xc, kernel, self.n_in)) + bias
+      acc = jnp.float32 if _low_precision(dt) else None
+      y = dot(xc, kc, _contract_trailing(xc, kc, self.n_in), preferred_element_type=acc)
+      y = (y + bias.astype(y.dtype)).astype(dt)                          # (..., F...)
     lora = lora_for(self.lora, "/".join(self.path) + "/kernel") if self.lora else None
-    return y if lora is None else y + self._low_rank(x, lora, deterministic).astype(y.dtype)
-
-  def _low_rank(self, x, lora: LoraArgs, deterministic: bool):
-    """scale * dropout(x) . A (. diag(E)) . B, in the compute dtype."""
-    n, r, dt = self.n_in, lora.rank, jnp.dtype(self.dtype)
-    a_axes, b_axes = self.kernel_axes[:n] + (None,), (None,) + self.kernel_axes[n:]
-    # A as HF PEFT (kaiming-uniform, a=sqrt(5): U(+-1/sqrt(fan_in))); AdaLoRA: N(0, 0.02) for both.
-    a_init = (nn.initializers.normal(0.02) if lora.svd else nn.initializers.variance_scaling(
-        1 / 3, "fan_in", "uniform", in_axis=tuple(range(n)), out_axis=-1))
-    b_init = nn.initializers.normal(0.02) if lora.svd else nn.initializers.zeros
-    a = self.param("lora_a", P(a_init, a_axes), x.shape[x.ndim - n:] + (r,), self.param_dtype)
-    b = self.param("lora_b", P(b_init, b_axes), (r,) + self.features, self.param_dtype)
-    if not deterministic and lora.dropout > 0:
-      x = hash_dropout(x, lora.dropout, self.make_rng("dropout"))
-    h = _matmul(x, a, n, dt)                                            # (..., r)
-    if lora.svd:
-      e = self.param("lora_e", P(nn.initializers.zeros, (None,)), (r,), self.param_dtype)
-      h = h * e.astype(h.dtype)
-    scale = jnp.asarray(lora.alpha / lora.rank, h.dtype)
-    return _matmul(h, b, 1, dt) * scale
+    if lora is None:
+      return y
+    from lib.models import peft_layers   # builds on this module: imported where it is used
+    return y + peft_layers.low_rank(self, x, lora, deterministic).astype(y.dtype)
 
 
 def dense(args: ModelArgs, features, kernel_axes, bias_axes, name: str, axis=-1, std=None):
@@ -221,11 +326,11 @@ def dense(args: ModelArgs, features, kernel_axes, bias_axes, name: str, axis=-1,
     raise ValueError(f"dense {name!r}: axis must be trailing axes, got {axis}")
   feats = tuple(features) if isinstance(features, (tuple, list)) else (features,)
   return Dense(feats, len(axes), tuple(kernel_axes), tuple(bias_axes), std, args.dtype,
-               args.param_dtype, args.lora, name=name)
+               args.param_dtype, args.lora, args.dot_general, name=name)
 
 
 def _fmix32(h):
-  """murmur3's 32-bit finaliser: a bijection in which every input bit flips ~half the output bits."""
+  """murmur3's 32-bit finaliser: a bijection; every input bit flips ~half the output bits."""
   h = h ^ (h >> 16)
   h = h * jnp.uint32(0x85EBCA6B)
   h = h ^ (h >> 13)
@@ -261,7 +366,7 @@ class Dropout(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with `query`, `key`, `value` (embed, heads, head_dim) and `out` kernels.
+  """Multi-head self-attention: `query`, `key`, `value` (embed, heads, head_dim), `out` kernels.
 
   With `prefix_len` (prefix tuning) the keys and values are preceded by `prefix_key` and
   `prefix_value` (P, heads, head_dim): own parameters, or given by `PrefixMlp` as `prefix`.
@@ -306,73 +411,6 @@ class Attention(nn.Module):
     return k, v, bias
 
 
-class PrefixMlp(nn.Module):
-  """Prefix tuning's reparameterisation (Li & Liang 2021): `embedding` (P, D) -> tanh MLP ->
-  every layer's key and value prefixes (P, L, 2, H, Dh). `peft.merge` folds it into the direct
-  `prefix_key`/`prefix_value` of each layer after training."""
-  args: ModelArgs
-
-  @nn.compact
-  def __call__(self):
-    a = self.args
-    mk = functools.partial(Dense, n_in=1, std=a.initializer_range, dtype=a.dtype,
-                           param_dtype=a.param_dtype)
-    e = self.param("embedding", P(nn.initializers.normal(1.0), (None, "embed")),
-                   (a.prefix_len, a.hidden_size), a.param_dtype)
-    h = jnp.tanh(mk((a.prefix_hidden,), kernel_axes=("embed", "mlp"), bias_axes=("mlp",),
-                    name="hidden")(e))                                  # (P, Hr)
-    return mk((a.num_layers, 2, a.num_heads, a.head_dim),
-              kernel_axes=("mlp", None, None, "heads", "head_dim"),
-              bias_axes=(None, None, "heads", "head_dim"), name="out")(h)  # (P, L, 2, H, Dh)
-
-
-class Adapter(nn.Module):
-  """Houlsby bottleneck adapter x + up(act(down(x))), embed -> adapter_dim -> embed; `up` starts
-  at zero so that the adapted model starts as the base model."""
-  args: ModelArgs
-
-  @nn.compact
-  def __call__(self, x):
-    a = self.args
-    mk = functools.partial(Dense, n_in=1, dtype=a.dtype, param_dtype=a.param_dtype)
-    h = mk((a.adapter_dim,), kernel_axes=("embed", None), bias_axes=(None,),
-           std=a.initializer_range, name="down")(x)                    # (B, T, m)
-    h = activation_fn(a.activation)(h)
-    return x + mk((a.hidden_size,), kernel_axes=(None, "embed"), bias_axes=("embed",), std=0.0,
-                  name="up")(h)
-
-
-class SoftPrompt(nn.Module):
-  """Prompt tuning (Lester et al. 2021): `embedding` (P, D) vectors placed before the first token
-  of the first layer's input (after the embeddings, so real tokens keep their positions); they
-  attend and are attended to as ordinary tokens. Returns (B, P + T, D) inputs and mask."""
-  args: ModelArgs
-
-  @nn.compact
-  def __call__(self, x, input_mask, segment_ids=None):
-    a = self.args
-    if segment_ids is not None:
-      raise ValueError("prompt tuning needs one document per row: packed rows (segment_ids) "
-                       "would all share, and leak through, the prompt tokens")
-    # The scale of the first layer's input: unit variance after BERT's embedding LayerNorm, raw
-    # embeddings (initializer_range) in GPT-2.
-    std = 1.0 if a.arch == "bert" else a.initializer_range
-    p = self.param("embedding", P(nn.initializers.normal(std), (None, "embed")),
-                   (a.prompt_len, a.hidden_size), a.param_dtype)
-    b = x.shape[0]
-    x = jnp.concatenate([jnp.broadcast_to(p.astype(x.dtype), (b,) + p.shape), x], axis=1)
-    mask = jnp.concatenate([jnp.ones((b, a.prompt_len), input_mask.dtype), input_mask], axis=1)
-    return x, mask
-
-
-def strip_prompt(args: ModelArgs, x, hidden, attns):
-  """Drops the soft-prompt positions from the outputs and hidden states (attentions keep them)."""
-  n = args.prompt_len
-  if not n:
-    return x, hidden, attns
-  return x[:, n:], tuple(h[:, n:] for h in hidden), attns
-
-
 class Mlp(nn.Module):
   """Position-wise feed-forward: `mlp_in` (embed, mlp) -> activation -> `mlp_out` (mlp, embed)."""
   args: ModelArgs
@@ -404,7 +442,11 @@ class Block(nn.Module):
     attn = Attention(a, self.out_std, name="attention")
     mlp = Mlp(a, self.out_std, name="mlp")
     drop = lambda y: Dropout(a.dropout_rate)(y, deterministic=deterministic)
-    adapt = lambda y, name: Adapter(a, name=name)(y) if a.adapter_dim else y
+    if a.adapter_dim:   # peft_layers builds on this module: imported where it is used
+      from lib.models import peft_layers
+      adapt = lambda y, name: peft_layers.Adapter(a, name=name)(y)
+    else:
+      adapt = lambda y, name: y
     ln1, ln2 = layer_norm(a, "attention_ln"), layer_norm(a, "mlp_ln")
     if self.pre_ln:
       h, probs = attn(ln1(x), bias, deterministic, output_attentions, prefix)
@@ -424,7 +466,7 @@ REMAT_POLICIES = {
 
 
 def block_class(remat: str):
-  """The Block class, wrapped in nn.remat when asked (deterministic/output_attentions are static)."""
+  """The Block class, in nn.remat when asked (deterministic/output_attentions are static)."""
   if remat == "none":
     return Block
   if remat not in REMAT_POLICIES:
@@ -435,11 +477,16 @@ def block_class(remat: str):
 
 def run_layers(args: ModelArgs, x, bias, deterministic, output_attentions,
                pre_ln: bool, out_std=None):
-  """Applies `layer_0..layer_{L-1}` (call inside a compact method); returns output, hidden states, attentions."""
+  """Applies `layer_0..layer_{L-1}` (call inside a compact method).
+
+  Returns:
+    the output, the hidden states (input and each layer's output) and attentions (or None).
+  """
   cls = block_class(args.remat)
   prefixes = None
   if args.prefix_len and args.prefix_hidden:
-    prefixes = PrefixMlp(args, name="prefix_mlp")()                     # (P, L, 2, H, Dh)
+    from lib.models import peft_layers   # builds on this module: imported where it is used
+    prefixes = peft_layers.PrefixMlp(args, name="prefix_mlp")()         # (P, L, 2, H, Dh)
   hidden, attns = [x], []
   for i in range(args.num_layers):
     extra = () if prefixes is None else ((prefixes[:, i, 0], prefixes[:, i, 1]),)

@@ -1,0 +1,100 @@
+"""PEFT layers: the LoRA low-rank path of a Dense, Houlsby adapters, prefix and prompt tuning."""
+
+import functools
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from lib.models.layers import (P, Dense, LoraArgs, ModelArgs, activation_fn, hash_dropout,
+                               matmul)
+
+
+def low_rank(dense: Dense, x, lora: LoraArgs, deterministic: bool):
+  """LoRA's term of a Dense: alpha/rank * dropout(x) . lora_a (K..., r) . lora_b (r, F...), in the
+  compute dtype (AdaLoRA: lora_a . diag(lora_e) . lora_b). The factors are parameters of `dense`
+  (call inside its compact method); lora_b (lora_e) starts at zero, so the model starts as the base.
+  """
+  n, r, dt = dense.n_in, lora.rank, jnp.dtype(dense.dtype)
+  a_axes, b_axes = dense.kernel_axes[:n] + (None,), (None,) + dense.kernel_axes[n:]
+  # A as HF PEFT (kaiming-uniform, a=sqrt(5): U(+-1/sqrt(fan_in))); AdaLoRA: N(0, 0.02) for both.
+  a_init = (nn.initializers.normal(0.02) if lora.svd else nn.initializers.variance_scaling(
+      1 / 3, "fan_in", "uniform", in_axis=tuple(range(n)), out_axis=-1))
+  b_init = nn.initializers.normal(0.02) if lora.svd else nn.initializers.zeros
+  a = dense.param("lora_a", P(a_init, a_axes), x.shape[x.ndim - n:] + (r,), dense.param_dtype)
+  b = dense.param("lora_b", P(b_init, b_axes), (r,) + dense.features, dense.param_dtype)
+  if not deterministic and lora.dropout > 0:
+    x = hash_dropout(x, lora.dropout, dense.make_rng("dropout"))
+  h = matmul(x, a, n, dt)                                               # (..., r)
+  if lora.svd:
+    e = dense.param("lora_e", P(nn.initializers.zeros, (None,)), (r,), dense.param_dtype)
+    h = h * e.astype(h.dtype)
+  scale = jnp.asarray(lora.alpha / lora.rank, h.dtype)
+  return matmul(h, b, 1, dt) * scale
+
+
+class PrefixMlp(nn.Module):
+  """Prefix tuning's reparameterisation (Li & Liang 2021): `embedding` (P, D) -> tanh MLP ->
+  every layer's key and value prefixes (P, L, 2, H, Dh). `peft.merge` folds it into the direct
+  `prefix_key`/`prefix_value` of each layer after training."""
+  args: ModelArgs
+
+  @nn.compact
+  def __call__(self):
+    a = self.args
+    mk = functools.partial(Dense, n_in=1, std=a.initializer_range, dtype=a.dtype,
+                           param_dtype=a.param_dtype, dot_general=a.dot_general)
+    e = self.param("embedding", P(nn.initializers.normal(1.0), (None, "embed")),
+                   (a.prefix_len, a.hidden_size), a.param_dtype)
+    h = jnp.tanh(mk((a.prefix_hidden,), kernel_axes=("embed", "mlp"), bias_axes=("mlp",),
+                    name="hidden")(e))                                  # (P, Hr)
+    return mk((a.num_layers, 2, a.num_heads, a.head_dim),
+              kernel_axes=("mlp", None, None, "heads", "head_dim"),
+              bias_axes=(None, None, "heads", "head_dim"), name="out")(h)  # (P, L, 2, H, Dh)
+
+
+class Adapter(nn.Module):
+  """Houlsby bottleneck adapter x + up(act(down(x))), embed -> adapter_dim -> embed; `up` starts
+  at zero so that the adapted model starts as the base model."""
+  args: ModelArgs
+
+  @nn.compact
+  def __call__(self, x):
+    a = self.args
+    mk = functools.partial(Dense, n_in=1, dtype=a.dtype, param_dtype=a.param_dtype,
+                           dot_general=a.dot_general)
+    h = mk((a.adapter_dim,), kernel_axes=("embed", None), bias_axes=(None,),
+           std=a.initializer_range, name="down")(x)                    # (B, T, m)
+    h = activation_fn(a.activation)(h)
+    return x + mk((a.hidden_size,), kernel_axes=(None, "embed"), bias_axes=("embed",), std=0.0,
+                  name="up")(h)
+
+
+class SoftPrompt(nn.Module):
+  """Prompt tuning (Lester et al. 2021): `embedding` (P, D) vectors placed before the first token
+  of the first layer's input (after the embeddings, so real tokens keep their positions); they
+  attend and are attended to as ordinary tokens. Returns (B, P + T, D) inputs and mask."""
+  args: ModelArgs
+
+  @nn.compact
+  def __call__(self, x, input_mask, segment_ids=None):
+    a = self.args
+    if segment_ids is not None:
+      raise ValueError("prompt tuning needs one document per row: packed rows (segment_ids) "
+                       "would all share, and leak through, the prompt tokens")
+    # The scale of the first layer's input: unit variance after BERT's embedding LayerNorm, raw
+    # embeddings (initializer_range) in GPT-2.
+    std = 1.0 if a.arch == "bert" else a.initializer_range
+    p = self.param("embedding", P(nn.initializers.normal(std), (None, "embed")),
+                   (a.prompt_len, a.hidden_size), a.param_dtype)
+    b = x.shape[0]
+    x = jnp.concatenate([jnp.broadcast_to(p.astype(x.dtype), (b,) + p.shape), x], axis=1)
+    mask = jnp.concatenate([jnp.ones((b, a.prompt_len), input_mask.dtype), input_mask], axis=1)
+    return x, mask
+
+
+def strip_prompt(args: ModelArgs, x, hidden, attns):
+  """Drops the soft-prompt positions from the outputs and hidden states (attentions keep them)."""
+  n = args.prompt_len
+  if not n:
+    return x, hidden, attns
+  return x[:, n:], tuple(h[:, n:] for h in hidden), attns
