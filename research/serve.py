@@ -4,7 +4,10 @@
   ./run.sh serve --model=workdirs/sst2 --port=8001         # POST /v1/classify, /v1/embed
   ./run.sh serve --model=minilm                            # POST /v1/embed (sentence embeddings)
   .venv/bin/python research/serve.py --model=workdirs/sst2_lora --adapter=workdirs/sst2_lora/adapter
+  ./run.sh serve --model=workdirs/gpt2_lm                   # POST /v1/generate
   curl -s localhost:8000/v1/ner -d '{"texts": ["John lives in Paris."]}'
+  curl -s localhost:8000/v1/generate -d '{"prompts": ["Once"], "max_tokens": 20, "top_p": 0.9,
+                                          "temperature": 0.8, "seed": 1}'
 
 Endpoints follow the model's head (lib/serving/engine.py ENDPOINTS); GET /healthz, /readyz
 (after warm-up compiled every batch shape), /metrics (Prometheus), /docs (OpenAPI). Binds
@@ -61,18 +64,20 @@ def load(source, adapter):
 
 def torch_engine(source):
   """--backend=torch: a TorchEngine of `source` (converted to a temporary HF dir if it is ours)."""
-  import atexit, shutil, tempfile  # pylint: disable=g-import-not-at-top,multiple-imports
+  import shutil, tempfile  # pylint: disable=g-import-not-at-top,multiple-imports
   from lib import model_io  # pylint: disable=g-import-not-at-top
   from lib.serving import torch_engine as T  # pylint: disable=g-import-not-at-top
   path = model_io.split_source(source)[0]
   head = model_io.head_of(source)[0]
-  if os.path.exists(os.path.join(path, model_io.MODEL_JSON)):
-    tmp = tempfile.mkdtemp(prefix="serve-torch-")
-    atexit.register(shutil.rmtree, tmp, True)
-    hf_dir = os.path.join(tmp, "hf")
-    model_io.ours_to_hf(source, hf_dir, FLAGS.data_dir)
-    path = hf_dir
-  return T.TorchEngine(path, head, FLAGS.torch_threads)
+  if not os.path.exists(os.path.join(path, model_io.MODEL_JSON)):
+    return T.TorchEngine(path, head, FLAGS.torch_threads)
+  # Removed as soon as the pipeline holds the weights: uvicorn ends on SIGTERM without atexit.
+  tmp = tempfile.mkdtemp(prefix="serve-torch-")
+  try:
+    model_io.ours_to_hf(source, os.path.join(tmp, "hf"), FLAGS.data_dir)
+    return T.TorchEngine(os.path.join(tmp, "hf"), head, FLAGS.torch_threads)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv):
@@ -97,7 +102,7 @@ def main(argv):
     model = load(FLAGS.model, FLAGS.adapter)
     engine = E.Engine(model, B.BatchLimits(FLAGS.max_batch, FLAGS.max_tokens, FLAGS.max_wait_ms,
                                            FLAGS.max_queue, buckets))
-  if not engine.endpoints or engine.endpoints == ("generate",):
+  if not engine.endpoints:
     raise errors.ModelSourceError(f"--model={FLAGS.model}: head {engine.model.head!r} has no "
                                   "served endpoint")
   server = A.Server(engine, A.Limits(FLAGS.max_body_bytes, FLAGS.max_texts, FLAGS.max_chars,

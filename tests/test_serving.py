@@ -341,3 +341,71 @@ def test_minilm_embeddings_equal_sentence_transformers_pooling():
   ref /= np.linalg.norm(ref, axis=1, keepdims=True)
   cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1)
   assert np.all(1 - cos < 1e-5), 1 - cos
+
+
+# ----------------------------------------------------------------------------- /v1/generate
+
+def test_filter_rows_equals_lib_sampling_per_row():
+  import jax   # pylint: disable=g-import-not-at-top
+  from lib import sampling   # pylint: disable=g-import-not-at-top
+  from lib.serving import engine as E   # pylint: disable=g-import-not-at-top
+  logits = jax.random.normal(jax.random.key(0), (3, 50))
+  settings = [(5, 1.0), (0, 0.7), (4, 0.5)]
+  got = E.filter_rows(logits, np.array([k for k, _ in settings]),
+                      np.array([p for _, p in settings], np.float32))
+  for row, (k, p) in enumerate(settings):
+    want = sampling.filter_logits(logits[row], k, p)
+    np.testing.assert_array_equal(np.isfinite(got[row]), np.isfinite(want))
+
+
+def _reference_generation(model, prompt, max_new, temperature, seed, index):
+  """lib.sampling's sampler (static settings, its own batch) on one prompt; prompt `index` of a
+  request draws with fold_in(key(seed), index)."""
+  import jax   # pylint: disable=g-import-not-at-top
+  from lib import sampling   # pylint: disable=g-import-not-at-top
+  fn = jax.jit(sampling.make_sample_fn(model.module, sampling.SampleArgs(max_new, temperature)))
+  ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+  batch = sampling.prompt_batch([ids], max_new, 0, 0)
+  batch["key"][0] = np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed),
+                                                                      index)))
+  out = fn(model.params, batch)
+  new, = sampling.continuations(out, batch["prompt_len"], max_new, model.tokenizer.eos_token_id)
+  return model.tokenizer.decode(new)
+
+
+@pytest.mark.slow
+def test_generate_greedy_and_sampled_equal_lib_sampling(tmp_path):
+  import jax   # pylint: disable=g-import-not-at-top
+  from lib import model_io, models   # pylint: disable=g-import-not-at-top
+  args = models.ModelArgs(arch="gpt2", vocab_size=50257, hidden_size=32, num_layers=1,
+                          num_heads=2, mlp_dim=64, max_len=32, activation="gelu_new",
+                          layer_norm_eps=1e-5)
+  params, _ = models.init_params(models.build(args, "lm"), jax.random.key(5))
+  src = model_io.save_model_dir(str(tmp_path / "gpt"), args, params, "lm")
+  run = Running(src, max_batch=2, max_tokens=64, length_buckets=(32,))
+  try:
+    c, prompts = run.client, ["Hello world", "The cat sat on", "A"]
+    compiled = run.engine.compiles_since_ready()
+    greedy = c.post("/v1/generate", json={"prompts": prompts, "max_tokens": 6})
+    assert greedy.status_code == 200, greedy.text
+    top1 = c.post("/v1/generate", json={"prompts": prompts, "max_tokens": 6, "top_k": 1,
+                                        "temperature": 0.7, "seed": 4}).json()["results"]
+    body = {"prompts": prompts[:2], "max_tokens": 5, "temperature": 0.9, "seed": 7}
+    hot = [r["text"] for r in c.post("/v1/generate", json=body).json()["results"]]
+    alone = c.post("/v1/generate", json=dict(body, prompts=prompts[:1])).json()["results"]
+    # The compile counter is process-wide: read it before the references below compile.
+    assert run.engine.compiles_since_ready() == compiled   # no setting compiled anything
+    texts = [r["text"] for r in greedy.json()["results"]]
+    assert texts == [_reference_generation(run.model, p, 6, 0.0, 0, i)
+                     for i, p in enumerate(prompts)]
+    assert [r["text"] for r in top1] == texts          # top-1 sampling is greedy
+    assert hot == [_reference_generation(run.model, p, 5, 0.9, 7, i)
+                   for i, p in enumerate(prompts[:2])]
+    assert alone[0]["text"] == hot[0]                  # a row's draw ignores its batch mates
+    r = c.post("/v1/generate", json={"prompts": ["x " * 30], "max_tokens": 8})
+    assert r.status_code == 413 and r.json()["error"]["field"] == "prompts[0]"
+    r = c.post("/v1/generate", json={"prompts": ["a", ""], "max_tokens": 4})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "prompts[1]"
+    assert c.post("/v1/embed", json={"texts": ["a"]}).status_code == 404
+  finally:
+    run.close()

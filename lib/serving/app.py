@@ -268,4 +268,6 @@ class Server:
       units = self.engine.generate_units(req)
     except E.TooLongError as e:
       raise ApiError(413, str(e).split(":")[0], str(e)) from None
+    except E.BadInputError as e:
+      raise ApiError(422, str(e).split(":")[0], str(e)) from None
     return {"results": [{"text": o} for o in await self.submit(units)]}

@@ -14,9 +14,10 @@ import re
 import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from lib import export, metrics, model_io
+from lib import export, metrics, model_io, sampling
 from lib.data import tokenize as tok_lib
 from lib.serving import batcher as B
 
@@ -98,6 +99,7 @@ class Engine:
     self.words = tok_lib.WordPieces(self.tokenizer)
     self.params = jax.device_put(model.params)
     self.forward = jax.jit(functools.partial(_forward, model.module))
+    self.sample = jax.jit(functools.partial(sample_batch, model.module))
     self.batcher = B.Batcher(self._run_batch, limits)
     self.ready = False
     self.compiles_at_ready = None
@@ -106,10 +108,14 @@ class Engine:
 
   def warm_up(self) -> None:
     """Compiles every (rows, length) bucket shape, then starts the batcher."""
-    if self.endpoints != ("generate",):
-      for rows, length in self.limits.shapes():
+    for rows, length in self.limits.shapes():
+      if self.endpoints == ("generate",):
+        batch = generate_batch([], (rows, length), self.pad_id)
+        jax.block_until_ready(self.sample(self.params, batch))
+      else:
         ids = np.full((rows, length), self.pad_id, np.int32)
         jax.block_until_ready(self.forward(self.params, ids, np.ones_like(ids)))
+    row_key(0, 0)                     # compiles the host-side key derivation too
     self.batcher.start()
     self.compiles_at_ready = compilations()
     self.ready = True
@@ -118,6 +124,8 @@ class Engine:
     return 0 if self.compiles_at_ready is None else compilations() - self.compiles_at_ready
 
   def _run_batch(self, payloads, shape):
+    if self.endpoints == ("generate",):
+      return self._run_generate(payloads, shape)
     rows, length = shape
     ids = np.full((rows, length), self.pad_id, np.int32)
     mask = np.zeros((rows, length), np.int32)
@@ -128,8 +136,9 @@ class Engine:
     return [{k: v[i] for k, v in out.items()} for i in range(len(payloads))]
 
   def submit(self, units):
-    """Queues unit id arrays (one request); a concurrent future of their outputs."""
-    return self.batcher.submit(units, [len(u) for u in units])
+    """Queues unit id arrays or generate units (one request); a future of their outputs."""
+    return self.batcher.submit(units, [u["length"] if isinstance(u, dict) else len(u)
+                                       for u in units])
 
   # -------------------------------------------------------------------------- per endpoint
 
@@ -183,6 +192,101 @@ class Engine:
     names = self.model.label_names or [str(i) for i in range(len(probs))]
     return dict(label=names[int(np.argmax(probs))],
                 probabilities={n: float(p) for n, p in zip(names, probs)})
+
+
+  def generate_units(self, req) -> list:
+    """One unit per prompt of a GenerateRequest: ids, sampling settings and the row's key
+    (fold_in(key(seed), prompt index), as lib.sampling: a row's draw ignores its batch mates).
+
+    Raises:
+      TooLongError: prompt + max_tokens over the longest length bucket (naming prompts[i]).
+      BadInputError: a prompt with no tokens.
+    """
+    longest = self.limits.length_buckets[-1]
+    units = []
+    for i, prompt in enumerate(req.prompts):
+      ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+      if not ids:
+        raise BadInputError(f"prompts[{i}]: no tokens; give at least one")
+      if len(ids) + req.max_tokens > longest:
+        raise TooLongError(f"prompts[{i}]: {len(ids)} prompt tokens + max_tokens "
+                           f"{req.max_tokens} > {longest}, the longest sequence served")
+      units.append(dict(input_ids=np.asarray(ids, np.int32), length=len(ids) + req.max_tokens,
+                        max_new=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
+                        top_p=req.top_p, key=row_key(req.seed, i)))
+    return units
+
+  def _run_generate(self, payloads, shape):
+    batch = generate_batch(payloads, shape, self.pad_id)
+    out = np.asarray(self.sample(self.params, batch))
+    eos = self.tokenizer.eos_token_id
+    texts = []
+    for i, p in enumerate(payloads):
+      new, = sampling.continuations(out[i:i + 1], batch["prompt_len"][i:i + 1], p["max_new"], eos)
+      texts.append(self.tokenizer.decode(new))
+    return texts
+
+
+class BadInputError(ValueError):
+  """A request field the model cannot take (e.g. a prompt with no tokens)."""
+
+
+def row_key(seed: int, index: int) -> np.ndarray:
+  """The uint32 key data of prompt `index` of a request with `seed` (lib.sampling's rule)."""
+  return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), index)),
+                    np.uint32)
+
+
+def generate_batch(payloads, shape, pad_id: int) -> dict:
+  """The (rows, length) arrays `sample_batch` takes; rows past the payloads are inert (0 steps)."""
+  rows, length = shape
+  b = dict(input_ids=np.full((rows, length), pad_id, np.int32),
+           prompt_len=np.ones(rows, np.int32), max_new=np.zeros(rows, np.int32),
+           temperature=np.zeros(rows, np.float32), top_k=np.zeros(rows, np.int32),
+           top_p=np.ones(rows, np.float32), key=np.zeros((rows, 2), np.uint32))
+  for i, p in enumerate(payloads):
+    b["input_ids"][i, :len(p["input_ids"])] = p["input_ids"]
+    b["prompt_len"][i] = len(p["input_ids"])
+    for k in ("max_new", "temperature", "top_k", "top_p", "key"):
+      b[k][i] = p[k]
+  return b
+
+
+def filter_rows(logits, top_k, top_p):
+  """lib.sampling.filter_logits with per-row top_k (B,) and top_p (B,) as arrays (traced, so one
+  compilation serves every setting); top_k keeps the logits >= the k-th largest (ties kept)."""
+  neg = jnp.full_like(logits, -jnp.inf)
+  desc = -jnp.sort(-logits, axis=-1)                                          # (B, V)
+  kth = jnp.take_along_axis(desc, jnp.maximum(top_k - 1, 0)[:, None], axis=-1)
+  logits = jnp.where((top_k[:, None] > 0) & (logits < kth), neg, logits)
+  order = jnp.argsort(-logits, axis=-1)
+  probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+  keep_sorted = ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]) | (top_p[:, None] >= 1)
+  keep = jnp.put_along_axis(jnp.zeros(logits.shape, bool), order, keep_sorted, axis=-1,
+                            inplace=False)
+  return jnp.where(keep, logits, neg)
+
+
+def sample_batch(module, params, batch):
+  """(B, L) ids: each row's prompt continued by its own max_new tokens, greedy where its
+  temperature is 0, else drawn from its tempered, top-k / top-p filtered distribution."""
+  ids, plen = batch["input_ids"], batch["prompt_len"]
+  keys = jax.vmap(jax.random.wrap_key_data)(batch["key"])
+  rows = jnp.arange(ids.shape[0])
+  temp = batch["temperature"]
+
+  def body(s, ids):
+    out, _ = module.apply({"params": params}, input_ids=ids, deterministic=True)
+    pos = jnp.minimum(plen - 1 + s, ids.shape[1] - 2)                         # (B,)
+    logits = out["logits"][rows, pos].astype(jnp.float32)                     # (B, V)
+    tempered = filter_rows(logits / jnp.where(temp > 0, temp, 1.0)[:, None], batch["top_k"],
+                           batch["top_p"])
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, s))(keys)
+    drawn = jax.vmap(jax.random.categorical)(step_keys, tempered)
+    tok = jnp.where(temp > 0, drawn, jnp.argmax(logits, -1)).astype(jnp.int32)
+    live = s < batch["max_new"]
+    return ids.at[rows, pos + 1].set(jnp.where(live, tok, ids[rows, pos + 1]))
+  return jax.lax.fori_loop(0, jnp.max(batch["max_new"]), body, ids)
 
 
 def _softmax(x):
