@@ -65,8 +65,9 @@ def test_unknown_key_message():
       "--config.optim.learning_rate: config.optim has no key 'learning_rate'; valid keys of "
       "config.optim: accum_steps, b1, b2, clip_norm, decay_embeddings, eps, lr, lr_mult, name, "
       "schedule, warmup_frac, warmup_steps, weight_decay; did you mean --config.optim.lr?")
-  assert cli.unknown_key_message(cfg, "trian.epochs").startswith(
-      "--config.trian.epochs: config has no key 'trian'; valid keys of config: data, mesh, ")
+  msg = cli.unknown_key_message(cfg, "trian.epochs")
+  assert msg.startswith("--config.trian.epochs: config has no key 'trian'; valid keys of config: ")
+  assert ", data, mesh, model, optim, peft, " in msg and msg.endswith("did you mean --config.train?")
   assert cli.unknown_key_message(cfg, "trian.epochs").endswith("did you mean --config.train?")
   assert cli.unknown_key_message(cfg, "optim.lr.x") == (
       "--config.optim.lr.x: config.optim.lr is a float value (0.0001), not a section with keys")
