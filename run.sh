@@ -72,6 +72,14 @@ usage() {
   awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "$0"
 }
 
+# research/<script> with its flags, or with --config=<config> --workdir=<workdir> when given none.
+with_defaults() {
+  local script="$1" config="$2" workdir="$3"
+  shift 3
+  if [[ $# -eq 0 ]]; then set -- --config="$config" --workdir="$workdir"; fi
+  exec "$PY" "research/$script" "$@"
+}
+
 cmd="${1:-help}"
 shift || true
 case "$cmd" in
@@ -80,24 +88,15 @@ case "$cmd" in
     setup_test
     export JAX_PLATFORMS=cpu
     exec "$PY" -m pytest -n 2 --dist loadfile -q tests "$@" ;;
-  finetune)
-    setup
-    if [[ $# -eq 0 ]]; then set -- --config=configs/ner.py --workdir=workdirs/ner; fi
-    exec "$PY" research/finetune.py "$@" ;;
+  finetune) setup; with_defaults finetune.py configs/ner.py workdirs/ner "$@" ;;
   distill) setup; exec "$PY" research/distill.py "$@" ;;
   pretrain) setup; exec "$PY" research/pretrain_mlm.py "$@" ;;
   generate) setup; exec "$PY" research/generate.py "$@" ;;
   convert) setup; exec "$PY" research/convert.py "$@" ;;
   benchmark) setup_test; exec "$PY" research/benchmark.py "$@" ;;
   data_benchmark) setup; exec "$PY" research/data_benchmark.py "$@" ;;
-  fewshot)
-    setup
-    if [[ $# -eq 0 ]]; then set -- --config=configs/fewshot.py --workdir=workdirs/fewshot; fi
-    exec "$PY" research/fewshot.py "$@" ;;
-  continual)
-    setup
-    if [[ $# -eq 0 ]]; then set -- --config=configs/continual.py --workdir=workdirs/continual; fi
-    exec "$PY" research/continual.py "$@" ;;
+  fewshot) setup; with_defaults fewshot.py configs/fewshot.py workdirs/fewshot "$@" ;;
+  continual) setup; with_defaults continual.py configs/continual.py workdirs/continual "$@" ;;
   probe) setup; exec "$PY" research/causal_probe.py "$@" ;;
   attack) setup; exec "$PY" research/attack.py "$@" ;;
   serve) setup; exec "$PY" research/serve.py "$@" ;;
