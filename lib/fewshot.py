@@ -287,8 +287,9 @@ def table_markdown(rows: list, full_data: float = 0.0) -> str:
   """The summary as a markdown table (test accuracy mean (std) over seeds)."""
   lines = ["| method | K per class | seeds | test accuracy mean (std) | K-shot dev mean |",
            "|---|---|---|---|---|"]
+  std = lambda r: f"{100 * r['test_std']:.1f}" if r["n"] > 1 else "n/a: one seed"
   lines += [f"| {r['method']} | {r['k']} | {r['n']} | {100 * r['test_mean']:.1f} "
-            f"({100 * r['test_std']:.1f}) | {100 * r['dev_mean']:.1f} |" for r in rows]
+            f"({std(r)}) | {100 * r['dev_mean']:.1f} |" for r in rows]
   if full_data:
     lines.append(f"| finetune, full training set (configs/sst2.py) | all | 1 | "
                  f"{100 * full_data:.1f} | |")
