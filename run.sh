@@ -4,6 +4,7 @@
 #   ./run.sh test [pytest args]    install test requirements too, run the test suite
 #   ./run.sh finetune [flags]      research/finetune.py   (default: --config=configs/ner.py)
 #   ./run.sh distill [flags]       research/distill.py    (a teacher -> a smaller student)
+#   ./run.sh compress [flags]      research/compress.py   (int8 PTQ: --model=<fine-tuned> --out=DIR)
 #   ./run.sh pretrain [flags]      research/pretrain_mlm.py (--config=configs/mlm.py or clm.py)
 #   ./run.sh generate [flags]      research/generate.py   (sample from a GPT-2 workdir)
 #   ./run.sh convert [flags]       research/convert.py
@@ -90,6 +91,7 @@ case "$cmd" in
     exec "$PY" -m pytest -n 2 --dist loadfile -q tests "$@" ;;
   finetune) setup; with_defaults finetune.py configs/ner.py workdirs/ner "$@" ;;
   distill) setup; exec "$PY" research/distill.py "$@" ;;
+  compress) setup; exec "$PY" research/compress.py "$@" ;;
   pretrain) setup; exec "$PY" research/pretrain_mlm.py "$@" ;;
   generate) setup; exec "$PY" research/generate.py "$@" ;;
   convert) setup; exec "$PY" research/convert.py "$@" ;;

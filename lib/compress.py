@@ -1,156 +1,105 @@
-"""Int8 post-training quantisation: the int8 matmul seats (DOT_GENERALS) and quantised params.
+"""Compressing a fine-tuned model (research/compress.py): int8 PTQ into a model directory, and one
+table row of its size, CPU speed against the float32 model and quality on the fine-tuning
+evaluator. The int8 matmuls themselves are lib/quant.py."""
 
-A quantised model is an ordinary model whose `ModelArgs.dot_general` rules send some kernels to
-an int8 seat. Such a kernel's parameters are its int8 codes in `kernel` (K..., F...) and one
-float32 scale per output channel in `kernel_scale` (F...): the weight is `kernel * kernel_scale`,
-symmetric, codes in [-127, 127]. `quantize_params` makes them from a float model; a model
-directory saved from them (research/compress.py) stores the kernels as int8 on disk.
-
-Seats (names in lib.models.layers.DOT_GENERALS):
-  int8_w8a8         int8 weights and int8 activations quantised at run time, one scale per
-                    token (the rows of the contraction): an s8 x s8 -> s32 dot_general, then
-                    the int32 accumulator times both scales, in float32.
-  int8_weight_only  the int8 weights times their scales in the compute dtype, then the default
-                    (float) matmul: smaller weights, float numerics of the activations.
-These are inference seats: they have no gradient with respect to the codes (QAT is not here).
-"""
-
-import re
+import dataclasses
+import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
-from flax import traverse_util
-from jax import lax
 
-from lib.models import layers
+from lib import bench, model_io, models, quant
 
-SCALE = "kernel_scale"
-QMAX = 127.0
-METHODS = ("int8_w8a8", "int8_weight_only")
+COLUMNS = ("model", "params", "file_MB", "b1_ms", "b32x128_seq_s", "speedup", "dev", "test",
+           "drop")
 
 
-def _codes_and_scale(module, rhs, n: int):
-  """The kernel's int8 codes (as stored: int8, or integer-valued floats after a float restore)
-  and its per-output-channel float32 scales, both parameters of `module`."""
-  raw = nn.meta.unbox(module.get_variable("params", "kernel"))       # boxed while initialising
-  raw = rhs if raw is None else raw
-  codes = raw if raw.dtype == jnp.int8 else raw.astype(jnp.int8)   # exact: integer-valued
-  return codes, module.param(SCALE, lambda _, s: jnp.ones(s, jnp.float32), rhs.shape[n:])
+def dir_bytes(path: str) -> int:
+  """Total size of the files under `path` (what the compressed model costs on disk)."""
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def _check_dense_dims(dims, rhs, where: str):
-  """The seats take a Dense's contraction: lhs's trailing n dims with rhs's leading n, no batch."""
-  (lc, rc), (lb, rb) = dims
-  if lb or rb or tuple(rc) != tuple(range(len(rc))):
-    raise ValueError(f"{where}: int8 seats take a Dense contraction (kernel's leading dims, no "
-                     f"batch dims); got dimension_numbers {dims}")
+def _tokenizer_of(path: str) -> str:
+  """Where the source's tokenizer is (our dirs record it; an HF dir holds its own)."""
+  if os.path.exists(os.path.join(path, model_io.MODEL_JSON)):
+    return model_io.read_model_json(path).get("tokenizer", "")
+  return path
 
 
-def quantize_activations(x, n: int):
-  """Per-row symmetric int8 of x (..., K1..Kn): (codes int8, scales float32 (..., 1..1))."""
-  x = x.astype(jnp.float32)
-  axes = tuple(range(x.ndim - n, x.ndim))
-  scale = jnp.max(jnp.abs(x), axis=axes, keepdims=True) / QMAX
-  scale = jnp.where(scale == 0, 1.0, scale)   # an all-zero row: any scale gives code 0
-  return jnp.clip(jnp.round(x / scale), -QMAX, QMAX).astype(jnp.int8), scale
-
-
-def int8_w8a8(module):
-  """Seat factory: the s8 x s8 -> s32 matmul of dynamic per-token int8 activations and the
-  kernel's int8 codes, rescaled to float (see the module docstring)."""
-  where = "/".join(module.path) + "/kernel"
-
-  def dot(lhs, rhs, dims, preferred_element_type=None):
-    _check_dense_dims(dims, rhs, where)
-    n = len(dims[0][0])
-    codes, w_scale = _codes_and_scale(module, rhs, n)                 # (K.., F..), (F..)
-    xq, x_scale = quantize_activations(lhs, n)                       # (.., K..), (.., 1..)
-    acc = lax.dot_general(xq, codes, dims, preferred_element_type=jnp.int32)   # (.., F..)
-    lead = lhs.shape[:lhs.ndim - n]
-    x_scale = x_scale.reshape(lead + (1,) * w_scale.ndim)
-    y = acc.astype(jnp.float32) * x_scale * w_scale
-    return y.astype(preferred_element_type or lhs.dtype)
-  return dot
-
-
-def int8_weight_only(module):
-  """Seat factory: the kernel's int8 codes times their scales in the compute dtype, then the
-  default matmul."""
-  where = "/".join(module.path) + "/kernel"
-
-  def dot(lhs, rhs, dims, preferred_element_type=None):
-    _check_dense_dims(dims, rhs, where)
-    codes, w_scale = _codes_and_scale(module, rhs, len(dims[0][1]))
-    w = codes.astype(lhs.dtype) * w_scale.astype(lhs.dtype)
-    return layers.default_dot_general(lhs, w, dims, preferred_element_type)
-  return dot
-
-
-for _name, _factory in (("int8_w8a8", int8_w8a8), ("int8_weight_only", int8_weight_only)):
-  if _name not in layers.DOT_GENERALS:   # a module reload must not register twice
-    layers.register_dot_general(_name, _factory)
-
-
-def quantize_kernel(kernel: np.ndarray, n_out: int):
-  """Symmetric per-output-channel int8 of a float kernel (K..., F...) with `n_out` output dims.
+def quantize_source(source: str, out_dir: str, method: str, kernels: str, *,
+                    overwrite: bool = False) -> model_io.LoadedModel:
+  """Int8 PTQ of `source` (any model source with a head) into the model directory `out_dir`: the
+  kernels that `kernels` fully matches are stored as int8 + per-channel scales, and model.json's
+  `dot_general` rules send them to the `method` seat. Deterministic; no calibration data.
 
   Returns:
-    (codes int8 (K..., F...), scales float32 (F...)), kernel ~= codes * scales.
+    the float source as loaded (for the comparison).
   """
-  k = np.asarray(kernel, np.float32)
-  axes = tuple(range(k.ndim - n_out))
-  scale = np.abs(k).max(axis=axes) / QMAX
-  scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-  codes = np.clip(np.round(k / scale), -QMAX, QMAX).astype(np.int8)
-  return codes, scale
+  head, num_labels, names = model_io.head_of(source)
+  model = model_io.load_model(source, head, num_labels)
+  rules = quant.default_rules(method, kernels)
+  args = dataclasses.replace(model.args, dot_general=rules)
+  params = quant.quantize_params(model.params, rules)
+  path = model_io.split_source(source)[0]
+  model_io.save_model_dir(out_dir, args, params, head, num_labels, names, overwrite=overwrite,
+                          sources=(path,), tokenizer=_tokenizer_of(path),
+                          compressed_from=model_io.pinned(source, model.step),
+                          compression=dict(method=method, kernels=kernels))
+  return model
 
 
-def default_rules(method: str, regex: str = r"encoder/layer_\d+/.*") -> tuple:
-  """ModelArgs.dot_general rules sending the kernels that `regex` fully matches to `method`."""
-  if method not in METHODS:
-    raise ValueError(f"unknown quantisation method {method!r}; valid: {list(METHODS)}")
-  return ((regex, method),)
+def _forward(module):
+  fwd = jax.jit(lambda p, b: module.apply({"params": p}, **b)[0]["logits"])
+  return lambda p, b: fwd(p, b).block_until_ready()
 
 
-def quantize_params(params, rules: tuple, n_out_of=None):
-  """Post-training quantisation: each kernel that `rules` send to an int8 seat becomes its int8
-  codes plus a `kernel_scale` beside it; everything else is unchanged (host numpy). Deterministic.
-
-  Args:
-    params: the float parameter tree.
-    rules: ModelArgs.dot_general rules ((regex over kernel paths, seat name), ...).
-    n_out_of: kernel path -> number of output dims (default: the bias's ndim beside it).
-
-  Raises:
-    ValueError: a rule matches no kernel (as the seat does for a model built with it).
-  """
-  flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, params), sep="/")
-  layers.check_dot_general_rules(layers._seat_rules(rules), flat)
-  out = dict(flat)
-  for path, value in flat.items():
-    if not path.endswith("/kernel") or layers.dot_general_for(rules, path) not in METHODS:
-      continue
-    bias = flat.get(path[:-len("kernel")] + "bias")
-    n_out = n_out_of(path) if n_out_of else (1 if bias is None else bias.ndim)
-    out[path], out[path[:-len("kernel")] + SCALE] = quantize_kernel(value, n_out)
-  return traverse_util.unflatten_dict(out, sep="/")
+def speed(modules: dict, *, vocab: int, batch: int, seq_len: int, steps: int,
+          latency_steps: int) -> dict:
+  """{name: (batch-1 median ms, batch x seq_len sequences/s)} of jitted forward passes of
+  {name: (module, params)}, the models interleaved so that load changes hit them alike."""
+  out = {}
+  for b, n in ((1, latency_steps), (batch, steps)):
+    data = bench.synthetic_batch(b, seq_len, vocab, 2)
+    inputs = {k: jnp.asarray(data[k]) for k in ("input_ids", "input_mask", "token_type_ids")}
+    fns = {}
+    for name, (module, params) in modules.items():
+      fwd, placed = _forward(module), jax.device_put(params)
+      fwd(placed, inputs)                                                # compile
+      fns[name] = (lambda f, p: lambda: f(p, inputs))(fwd, placed)
+    for name, times in bench.time_interleaved(fns, n, block=2).items():
+      out.setdefault(name, []).append(float(np.median(times)))
+  return {k: (1e3 * t1, batch / tb) for k, (t1, tb) in out.items()}
 
 
-def as_int8(params, rules: tuple):
-  """`params` with the quantised kernels cast back to int8 (a restore into the float init tree
-  gives integer-valued float32 codes); the seats then take them with no conversion."""
-  flat = traverse_util.flatten_dict(params, sep="/")
-  out = {p: (np.asarray(v).astype(np.int8) if p.endswith("/kernel") and
-             layers.dot_general_for(rules, p) in METHODS else v) for p, v in flat.items()}
-  return traverse_util.unflatten_dict(out, sep="/")
+def evaluate(cfg, source: str) -> dict:
+  """{'dev': metrics, 'test': metrics} of `source` by the fine-tuning evaluator of `cfg` (a
+  configs/sst2.py or ner.py config; its max_eval_examples apply). Nothing is trained."""
+  from lib import experiment, tasks   # the run skeleton sits above this module's other users
+  task = tasks.get(cfg.task)
+  with tempfile.TemporaryDirectory(prefix="compress-eval-") as workdir:
+    run = experiment.setup(cfg, workdir, task, source=source)
+    ev = task.make_evaluator(run)
+    return {"dev": dict(ev(run.state, "validation")[0]),
+            "test": dict(ev(run.state, "test")[0])}
 
 
-def int8_dots(hlo_text: str) -> int:
-  """How many dots of a jitted function's text multiply int8 by int8 into int32: StableHLO
-  (`jit(f).lower(...).as_text()`) or XLA's optimised HLO (`...compile().as_text()`)."""
-  stable = re.findall(r"dot_general.*: \(tensor<[^>]*xi8>, tensor<[^>]*xi8>\) -> "
-                      r"tensor<[^>]*xi32>", hlo_text)
-  compiled = re.findall(r"= s32\[[^\]]*\](\{[^}]*\})? dot\(", hlo_text)
-  return len(stable) + len(compiled)
+def row(name: str, params: int, file_bytes: int, timing: tuple, base_timing: tuple,
+        scores: dict, base_scores: dict, metric: str) -> dict:
+  """One table row; `drop` is the float model's test metric minus this one's (points)."""
+  dev, test = (scores[s].get(metric) if scores else None for s in ("dev", "test"))
+  base = base_scores["test"].get(metric) if base_scores else None
+  return dict(model=name, params=params, file_MB=round(file_bytes / 1e6, 2),
+              b1_ms=round(timing[0], 2), b32x128_seq_s=round(timing[1], 1),
+              speedup=round(timing[1] / base_timing[1], 2), dev=dev, test=test,
+              drop=None if test is None or base is None else round(100 * (base - test), 2))
+
+
+def format_rows(rows: list) -> str:
+  """A Markdown table of `row` dicts."""
+  def cell(col, v):
+    return "-" if v is None else (f"{v:.4f}" if col in ("dev", "test") else str(v))
+  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+  return "\n".join(lines + ["| " + " | ".join(cell(c, r[c]) for c in COLUMNS) + " |"
+                            for r in rows])

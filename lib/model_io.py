@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from lib import atomic, checkpoint, errors, hf, models, peft
+from lib import quant  # noqa: F401  # registers the int8 seats a saved model.json may name
 from lib.models import ModelArgs
 
 MODEL_JSON = "model.json"

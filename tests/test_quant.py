@@ -1,4 +1,4 @@
-"""Int8 PTQ (lib/compress.py): the int8 seats against NumPy int8 references, s8 dots in the HLO,
+"""Int8 PTQ (lib/quant.py): the int8 seats against NumPy int8 references, s8 dots in the HLO,
 deterministic quantisation, the quantised model directory round trip, bad rules."""
 
 import dataclasses
@@ -12,7 +12,8 @@ import pytest
 from flax import linen as nn
 from flax import traverse_util
 
-from lib import compress, model_io, models
+from lib import model_io, models
+from lib import quant as compress
 from lib.models import layers
 
 IDS = jnp.array([[5, 6, 7, 8, 9, 3], [4, 5, 6, 7, 1, 1]])

@@ -1,0 +1,83 @@
+"""Compress a fine-tuned model: int8 post-training quantisation into a model directory, and a table
+row comparing it with the float32 source (size, CPU speed, dev/test metric).
+
+  ./run.sh compress --config=configs/compress.py:sst2 --model=workdirs/sst2 --out=/tmp/sst2_int8
+  .venv/bin/python research/compress.py --config=configs/compress.py:quick --method=int8_w8a8 \
+      --model=/tmp/d13/teacher_sst2 --out=/tmp/sst2_int8
+
+--model: any model source with a head (a fine-tuning run workdir, our model dir, an HF dir).
+--out: the compressed model directory (model.json + params/ with int8 kernels and their
+`kernel_scale`s); any research script loads it like another model dir. Also written there:
+compress.json (the table rows). The table is printed as Markdown.
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lib import atomic, cli, errors  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/compress.py", "configs/compress.py[:variant]",
+                                lock_config=True)
+flags.DEFINE_string("model", None, "the fine-tuned source model (workdir, model dir, HF dir)")
+flags.DEFINE_string("out", None, "the compressed model directory to write")
+flags.DEFINE_enum("method", "", ["", "int8_w8a8", "int8_weight_only"],
+                  "overrides config.method")
+flags.DEFINE_bool("overwrite", False, "replace a non-empty --out")
+flags.mark_flags_as_required(["model", "out"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # pylint: disable-next=g-import-not-at-top  # jax after flag parsing
+  from lib import compress, models
+  cfg = FLAGS.config
+  method = FLAGS.method or cfg.method
+  if os.path.abspath(FLAGS.out) == os.path.abspath(FLAGS.model.split("@")[0]):
+    raise errors.ConfigError(f"--out={FLAGS.out}: the same directory as --model")
+  src = compress.quantize_source(FLAGS.model, FLAGS.out, method, cfg.kernels,
+                                 overwrite=FLAGS.overwrite)
+  q = models.build(compress.model_io.describe(FLAGS.out), src.head, src.num_labels)
+  qparams = compress.quant.as_int8(
+      compress.model_io.load_model(FLAGS.out, src.head, src.num_labels).params,
+      q.args.dot_general)
+  module = models.build(src.args, src.head, src.num_labels)
+  logging.info("timing float32 and %s (batch 1 and %d x %d)", method, cfg.speed.batch,
+               cfg.speed.seq_len)
+  timing = compress.speed({"float32": (module, src.params), method: (q, qparams)},
+                          vocab=src.args.vocab_size, **cfg.speed)
+  scores = {}
+  if cfg.evaluate:
+    scores = {"float32": compress.evaluate(cfg.eval, FLAGS.model),
+              method: compress.evaluate(cfg.eval, FLAGS.out)}
+  metric = "accuracy" if src.head == "seq_cls" else "f1"
+  sizes = {"float32": _float_bytes(compress, src),
+           method: compress.dir_bytes(os.path.join(FLAGS.out, "params"))}
+  rows = [compress.row(name, models.param_count(src.params), sizes[name], timing[name],
+                       timing["float32"], scores.get(name), scores.get("float32"), metric)
+          for name in ("float32", method)]
+  atomic.write_bytes(os.path.join(FLAGS.out, "compress.json"),
+                     json.dumps(dict(rows=rows, metric=metric, source=FLAGS.model,
+                                     eval_examples=cfg.eval.data.max_eval_examples,
+                                     speed=cfg.speed.to_dict()), indent=1).encode())
+  print(compress.format_rows(rows))
+
+
+def _float_bytes(compress, src) -> int:
+  """The float source's params/ size when saved the way --out is (a run workdir's checkpoints
+  also hold optimizer state, so they are not comparable)."""
+  with tempfile.TemporaryDirectory(prefix="compress-float-") as tmp:
+    out = os.path.join(tmp, "float32")
+    compress.model_io.save_model_dir(out, src.args, src.params, src.head, src.num_labels)
+    return compress.dir_bytes(os.path.join(out, "params"))
+
+
+if __name__ == "__main__":
+  cli.run(main)
