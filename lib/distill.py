@@ -95,6 +95,8 @@ class Teacher:
   source: str
   tokenizer: str          # its tokenizer's location (the student records the same)
   step: Optional[int] = None
+  saved_args: Optional[models.ModelArgs] = None   # as the source records them (its dropout;
+                                                  # `args` has the inference overrides)
 
 
 def load_teacher(source: str, data_dir: str, dtype: str = "float32") -> Teacher:
@@ -104,7 +106,8 @@ def load_teacher(source: str, data_dir: str, dtype: str = "float32") -> Teacher:
                              "workdir, our model dir or a HF dir)")
   m = model_io.load_for_inference(source, data_dir=data_dir, dtype=dtype)
   _, where = model_io.load_tokenizer(source, m.args.arch, data_dir)
-  return Teacher(m.module, m.params, m.args, m.head, m.label_names, source, where, m.step)
+  return Teacher(m.module, m.params, m.args, m.head, m.label_names, source, where, m.step,
+                 model_io.describe(source))
 
 
 def write_student_init(out_dir: str, teacher: Teacher, layers) -> str:
@@ -119,7 +122,8 @@ def write_student_init(out_dir: str, teacher: Teacher, layers) -> str:
       raise errors.ConfigError(f"{out_dir}: the student init there was made from {old}, not "
                                f"{made_from}: use a new --workdir")
     return out_dir
-  args, params = student_from_layers(teacher.args, teacher.params, layers)
+  # The source's own args: the student trains with the teacher's dropout, not the inference 0.
+  args, params = student_from_layers(teacher.saved_args or teacher.args, teacher.params, layers)
   return model_io.save_model_dir(out_dir, args, params, teacher.head, len(teacher.label_names),
                                  teacher.label_names, tokenizer=teacher.tokenizer,
                                  distilled_from=made_from)

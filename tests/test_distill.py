@@ -206,7 +206,7 @@ def _quick_config(tmp_path, variant):
   for name, n, seed in (("train.tsv", 64, 0), ("dev.tsv", 16, 1), ("test.tsv", 16, 2)):
     _write_tsv(d / name, n, seed)
   args = models.ModelArgs(hidden_size=32, num_layers=4, num_heads=2, mlp_dim=64, max_len=32,
-                          dropout_rate=0.0, attention_dropout_rate=0.0)
+                          dropout_rate=0.1, attention_dropout_rate=0.1)
   module = models.build(args, "seq_cls", 2)
   params = models.init_params(module, jax.random.key(0))[0]
   teacher = model_io.save_model_dir(str(tmp_path / "teacher"), args, params, "seq_cls", 2,
@@ -243,6 +243,8 @@ def test_quick_run_end_to_end_writes_the_distill_block_and_exports_to_hf(tmp_pat
   assert all(k in saved["train"] for k in ("steps", "wall_s"))
   init = json.load(open(os.path.join(workdir, "student_init", "model.json")))
   assert init["distilled_from"]["layers"] == [1, 3]
+  # The student trains with the teacher's dropout (the teacher itself runs without).
+  assert init["args"]["dropout_rate"] == 0.1 and init["args"]["num_layers"] == 2
   # The student exports to a directory transformers loads, with our logits.
   dst = str(tmp_path / "hf")
   model = model_io.ours_to_hf(workdir, dst, cfg.data.dir)
