@@ -21,7 +21,14 @@ Variants (`--config=configs/distill_sst2.py:<variant>`, '+'-joined):
   bf16_teacher  the teacher computes in bfloat16.
   layers024  the student from teacher layers (0, 2, 4) instead of (1, 3, 5).
 
-Measured: see the README's distillation section (subsampled runs on this 2-core CPU).
+Measured on this machine (2 shared cores of an AMD EPYC, heavily loaded), SUBSAMPLED: teacher =
+configs/sst2.py on the first 4,000 training sentences, lr 1e-4, 125 steps (dev 0.8175, test
+0.8500 on the first 400 dev / 400 test sentences); students with the same data, lr and steps
+(--config.data.max_train_examples=4000 --config.data.max_eval_examples=400
+--config.optim.lr=1e-4), seeds 0-2 (dropout only: the data order is fixed):
+  hard (no distillation)   test 0.8100 +- 0.0043, dev 0.7683 +- 0.0029
+  (none) soft + hidden     test 0.8100 +- 0.0043, dev 0.7792 +- 0.0052
+student/teacher test 0.953 (target 0.97 missed), inference speedup 1.9-2.2x at batch 32.
 """
 
 from configs import common, sst2
