@@ -14,6 +14,7 @@ import pytest
 
 from configs import distill_sst2
 from lib import distill, errors, model_io, models
+import training_helpers  # pylint: disable=wrong-import-order
 from lib.tasks import classification
 
 TEACHER = models.ModelArgs(vocab_size=64, hidden_size=32, num_layers=4, num_heads=2, mlp_dim=64,
@@ -189,22 +190,8 @@ def test_logit_cache_is_rebuilt_when_the_teacher_or_the_data_change(tmp_path):
 
 # ----------------------------------------------------------------------------- a run end to end
 
-def _write_tsv(path, n, seed):
-  rng = np.random.default_rng(seed)
-  words = ["film", "plot", "actor", "scene", "story"]
-  with open(path, "w") as f:
-    f.write("sentence\tlabel\n")
-    for _ in range(n):
-      good = rng.integers(2)
-      f.write(f"{'great' if good else 'awful'} {' '.join(rng.choice(words, 4))}\t"
-              f"{'pos' if good else 'neg'}\n")
-
-
 def _quick_config(tmp_path, variant):
-  d = tmp_path / "toydata"
-  d.mkdir(exist_ok=True)
-  for name, n, seed in (("train.tsv", 64, 0), ("dev.tsv", 16, 1), ("test.tsv", 16, 2)):
-    _write_tsv(d / name, n, seed)
+  d = training_helpers.write_toy_sentiment(tmp_path / "toydata")
   args = models.ModelArgs(hidden_size=32, num_layers=4, num_heads=2, mlp_dim=64, max_len=32,
                           dropout_rate=0.1, attention_dropout_rate=0.1)
   module = models.build(args, "seq_cls", 2)

@@ -15,6 +15,7 @@ from configs import ner as ner_config
 from lib import errors, experiment, finetune, metrics, models, reporting, tasks
 from lib.models import heads
 from lib.tasks import classification, supervised
+import training_helpers  # pylint: disable=wrong-import-order
 
 TINY = models.ModelArgs(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, max_len=32,
                         dropout_rate=0.0, attention_dropout_rate=0.0)
@@ -72,22 +73,8 @@ class ToyTask:
                                 run.data, run.bsh)
 
 
-def _write_tsv(path, n, seed):
-  rng = np.random.default_rng(seed)
-  words = ["film", "plot", "actor", "scene", "story"]
-  with open(path, "w") as f:
-    f.write("sentence\tlabel\n")
-    for _ in range(n):
-      good = rng.integers(2)
-      body = " ".join(rng.choice(words, 4))
-      f.write(f"{'great ' if good else 'awful '}{body}\t{'pos' if good else 'neg'}\n")
-
-
 def _toy_config(tmp_path):
-  d = tmp_path / "toydata"
-  d.mkdir(exist_ok=True)
-  for name, n, seed in (("train.tsv", 64, 0), ("dev.tsv", 16, 1), ("test.tsv", 16, 2)):
-    _write_tsv(d / name, n, seed)
+  d = training_helpers.write_toy_sentiment(tmp_path / "toydata")
   cfg = sst2_config.get_config("quick")
   cfg.task = "toy"
   cfg.data.dataset, cfg.data.cache_dir = f"tsv:{d}", str(tmp_path / "cache")

@@ -1,5 +1,6 @@
 """Tiny model, synthetic batches and a resumable iterator for the training-core tests and their subprocesses."""
 
+import os
 import types
 
 import jax
@@ -108,3 +109,19 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
   cfg = train.default_config()
   cfg.update(dict(log_every=1, eval_every=0, checkpoint_every=0), **overrides)
   return cfg
+
+
+def write_toy_sentiment(directory) -> str:
+  """A learnable toy TSV classification dataset (train 64, dev 16, test 16 rows: the first word,
+  'great' or 'awful', decides the label) in `directory`, which is created; returns it."""
+  os.makedirs(directory, exist_ok=True)
+  words = ["film", "plot", "actor", "scene", "story"]
+  for name, n, seed in (("train.tsv", 64, 0), ("dev.tsv", 16, 1), ("test.tsv", 16, 2)):
+    rng = np.random.default_rng(seed)
+    with open(os.path.join(directory, name), "w") as f:
+      f.write("sentence\tlabel\n")
+      for _ in range(n):
+        good = rng.integers(2)
+        f.write(f"{'great' if good else 'awful'} {' '.join(rng.choice(words, 4))}\t"
+                f"{'pos' if good else 'neg'}\n")
+  return str(directory)
