@@ -48,6 +48,7 @@ def _close(a, b, tol=1e-5):
 RNG = jax.random.key(7)
 
 
+@pytest.mark.slow   # 40-116 s per case on the loaded 2-core machine (MiniLM-sized compiles)
 @pytest.mark.parametrize("method,head", [("fgm", "seq_cls"), ("pgd", "token_cls"),
                                          ("freelb", "seq_cls"), ("freelb", "token_cls")])
 def test_epsilon_zero_is_the_plain_loss_and_gradient(method, head):
