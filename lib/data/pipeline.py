@@ -437,6 +437,15 @@ def seq_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, t
                                bfloat16_keys=bfloat16_keys)
 
 
+# The label formats of packed LM rows, by objective: the transform that turns packed rows into
+# inputs + labels (see the module docstring of lib/data for the batch specs).
+LM_LABELS = {
+    "mlm": lambda tokenizer, seed, rate, whole_word: T.MaskTokens(tokenizer, seed, rate=rate,
+                                                                  whole_word=whole_word),
+    "clm": lambda tokenizer, seed, rate, whole_word: T.NextTokenLabels(),
+}
+
+
 def lm_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, train=False, shard_index=0,
                shard_count=1, data_dir=None, cache_dir=None, objective=None, mlm_rate=0.15,
                whole_word_masking=False, steps_per_epoch=None, bfloat16_keys=(), **options):
@@ -444,16 +453,13 @@ def lm_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, train=
   epoch; see make_batches."""
   src = sources.get(dataset, data_dir, cache_dir, None, **options)
   objective = objective or ("mlm" if tokenizer.mask_token_id is not None else "clm")
-  if objective not in ("mlm", "clm"):
-    raise ValueError(f"objective must be 'mlm' or 'clm', got {objective!r}")
+  if objective not in LM_LABELS:
+    raise ValueError(f"objective must be one of {sorted(LM_LABELS)}, got {objective!r}")
   docs, info = lm_documents(src, split, tokenizer, cache_dir=cache_dir, shard_index=shard_index,
                             shard_count=shard_count)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  if objective == "mlm":
-    last = T.MaskTokens(tokenizer, seed + 1000003 * shard_index, rate=mlm_rate,
-                        whole_word=whole_word_masking)
-  else:
-    last = T.NextTokenLabels()
+  last = LM_LABELS[objective](tokenizer, seed + 1000003 * shard_index, mlm_rate,
+                              whole_word_masking)
   fixed = None if train else packing.pack_stream(docs, max_len, pad_id)
 
   def epoch_fn(epoch):
