@@ -111,8 +111,15 @@ class _HeldBack(std_logging.Filter):
     return self
 
   @staticmethod
-  def _settle(timeout_s: float = 5.0) -> None:
-    """Waits (bounded) until the reads orbax abandoned are finished and collected.
+  def _abandoned() -> list:
+    """orbax coroutines still suspended (`type(o) is`, not isinstance: isinstance reads
+    `__class__`, which wakes deprecation warnings on lazy module attributes)."""
+    return [o for o in gc.get_objects() if type(o) is types.CoroutineType and
+            o.cr_frame is not None and "/orbax/" in o.cr_code.co_filename]
+
+  def _settle(self, timeout_s: float = 5.0) -> None:
+    """Waits (bounded) until the reads orbax abandoned are finished and collected, then closes
+    the ones still suspended, so that they report now (held) rather than at some later collection.
 
     After one array read fails, orbax closes its event loop with the other reads still running
     in threads; they report when they end and are collected, often seconds later or at exit.
@@ -120,11 +127,20 @@ class _HeldBack(std_logging.Filter):
     deadline = time.monotonic() + timeout_s
     while True:
       gc.collect()
-      live = any(isinstance(o, types.CoroutineType) and o.cr_frame is not None and
-                 "/orbax/" in o.cr_code.co_filename for o in gc.get_objects())
+      live = self._abandoned()
       if not live or time.monotonic() > deadline:
-        return
+        break
+      del live
       time.sleep(0.05)
+    for coroutine in live:
+      if coroutine.cr_running:
+        continue
+      try:
+        coroutine.close()
+      except BaseException as e:  # pylint: disable=broad-except  # the very report being held
+        self._unraisables.append(e)
+    del live
+    gc.collect()
 
   def __exit__(self, *exc) -> None:
     if self.drop:
@@ -134,12 +150,32 @@ class _HeldBack(std_logging.Filter):
     sys.unraisablehook = self._previous_hook
     if self.drop:
       self.count = len(self._records) + len(self._unraisables)
+      _LateReports.install()  # a read still running in a thread may report after we leave
     else:
       for record in self._records:
         std_logging.getLogger(record.name).handle(record)
       for unraisable in self._unraisables:
         sys.unraisablehook(unraisable)
     self._records, self._unraisables, self._ids = [], [], set()
+
+
+class _LateReports:
+  """The process-wide `sys.unraisablehook`, installed once a damaged step was read: drops the
+  'Exception ignored in <orbax coroutine>' reports of reads that finish after `_HeldBack` left
+  (a slow machine); every other report goes to the hook that was there before."""
+
+  previous = None
+
+  @classmethod
+  def install(cls) -> None:
+    if cls.previous is None:
+      cls.previous, sys.unraisablehook = sys.unraisablehook, cls.hook
+
+  @classmethod
+  def hook(cls, unraisable) -> None:
+    obj = unraisable.object
+    if not (type(obj) is types.CoroutineType and "/orbax/" in obj.cr_code.co_filename):
+      cls.previous(unraisable)
 
 
 class CorruptCheckpointError(RuntimeError):

@@ -335,4 +335,5 @@ def test_rerun_with_a_damaged_best_checkpoint_uses_the_next_best(tmp_path):
   assert any(p.startswith(f"{best}.corrupt-") for p in os.listdir(run / "checkpoints"))
   assert m["dev"]["f1"] == pytest.approx(dev[expected], abs=1e-12)  # as evaluated when trained
   assert len([l for l in lines if f"checkpoint step {best} in" in l]) == 1, lines
+  assert not [l for l in lines if "Exception ignored" in l or "Warning:" in l], "\n".join(lines)
   assert len(lines) < 40, "\n".join(lines)  # no orbax tracebacks
