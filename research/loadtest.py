@@ -37,6 +37,7 @@ flags.DEFINE_string("texts", "", "dataset whose validation texts are sent (defau
                     "classification, conll2003 for NER)")
 flags.DEFINE_integer("max_batch", 32, "batched server: units per model call")
 flags.DEFINE_float("max_wait_ms", 5.0, "batched server: max queue delay")
+flags.DEFINE_integer("call_overhead_tokens", 128, "batched server: see research/serve.py")
 flags.DEFINE_list("length_buckets", ["16", "32", "64", "128"], "padded lengths compiled")
 flags.DEFINE_integer("torch_threads", 0, "torch server: intra-op threads (0 = torch's default)")
 flags.DEFINE_string("server_logs", "/tmp", "directory of each server's log (loadtest_<server>.log)")
@@ -51,7 +52,8 @@ def _server_flags(kind: str) -> list:
   base = [f"--model={FLAGS.model}", f"--data_dir={FLAGS.data_dir}",
           f"--length_buckets={','.join(FLAGS.length_buckets)}"]
   if kind == "batched":
-    return base + [f"--max_batch={FLAGS.max_batch}", f"--max_wait_ms={FLAGS.max_wait_ms}"]
+    return base + [f"--max_batch={FLAGS.max_batch}", f"--max_wait_ms={FLAGS.max_wait_ms}",
+                   f"--call_overhead_tokens={FLAGS.call_overhead_tokens}"]
   if kind == "unbatched":
     return base + ["--max_batch=1", "--max_wait_ms=0"]
   return base + ["--backend=torch", f"--torch_threads={FLAGS.torch_threads}"]

@@ -35,12 +35,16 @@ flags.DEFINE_integer("port", 8000, "port")
 flags.DEFINE_integer("max_batch", 32, "units (texts / windows) per model call; 1 = no batching")
 flags.DEFINE_integer("max_tokens", 8192, "padded tokens per model call")
 flags.DEFINE_float("max_wait_ms", 5.0, "how long the oldest queued unit waits for company")
+flags.DEFINE_integer("call_overhead_tokens", 128, "a batch is split into model calls of similar "
+                     "length when that saves more padded tokens than this per extra call")
 flags.DEFINE_integer("max_queue", 2048, "queued units beyond which requests get 503")
 flags.DEFINE_list("length_buckets", ["16", "32", "64", "128"], "padded sequence lengths")
 flags.DEFINE_integer("max_texts", 64, "texts per request")
 flags.DEFINE_integer("max_chars", 20000, "characters per text")
 flags.DEFINE_integer("max_body_bytes", 1 << 20, "request body bytes")
 flags.DEFINE_integer("max_concurrent", 256, "requests in flight beyond which requests get 429")
+flags.DEFINE_integer("stream_chunk", 8, "/v1/generate with stream: tokens per model call (each "
+                     "call one batcher unit per prompt; smaller = earlier first tokens)")
 flags.DEFINE_string("api_key_env", "", "environment variable holding the API key ('' = none)")
 flags.DEFINE_string("tokenizer", "", "tokenizer location overriding the model's own")
 flags.DEFINE_string("data_dir", common.DATA_DIR, "shared data folder (GPT-2 BPE tables)")
@@ -101,12 +105,13 @@ def main(argv):
   else:
     model = load(FLAGS.model, FLAGS.adapter)
     engine = E.Engine(model, B.BatchLimits(FLAGS.max_batch, FLAGS.max_tokens, FLAGS.max_wait_ms,
-                                           FLAGS.max_queue, buckets))
+                                           FLAGS.max_queue, buckets, FLAGS.call_overhead_tokens))
   if not engine.endpoints:
     raise errors.ModelSourceError(f"--model={FLAGS.model}: head {engine.model.head!r} has no "
                                   "served endpoint")
   server = A.Server(engine, A.Limits(FLAGS.max_body_bytes, FLAGS.max_texts, FLAGS.max_chars,
-                                     FLAGS.max_concurrent, api_key=key or None))
+                                     FLAGS.max_concurrent, api_key=key or None,
+                                     stream_chunk=FLAGS.stream_chunk))
   threading.Thread(target=engine.warm_up, name="warm-up", daemon=True).start()
   logging.info("serving %s (%s, head %r: %s) on http://%s:%d", FLAGS.model, FLAGS.backend,
                engine.model.head, list(engine.endpoints), FLAGS.host, FLAGS.port)

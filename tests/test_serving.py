@@ -34,6 +34,53 @@ def test_bucket_and_row_buckets():
   assert lim.shapes() == [(1, 16), (1, 32), (2, 16), (2, 32), (4, 16)]
 
 
+def _set_partitions(items):
+  if not items:
+    yield []
+    return
+  for rest in _set_partitions(items[1:]):
+    for k in range(len(rest)):
+      yield rest[:k] + [[items[0]] + rest[k]] + rest[k + 1:]
+    yield [[items[0]]] + rest
+
+
+def test_plan_calls_is_the_cheapest_split_of_a_batch():
+  """Against brute force over every set partition: padded tokens + overhead per call."""
+  import random  # pylint: disable=g-import-not-at-top
+
+  def cost(calls, lengths, lim):
+    shapes = [lim.padded_shape(len(c), max(lengths[i] for i in c)) for c in calls]
+    return sum(r * t + lim.call_overhead_tokens for r, t in shapes)
+  rng = random.Random(0)
+  for _ in range(150):
+    lengths = [rng.randrange(1, 129) for _ in range(rng.randrange(1, 7))]
+    lim = B.BatchLimits(max_batch=8, length_buckets=(16, 32, 64, 128),
+                        call_overhead_tokens=rng.choice([0, 16, 128, 10_000]))
+    calls = B.plan_calls(lengths, lim)
+    assert sorted(i for c in calls for i in c) == list(range(len(lengths)))
+    best = min(cost(p, lengths, lim) for p in _set_partitions(list(range(len(lengths)))))
+    assert cost(calls, lengths, lim) == best, (lengths, lim.call_overhead_tokens)
+  lim = B.BatchLimits(max_batch=8, length_buckets=(16, 128), call_overhead_tokens=10)
+  assert B.plan_calls([5, 100, 6, 120], lim) == [[0, 2], [1, 3]]   # 2x16 + 2x128 + 2x10 < 4x128
+  lim.call_overhead_tokens = 10_000
+  assert B.plan_calls([5, 100, 6, 120], lim) == [[0, 1, 2, 3]]
+
+
+def test_a_batch_of_mixed_lengths_runs_as_calls_of_similar_length():
+  gate = threading.Event()
+  rec = Recorder(gate=gate)
+  lim = B.BatchLimits(max_batch=8, max_wait_ms=0, length_buckets=(16, 128),
+                      call_overhead_tokens=10)
+  b = B.Batcher(rec, lim).start()
+  b.submit([0], [1])
+  time.sleep(0.05)
+  f = b.submit([1, 2, 3, 4], [100, 5, 120, 6])
+  gate.set()
+  assert f.result(5) == [10, 20, 30, 40]          # answers in the request's order
+  b.stop()
+  assert rec.batches[1:] == [([2, 4], (2, 16)), ([1, 3], (2, 128))]
+
+
 def test_answers_in_order_under_concurrency():
   rec = Recorder()
   b = B.Batcher(rec, B.BatchLimits(max_batch=4, max_wait_ms=2, length_buckets=(8,))).start()
@@ -317,6 +364,30 @@ def test_classify_embed_auth_and_overload(tmp_path):
     run.close()
 
 
+def test_torch_baseline_server_answers_ner_and_classify(tmp_path):
+  """The load test's PyTorch baseline behind the same app: both endpoints answer 200 with the
+  pipeline's own output (entities within the text; probabilities summing to 1)."""
+  from fastapi.testclient import TestClient   # pylint: disable=g-import-not-at-top
+  from lib import model_io   # pylint: disable=g-import-not-at-top
+  from lib.serving import app as A, torch_engine as T   # pylint: disable=g-import-not-at-top
+  for head, names, path, check in (
+      ("token_cls", ["O", "B-PER", "I-PER"], "/v1/ner", lambda r, t: all(
+          t[e["start"]:e["end"]] and e["type"] == "PER" for e in r["entities"])),
+      ("seq_cls", ["neg", "pos"], "/v1/classify", lambda r, t: abs(
+          sum(r["probabilities"].values()) - 1) < 1e-5 and r["label"] in ("neg", "pos"))):
+    hf_dir = str(tmp_path / f"{head}_hf")
+    model_io.ours_to_hf(_tiny_dir(str(tmp_path), head, len(names), names), hf_dir, DATA_DIR)
+    engine = T.TorchEngine(hf_dir, head)
+    engine.warm_up()
+    client = TestClient(A.Server(engine, A.Limits()).app)
+    texts = ["Ada Lovelace met Charles Babbage in London .", "a b"]
+    r = client.post(path, json={"texts": texts})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == 2 and all(check(res, t) for res, t in zip(results, texts)), results
+    engine.batcher.stop()
+
+
 @pytest.mark.slow
 def test_minilm_embeddings_equal_sentence_transformers_pooling():
   """all-MiniLM-L6-v2's sentence-transformers output: mean over BertModel's last hidden state
@@ -373,6 +444,27 @@ def _reference_generation(model, prompt, max_new, temperature, seed, index):
   return model.tokenizer.decode(new)
 
 
+def _stream(client, body) -> list:
+  """The texts of a streamed /v1/generate: the growing pieces of each prompt joined, checked
+  against each prompt's final `done` event; the stream ends with [DONE]."""
+  pieces, final, events = {}, {}, []
+  with client.stream("POST", "/v1/generate", json=body) as r:
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    for line in r.iter_lines():
+      if line.startswith("data: "):
+        events.append(line[6:])
+  assert events[-1] == "[DONE]", events
+  for e in map(json.loads, events[:-1]):
+    if e.get("done"):
+      final[e["index"]] = e["text"]
+    else:
+      pieces[e["index"]] = pieces.get(e["index"], "") + e["text"]
+  assert sorted(final) == list(range(len(body["prompts"])))
+  for i, text in final.items():
+    assert text.startswith(pieces.get(i, "")), (pieces, final)
+  return [final[i] for i in range(len(final))]
+
+
 @pytest.mark.slow
 def test_generate_greedy_and_sampled_equal_lib_sampling(tmp_path):
   import jax   # pylint: disable=g-import-not-at-top
@@ -382,7 +474,9 @@ def test_generate_greedy_and_sampled_equal_lib_sampling(tmp_path):
                           layer_norm_eps=1e-5)
   params, _ = models.init_params(models.build(args, "lm"), jax.random.key(5))
   src = model_io.save_model_dir(str(tmp_path / "gpt"), args, params, "lm")
-  run = Running(src, max_batch=2, max_tokens=64, length_buckets=(32,))
+  from lib.serving import app as A   # pylint: disable=g-import-not-at-top
+  run = Running(src, limits=A.Limits(stream_chunk=2), max_batch=2, max_tokens=64,
+                length_buckets=(32,))
   try:
     c, prompts = run.client, ["Hello world", "The cat sat on", "A"]
     compiled = run.engine.compiles_since_ready()
@@ -393,6 +487,8 @@ def test_generate_greedy_and_sampled_equal_lib_sampling(tmp_path):
     body = {"prompts": prompts[:2], "max_tokens": 5, "temperature": 0.9, "seed": 7}
     hot = [r["text"] for r in c.post("/v1/generate", json=body).json()["results"]]
     alone = c.post("/v1/generate", json=dict(body, prompts=prompts[:1])).json()["results"]
+    streamed = [_stream(c, dict(body, stream=True)), _stream(c, {"prompts": prompts,
+                                                                 "max_tokens": 6, "stream": True})]
     # The compile counter is process-wide: read it before the references below compile.
     assert run.engine.compiles_since_ready() == compiled   # no setting compiled anything
     texts = [r["text"] for r in greedy.json()["results"]]
@@ -402,6 +498,7 @@ def test_generate_greedy_and_sampled_equal_lib_sampling(tmp_path):
     assert hot == [_reference_generation(run.model, p, 5, 0.9, 7, i)
                    for i, p in enumerate(prompts[:2])]
     assert alone[0]["text"] == hot[0]                  # a row's draw ignores its batch mates
+    assert streamed == [hot, texts]       # 2-token chunks draw exactly the one-call tokens
     r = c.post("/v1/generate", json={"prompts": ["x " * 30], "max_tokens": 8})
     assert r.status_code == 413 and r.json()["error"]["field"] == "prompts[0]"
     r = c.post("/v1/generate", json={"prompts": ["a", ""], "max_tokens": 4})

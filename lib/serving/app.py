@@ -4,6 +4,8 @@ Every error is JSON `{"error": {"code", "field", "message"}}` where `field` name
 field at fault (`texts[2]`, `body`, `top_p`). Limits: body bytes, texts per request, characters
 per text, concurrent requests (beyond: 429 + Retry-After), a full queue or a model still warming
 up (503 + Retry-After). An API key, when set, is compared in constant time (hmac.compare_digest).
+`/v1/generate` with `"stream": true` answers Server-Sent Events, generated `stream_chunk` tokens
+per model call (each chunk a unit of the shared batcher, so streams batch with other requests).
 """
 
 import asyncio
@@ -18,7 +20,7 @@ import numpy as np
 from absl import logging
 import pydantic
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from lib.serving import batcher as B
 from lib.serving import engine as E
@@ -35,6 +37,7 @@ class Limits:
   timeout_s: float = 60.0
   api_key: Optional[str] = None
   retry_after_s: int = 1
+  stream_chunk: int = 8          # tokens generated per model call of a streamed request
 
 
 class ApiError(Exception):
@@ -60,6 +63,7 @@ class GenerateRequest(_Strict):
   top_k: int = pydantic.Field(0, ge=0)
   top_p: float = pydantic.Field(1.0, gt=0.0, le=1.0)
   seed: int = pydantic.Field(0, ge=0, lt=2 ** 31)
+  stream: bool = False
 
 
 def _field(loc) -> str:
@@ -270,4 +274,53 @@ class Server:
       raise ApiError(413, str(e).split(":")[0], str(e)) from None
     except E.BadInputError as e:
       raise ApiError(422, str(e).split(":")[0], str(e)) from None
-    return {"results": [{"text": o} for o in await self.submit(units)]}
+    if req.stream:
+      return await self._stream(units)
+    return {"results": [{"text": self.engine.decode(o)} for o in await self.submit(units)]}
+
+  async def _stream(self, units) -> StreamingResponse:
+    """Server-Sent Events: `{"index", "text"}` as each prompt's text grows, `{"index", "done":
+    true, "text"}` with its whole text when it ends, then `[DONE]`. The first chunk is generated
+    before answering, so that a full queue is still a 503; a later failure is an `error` event."""
+    chunk = self.limits.stream_chunk
+    new, sent = [[] for _ in units], [""] * len(units)
+    live = list(range(len(units)))
+    first = await self.submit([self.engine.next_chunk(u, [], chunk) for u in units])
+
+    def advance(rows, outs):
+      events, still = [], []
+      for i, out in zip(rows, outs):
+        asked = min(chunk, units[i]["max_new"] - len(new[i]))
+        new[i] += out
+        text = self.engine.decode(new[i])
+        done = len(out) < asked or len(new[i]) >= units[i]["max_new"]
+        if done:
+          events.append(dict(index=i, done=True, text=text))
+          continue
+        still.append(i)
+        if not text.endswith("\ufffd") and len(text) > len(sent[i]):  # whole characters only
+          events.append(dict(index=i, text=text[len(sent[i]):]))
+          sent[i] = text
+      return events, still
+
+    async def events():
+      nonlocal live
+      self.inflight += 1            # the stream is in flight until its last event
+      try:
+        outs = first
+        while True:
+          batch, live = advance(live, outs)
+          for e in batch:
+            yield f"data: {json.dumps(e)}\n\n"
+          if not live:
+            break
+          try:
+            outs = await self.submit([self.engine.next_chunk(units[i], new[i], chunk)
+                                      for i in live])
+          except ApiError as e:
+            yield f"event: error\ndata: {json.dumps(dict(code=e.code, message=e.message))}\n\n"
+            return
+        yield "data: [DONE]\n\n"
+      finally:
+        self.inflight -= 1
+    return StreamingResponse(events(), media_type="text/event-stream")

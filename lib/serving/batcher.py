@@ -4,8 +4,9 @@ A request is a list of units (a text, or one window of a long text), each with a
 The worker takes units first-in first-out and closes a batch when it holds `max_batch` units, when
 the next unit would push the padded batch (rows and length rounded up to their buckets) past
 `max_tokens`, or when `max_wait_ms` have passed since the oldest queued unit arrived (Triton's max
-queue delay: 0 = take what is queued now, never wait). Each request's future gets its units'
-outputs in the order it gave them.
+queue delay: 0 = take what is queued now, never wait). A closed batch is then split into model
+calls by `plan_calls` (units of similar length together, so that short texts are not padded to
+the longest one's bucket). Each request's future gets its units' outputs in the order it gave them.
 """
 
 import bisect
@@ -53,6 +54,10 @@ class BatchLimits:
   max_wait_ms: float = 5.0
   max_queue: int = 1024         # queued units beyond which submit raises QueueFullError
   length_buckets: tuple = (16, 32, 64, 128)
+  # The fixed cost of one model call, in padded tokens: a batch is split into calls of similar
+  # length when the padding saved exceeds this per extra call (0: split by bucket freely; a
+  # huge value: one call per batch, as the batch was formed).
+  call_overhead_tokens: int = 128
 
   @property
   def row_buckets(self) -> list:
@@ -67,6 +72,31 @@ class BatchLimits:
     out = [(r, t) for r in self.row_buckets for t in self.length_buckets
            if r * t <= self.max_tokens or r == 1]
     return out
+
+
+def plan_calls(lengths: Sequence[int], limits: BatchLimits) -> list:
+  """Splits one batch into model calls: lists of indices into `lengths`, each call's padded shape
+  (rows and length rounded up to their buckets) among `limits.shapes()`.
+
+  Exact minimum of sum(padded rows x padded length + call_overhead_tokens) over partitions into
+  runs of the units sorted by length (a dynamic programme; a batch holds at most max_batch units;
+  tested against brute force over all partitions). Calls come shortest first, each in FIFO order.
+  """
+  order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+  n = len(order)
+  best = [0.0] + [float("inf")] * n     # best[j]: cost of the first j sorted units
+  cut = [0] * (n + 1)
+  for j in range(1, n + 1):
+    for i in range(j):
+      rows, t = limits.padded_shape(j - i, lengths[order[j - 1]])
+      cost = best[i] + rows * t + limits.call_overhead_tokens
+      if cost < best[j]:
+        best[j], cut[j] = cost, i
+  calls, j = [], n
+  while j > 0:
+    calls.append(sorted(order[cut[j]:j]))    # FIFO within a call
+    j = cut[j]
+  return calls[::-1]
 
 
 class _Request:
@@ -181,6 +211,11 @@ class Batcher:
       self._run(units)
 
   def _run(self, units) -> None:
+    lengths = [req.lengths[i] for req, i in units]
+    for call in plan_calls(lengths, self.limits):
+      self._call([units[k] for k in call])
+
+  def _call(self, units) -> None:
     length = max(req.lengths[i] for req, i in units)
     shape = self.limits.padded_shape(len(units), length)
     try:

@@ -213,18 +213,28 @@ class Engine:
                            f"{req.max_tokens} > {longest}, the longest sequence served")
       units.append(dict(input_ids=np.asarray(ids, np.int32), length=len(ids) + req.max_tokens,
                         max_new=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
-                        top_p=req.top_p, key=row_key(req.seed, i)))
+                        top_p=req.top_p, key=row_key(req.seed, i), step0=0))
     return units
+
+  @staticmethod
+  def next_chunk(unit: dict, new: list, chunk: int) -> dict:
+    """The unit continuing `unit` after its `new` generated ids, for at most `chunk` tokens: the
+    prompt grows by `new` and draws start at step len(new), so that generating in chunks gives
+    exactly the tokens of one call (a row's step-s key is fold_in(row key, s) either way)."""
+    ids = np.concatenate([unit["input_ids"], np.asarray(new, np.int32)])
+    steps = min(chunk, unit["max_new"] - len(new))
+    return dict(unit, input_ids=ids, length=len(ids) + steps, max_new=steps, step0=len(new))
+
+  def decode(self, ids) -> str:
+    return self.tokenizer.decode(ids)
 
   def _run_generate(self, payloads, shape):
     batch = generate_batch(payloads, shape, self.pad_id)
     out = np.asarray(self.sample(self.params, batch))
     eos = self.tokenizer.eos_token_id
-    texts = []
-    for i, p in enumerate(payloads):
-      new, = sampling.continuations(out[i:i + 1], batch["prompt_len"][i:i + 1], p["max_new"], eos)
-      texts.append(self.tokenizer.decode(new))
-    return texts
+    return [[int(t) for t in sampling.continuations(out[i:i + 1], batch["prompt_len"][i:i + 1],
+                                                    p["max_new"], eos)[0]]
+            for i, p in enumerate(payloads)]     # fewer than max_new ids: it ended (eos)
 
 
 class BadInputError(ValueError):
@@ -243,11 +253,12 @@ def generate_batch(payloads, shape, pad_id: int) -> dict:
   b = dict(input_ids=np.full((rows, length), pad_id, np.int32),
            prompt_len=np.ones(rows, np.int32), max_new=np.zeros(rows, np.int32),
            temperature=np.zeros(rows, np.float32), top_k=np.zeros(rows, np.int32),
-           top_p=np.ones(rows, np.float32), key=np.zeros((rows, 2), np.uint32))
+           top_p=np.ones(rows, np.float32), key=np.zeros((rows, 2), np.uint32),
+           step0=np.zeros(rows, np.int32))
   for i, p in enumerate(payloads):
     b["input_ids"][i, :len(p["input_ids"])] = p["input_ids"]
     b["prompt_len"][i] = len(p["input_ids"])
-    for k in ("max_new", "temperature", "top_k", "top_p", "key"):
+    for k in ("max_new", "temperature", "top_k", "top_p", "key", "step0"):
       b[k][i] = p[k]
   return b
 
@@ -269,7 +280,8 @@ def filter_rows(logits, top_k, top_p):
 
 def sample_batch(module, params, batch):
   """(B, L) ids: each row's prompt continued by its own max_new tokens, greedy where its
-  temperature is 0, else drawn from its tempered, top-k / top-p filtered distribution."""
+  temperature is 0, else drawn from its tempered, top-k / top-p filtered distribution; step s of
+  a row draws with fold_in(row key, step0 + s) (step0 > 0: a continued stream)."""
   ids, plen = batch["input_ids"], batch["prompt_len"]
   keys = jax.vmap(jax.random.wrap_key_data)(batch["key"])
   rows = jnp.arange(ids.shape[0])
@@ -281,7 +293,7 @@ def sample_batch(module, params, batch):
     logits = out["logits"][rows, pos].astype(jnp.float32)                     # (B, V)
     tempered = filter_rows(logits / jnp.where(temp > 0, temp, 1.0)[:, None], batch["top_k"],
                            batch["top_p"])
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, s))(keys)
+    step_keys = jax.vmap(lambda k, s0: jax.random.fold_in(k, s0 + s))(keys, batch["step0"])
     drawn = jax.vmap(jax.random.categorical)(step_keys, tempered)
     tok = jnp.where(temp > 0, drawn, jnp.argmax(logits, -1)).astype(jnp.int32)
     live = s < batch["max_new"]

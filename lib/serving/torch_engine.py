@@ -89,7 +89,8 @@ class TorchEngine:
     return dict(label=max(probs, key=probs.get), probabilities=probs)
 
   def ner_units(self, text: str) -> tuple:
-    return None, [text]
+    """(no words, one window): the pipeline tokenizes and aggregates the whole text itself."""
+    return None, [dict(input_ids=text)]
 
   def ner_answer(self, text, words, wins, outputs) -> dict:
     del text, words, wins
