@@ -1,16 +1,19 @@
-"""Compressing a fine-tuned model (research/compress.py): int8 PTQ into a model directory, and one
-table row of its size, CPU speed against the float32 model and quality on the fine-tuning
-evaluator. The int8 matmuls themselves are lib/quant.py."""
+"""Compressing a fine-tuned model (research/compress.py): int8 PTQ or attention-head pruning into
+a model directory, and one table row of its size, CPU speed against the float32 model and
+quality on the fine-tuning evaluator. The int8 matmuls themselves are lib/quant.py; head
+importance and removal lib/prune.py."""
 
 import dataclasses
+import itertools
 import os
 import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
-from lib import bench, model_io, models, quant
+from lib import bench, model_io, models, peft, prune, quant
 
 COLUMNS = ("model", "params", "file_MB", "b1_ms", "b32x128_seq_s", "speedup", "dev", "test",
            "drop")
@@ -48,6 +51,59 @@ def quantize_source(source: str, out_dir: str, method: str, kernels: str, *,
                           compressed_from=model_io.pinned(source, model.step),
                           compression=dict(method=method, kernels=kernels))
   return model
+
+
+def dev_batches(cfg, source: str, max_batches: int = 0):
+  """(task, the dev batches of `cfg`'s data (the first `max_batches`; 0: all)) tokenised with
+  `source`'s tokenizer."""
+  from lib import tasks   # the task modules sit above this module's other users
+  task = tasks.get(cfg.task)
+  tokenizer, _ = model_io.load_tokenizer(source, model_io.describe(source).arch, cfg.data.dir,
+                                         cfg.model.tokenizer)
+  data = task.make_data(cfg, tokenizer)
+  it = data.evals["validation"]
+  return task, list(itertools.islice(it, max_batches or None))
+
+
+def prune_heads_source(source: str, out_dir: str, cfg, fraction: float, *, min_per_layer: int = 1,
+                       max_batches: int = 0, overwrite: bool = False) -> model_io.LoadedModel:
+  """Removes the `fraction` least important attention heads of `source` (Michel et al.: |gradient
+  of a head mask| of the task loss summed over dev batches, normalised per layer) and writes the
+  smaller model to the model directory `out_dir`; model.json records the heads kept per layer and
+  the scores. LoRA factors are merged first.
+
+  Args:
+    source: a model source with a head.
+    out_dir: the model directory to write.
+    cfg: the fine-tuning config (configs/sst2.py, ner.py) whose task loss and dev data score heads.
+    fraction: share of all heads to remove (globally).
+    min_per_layer: heads every layer keeps.
+    max_batches: dev batches to score on (0: the whole dev split).
+    overwrite: replace a non-empty `out_dir`.
+
+  Returns:
+    the float source as loaded (for the comparison).
+  """
+  head, num_labels, names = model_io.head_of(source)
+  model = model_io.load_model(source, head, num_labels)
+  params, args = peft.merge(model.params, model.args)
+  task, batches = dev_batches(cfg, source, max_batches)
+  loss = task.make_loss(models.build(args, head, num_labels), cfg)
+  importance = prune.head_importance(lambda p, b: loss(p, b, None, False)[0], params, args,
+                                     batches)
+  keep = prune.heads_to_keep(importance, fraction, min_per_layer)
+  pruned, pargs = prune.prune_heads(params, args, keep)
+  logging.info("heads kept per layer: %s (of %d)", pargs.heads_per_layer, args.num_heads)
+  path = model_io.split_source(source)[0]
+  model_io.save_model_dir(out_dir, pargs, pruned, head, num_labels, names, overwrite=overwrite,
+                          sources=(path,), tokenizer=_tokenizer_of(path),
+                          compressed_from=model_io.pinned(source, model.step),
+                          compression=dict(method="heads", fraction=fraction,
+                                           kept=[list(k) for k in keep],
+                                           importance=[[round(float(v), 6) for v in s]
+                                                       for s in importance],
+                                           dev_batches=len(batches)))
+  return dataclasses.replace(model, params=params, args=args)
 
 
 def _forward(module):

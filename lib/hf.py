@@ -373,9 +373,32 @@ def hf_to_params(state: dict, args: ModelArgs, init_params: dict, head=None, *,
   return tree.unflatten(out)
 
 
+def _unprune_heads(flat: dict, args: ModelArgs) -> dict:
+  """A head-pruned model's tensors with its removed heads back as zeros (all num_heads per layer).
+
+  transformers 5 dropped BERT's `pruned_heads` config; a zero head computes exactly nothing (its
+  value and output weights are zero), so HF gives the same outputs, at the unpruned cost.
+  """
+  out = dict(flat)
+  root = "encoder" if args.arch == "bert" else "decoder"
+  for i, h in enumerate(args.heads_per_layer):
+    pad = args.num_heads - h
+    for name, axis in (("query", 1), ("key", 1), ("value", 1), ("out", 0)):
+      for leaf, ax in (("kernel", axis), ("bias", 0)):
+        path = f"{root}/layer_{i}/attention/{name}/{leaf}"
+        if name == "out" and leaf == "bias":
+          continue   # (embed,): no heads axis
+        widths = [(0, 0)] * flat[path].ndim
+        widths[ax] = (0, pad)
+        out[path] = np.pad(flat[path], widths)
+  return out
+
+
 def params_to_hf(params: dict, args: ModelArgs, head=None) -> dict:
   """Our param tree -> HF tensor dict (float32 numpy), with the prefix HF uses for that head."""
   flat = {k: np.asarray(v, np.float32) for k, v in tree.flatten(params).items()}
+  if args.heads_per_layer:
+    flat, args = _unprune_heads(flat, args), dataclasses.replace(args, heads_per_layer=())
   if args.arch == "gpt2" and head == "seq_cls" and np.any(flat.get("classifier/bias", 0) != 0):
     raise errors.ModelSourceError(
         "classifier/bias is non-zero but HF GPT2ForSequenceClassification's `score` layer has no "

@@ -59,3 +59,35 @@ def test_row_reports_drop_in_points_and_speedup():
   r = compress.row("int8", 10, 2_500_000, (5.0, 30.0), (10.0, 12.0), scores, base, "accuracy")
   assert (r["file_MB"], r["speedup"], r["drop"], r["test"]) == (2.5, 2.5, 0.5, 0.885)
   assert "| int8 | 10 | 2.5 | 5.0 | 30.0 | 2.5 | 0.9000 | 0.8850 | 0.5 |" in compress.format_rows([r])
+
+
+@pytest.mark.slow
+def test_prune_heads_source_removes_the_least_important_heads(tmp_path):
+  from configs import sst2
+  from lib import prune
+  import training_helpers  # pylint: disable=import-outside-toplevel
+  args = models.ModelArgs(**dict(BASE, vocab_size=30522, num_heads=4, hidden_size=32))
+  params, _ = models.init_params(models.build(args, "seq_cls", 2), jax.random.key(0))
+  source = str(tmp_path / "float")
+  model_io.save_model_dir(source, args, params, "seq_cls", 2, ["neg", "pos"], tokenizer="minilm")
+  cfg = sst2.get_config("quick")
+  cfg.data.dataset = "tsv:" + training_helpers.write_toy_sentiment(tmp_path / "toy")
+  cfg.data.cache_dir, cfg.data.max_len, cfg.data.eval_batch_size = str(tmp_path / "c"), 16, 8
+  out = str(tmp_path / "heads")
+  compress.prune_heads_source(source, out, cfg, 0.5, max_batches=1)
+  meta = model_io.read_model_json(out)
+  info = meta["compression"]
+  assert sum(meta["args"].heads_per_layer) == 4   # half of 2 x 4
+  assert (info["method"], info["dev_batches"]) == ("heads", 1)
+  scores = [np.array(s) for s in info["importance"]]
+  # A layer's last head stays (min_per_layer=1) whatever its score; the others go in global order.
+  kept = [s[k] for s, k in zip(scores, info["kept"]) if len(k) > 1]
+  dropped = [np.delete(s, k) for s, k in zip(scores, info["kept"])]
+  assert max(d.max() for d in dropped if d.size) <= min(k.min() for k in kept)   # global order
+  # The saved model computes what the source with those heads masked computes.
+  loaded = model_io.load_for_inference(out, data_dir="")
+  masked = prune.mask_heads(params, args, info["kept"])
+  ids = np.array([[101, 2307, 3185, 102]])
+  want = models.build(args, "seq_cls", 2).apply({"params": masked}, input_ids=ids)[0]["logits"]
+  got = loaded.module.apply({"params": loaded.params}, input_ids=ids)[0]["logits"]
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

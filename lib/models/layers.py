@@ -54,16 +54,37 @@ class ModelArgs:
   # ((regex over kernel paths, name in DOT_GENERALS), ...); first full match wins; no match (and
   # the empty default) is "default", the f32-accumulating matmul. E.g. ((".*", "int8"),).
   dot_general: tuple = ()
+  # Attention heads kept in each layer after head pruning (lib/prune.py): () = num_heads in every
+  # layer. head_dim stays hidden_size // num_heads; a layer's query/key/value/out kernels hold
+  # only its kept heads.
+  heads_per_layer: tuple = ()
 
   def __post_init__(self):
     # model.json stores `lora` as nested lists; keep it a hashable tuple of (str, LoraArgs|None).
     rules = tuple((str(rx), None if m is None else LoraArgs(*m)) for rx, m in self.lora)
     object.__setattr__(self, "lora", rules)
     object.__setattr__(self, "dot_general", _seat_rules(self.dot_general))
+    object.__setattr__(self, "heads_per_layer", _heads_per_layer(self))
 
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
+
+  def layer_heads(self, layer: int) -> int:
+    """The number of attention heads of layer `layer` (fewer than num_heads after pruning)."""
+    return self.heads_per_layer[layer] if self.heads_per_layer else self.num_heads
+
+
+def _heads_per_layer(args) -> tuple:
+  """ModelArgs.heads_per_layer as a tuple of ints; one per layer, each in [1, num_heads]."""
+  heads = tuple(int(h) for h in args.heads_per_layer)
+  if heads and (len(heads) != args.num_layers or not all(1 <= h <= args.num_heads for h in heads)):
+    raise ValueError(f"ModelArgs.heads_per_layer: expected {args.num_layers} head counts in "
+                     f"[1, {args.num_heads}] (or () for all heads); got {args.heads_per_layer!r}")
+  if heads and args.prefix_len:
+    raise ValueError("ModelArgs.heads_per_layer: prefix tuning (prefix_len) needs every head "
+                     "in every layer")
+  return heads
 
 
 def activation_fn(name: str):
@@ -371,14 +392,17 @@ class Attention(nn.Module):
   With `prefix_len` (prefix tuning) the keys and values are preceded by `prefix_key` and
   `prefix_value` (P, heads, head_dim): own parameters, or given by `PrefixMlp` as `prefix`.
   Every query may attend to them; the attention probabilities are then (B, H, T, P + T).
+  `num_heads` (0: args.num_heads) is this layer's head count after head pruning.
   """
   args: ModelArgs
   out_std: Optional[float] = None
+  num_heads: int = 0
 
   @nn.compact
   def __call__(self, x, bias, deterministic: bool, output_attentions: bool, prefix=None):
     a = self.args
-    qkv = functools.partial(dense, a, (a.num_heads, a.head_dim), ("embed", "heads", "head_dim"),
+    qkv = functools.partial(dense, a, (self.num_heads or a.num_heads, a.head_dim),
+                            ("embed", "heads", "head_dim"),
                             ("heads", "head_dim"))
     q, k, v = (qkv(n)(x, deterministic) for n in ("query", "key", "value"))  # (B, T, H, Dh)
     if q.dtype != jnp.float32 and jax.default_backend() == "cpu":
@@ -434,12 +458,13 @@ class Block(nn.Module):
   args: ModelArgs
   pre_ln: bool = False
   out_std: Optional[float] = None
+  layer: int = 0            # its index: the head count of ModelArgs.layer_heads
 
   @nn.compact
   def __call__(self, x, bias, deterministic: bool = True, output_attentions: bool = False,
                prefix=None):
     a = self.args
-    attn = Attention(a, self.out_std, name="attention")
+    attn = Attention(a, self.out_std, a.layer_heads(self.layer), name="attention")
     mlp = Mlp(a, self.out_std, name="mlp")
     drop = lambda y: Dropout(a.dropout_rate)(y, deterministic=deterministic)
     if a.adapter_dim:   # peft_layers builds on this module: imported where it is used
@@ -490,7 +515,7 @@ def run_layers(args: ModelArgs, x, bias, deterministic, output_attentions,
   hidden, attns = [x], []
   for i in range(args.num_layers):
     extra = () if prefixes is None else ((prefixes[:, i, 0], prefixes[:, i, 1]),)
-    x, probs = cls(args, pre_ln, out_std, name=f"layer_{i}")(
+    x, probs = cls(args, pre_ln, out_std, i, name=f"layer_{i}")(
         x, bias, deterministic, output_attentions, *extra)
     hidden.append(x)
     attns.append(probs)
