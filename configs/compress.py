@@ -13,6 +13,12 @@ Variants (`:<a>+<b>`):
   sst2 | ner   the fine-tuning config whose evaluator scores both models (default sst2).
   w8a8         (default) int8 weights and dynamic per-token int8 activations: s8 x s8 -> s32.
   weight_only  int8 weights dequantised to float32 before a float matmul.
+  heads30 | heads50  remove 30% / 50% of the attention heads (Michel et al. importance on dev),
+               physically; recover with research/finetune.py --config.model.init_from=<out>.
+  prune_magnitude70 | prune_movement70   (= magnitude+s70, movement+s70) fine-tune --model
+               (2,000 training sentences, 2 epochs) pruning the encoder kernels to 70% zeros
+               (cubic schedule over 10%-70% of the steps); --out is the run workdir, with
+               sparse.npz (nonzero values + bitmask). s50 | s90: other targets.
   quick        the first 200 dev / test examples; fewer timing steps.
 Measured (AMD EPYC, 2 cores with AVX512-VNNI, shared: load average ~10; full SST-2 dev 872 /
 test 1,821; source /tmp/d13/teacher_sst2: MiniLM-L6 fine-tuned on 2,000 SST-2 sentences, 1 epoch):
@@ -31,6 +37,14 @@ def get_config(variant: str = ""):
   c = ml_collections.ConfigDict()
   c.method = "int8_w8a8"
   c.kernels = r"encoder/layer_\d+/.*"   # regex over kernel paths: the encoder's six per layer
+  # Head pruning (method 'heads'): the share of all heads removed, the heads every layer keeps,
+  # and the dev batches that score them (0: the whole dev split).
+  c.heads = ml_collections.ConfigDict(dict(fraction=0.3, min_per_layer=1, max_batches=0))
+  # Unstructured pruning during fine-tuning (method 'sparse'): lib/prune.Sparsity; begin/end are
+  # fractions of the run's steps; rules choose the pruned kernels (first full match wins).
+  c.sparsity = ml_collections.ConfigDict(dict(
+      method="magnitude", target=0.7, begin=0.1, end=0.7, every=10, scope="global",
+      rules=[(r"encoder/layer_\d+/.*/kernel", "prune")]))
   c.evaluate = True
   c.eval = _eval_config((ner if "ner" in variant.split("+") else sst2).get_config())
   c.speed = ml_collections.ConfigDict(dict(batch=32, seq_len=128, steps=10, latency_steps=40))
@@ -38,8 +52,30 @@ def get_config(variant: str = ""):
       "sst2": lambda c: None, "ner": lambda c: None,   # chosen above, before any other variant
       "w8a8": lambda c: setattr(c, "method", "int8_w8a8"),
       "weight_only": lambda c: setattr(c, "method", "int8_weight_only"),
+      "heads30": lambda c: _heads(c, 0.3), "heads50": lambda c: _heads(c, 0.5),
+      "magnitude": lambda c: _sparse(c, "magnitude", None),
+      "movement": lambda c: _sparse(c, "movement", None),
+      "prune_magnitude70": lambda c: _sparse(c, "magnitude", 0.7),
+      "prune_movement70": lambda c: _sparse(c, "movement", 0.7),
+      "s50": lambda c: setattr(c.sparsity, "target", 0.5),
+      "s70": lambda c: setattr(c.sparsity, "target", 0.7),
+      "s90": lambda c: setattr(c.sparsity, "target", 0.9),
       "quick": _quick,
   })
+
+
+def _sparse(c, method, target):
+  """Fine-tuning with pruning: 2,000 training sentences, 2 epochs, from --model."""
+  c.method, c.sparsity.method = "sparse", method
+  if target is not None:
+    c.sparsity.target = target
+  c.eval.data.max_train_examples = 2000
+  c.eval.train.epochs = 2
+
+
+def _heads(c, fraction):
+  c.method = "heads"
+  c.heads.fraction = fraction
 
 
 def _eval_config(c):

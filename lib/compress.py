@@ -106,6 +106,53 @@ def prune_heads_source(source: str, out_dir: str, cfg, fraction: float, *, min_p
   return dataclasses.replace(model, params=params, args=args)
 
 
+def sparsity_spec(scfg, num_steps: int) -> prune.Sparsity:
+  """The `prune.Sparsity` of a config's `sparsity` block (begin/end as fractions of the run)."""
+  return prune.Sparsity(scfg.method, scfg.target, begin=int(scfg.begin * num_steps),
+                        end=int(scfg.end * num_steps), every=scfg.every, scope=scfg.scope,
+                        rules=tuple(tuple(r) for r in scfg.rules))
+
+
+def sparse_finetune(cfg, workdir: str, source: str, scfg) -> dict:
+  """Fine-tunes `source` on `cfg`'s task (the run skeleton, lib/experiment) with unstructured
+  pruning to `scfg.target` sparsity (`prune.sparsify` around the run's optimizer). The run is
+  evaluated once, at the end (an earlier best-on-dev checkpoint would be less sparse). Writes the
+  run workdir (a model source: dense kernels whose pruned weights are exactly zero) and in it
+  sparse.npz (the pruned kernels as nonzero values + bitmask, `prune.sparse_encode`).
+
+  Returns:
+    metrics.json's content plus 'sparsity' (`prune.sparsity_of`) and 'sparse_bytes' (the sizes of
+    sparse.npz, of the pruned kernels dense, and of the other parameters).
+  """
+  from lib import experiment, tasks, train   # the run skeleton sits above this module's users
+  task = tasks.get(cfg.task)
+  run = experiment.setup(cfg, workdir, task, source=source)
+  spec = sparsity_spec(scfg, run.num_steps)
+  logging.info("unstructured pruning: %s", spec)
+  run.cfg.train.eval_every = run.num_steps
+  run.tx = prune.sparsify(run.tx, spec)
+  _, logical = models.abstract_params(run.module)
+  run.state = train.train_state_from_params(jax.tree.map(np.asarray, run.state.params), run.tx,
+                                            run.mesh, run.rules, logical, run.labels)
+  evaluator = task.make_evaluator(run)
+  fitted = experiment.fit(run, evaluator)
+  if fitted is None:
+    return {}
+  out = experiment.finish(run, evaluator, fitted)
+  params = jax.tree.map(np.asarray, fitted.state.params)
+  arrays = prune.sparse_encode(params, spec.rules)
+  path = os.path.join(workdir, "sparse.npz")
+  with open(path + ".tmp", "wb") as f:
+    np.savez(f, **arrays)
+  os.replace(path + ".tmp", path)
+  pruned = sum(int(np.prod(arrays[k])) * arrays[k[:-len("shape")] + "values"].itemsize
+               for k in arrays if k.endswith(".shape"))
+  total = sum(v.nbytes for v in jax.tree.leaves(params))
+  return dict(out, sparsity=prune.sparsity_of(params, spec.rules),
+              sparse_bytes=dict(sparse_npz=os.path.getsize(path), pruned_dense=pruned,
+                                others=total - pruned))
+
+
 def _forward(module):
   fwd = jax.jit(lambda p, b: module.apply({"params": p}, **b)[0]["logits"])
   return lambda p, b: fwd(p, b).block_until_ready()
@@ -143,12 +190,15 @@ def evaluate(cfg, source: str) -> dict:
 
 def row(name: str, params: int, file_bytes: int, timing: tuple, base_timing: tuple,
         scores: dict, base_scores: dict, metric: str) -> dict:
-  """One table row; `drop` is the float model's test metric minus this one's (points)."""
+  """One table row; `drop` is the float model's test metric minus this one's (points); timing
+  None: not measured (a sparse model run densely has the float model's speed)."""
   dev, test = (scores[s].get(metric) if scores else None for s in ("dev", "test"))
   base = base_scores["test"].get(metric) if base_scores else None
+  timed = timing is not None and base_timing is not None
   return dict(model=name, params=params, file_MB=round(file_bytes / 1e6, 2),
-              b1_ms=round(timing[0], 2), b32x128_seq_s=round(timing[1], 1),
-              speedup=round(timing[1] / base_timing[1], 2), dev=dev, test=test,
+              b1_ms=round(timing[0], 2) if timed else None,
+              b32x128_seq_s=round(timing[1], 1) if timed else None,
+              speedup=round(timing[1] / base_timing[1], 2) if timed else None, dev=dev, test=test,
               drop=None if test is None or base is None else round(100 * (base - test), 2))
 
 

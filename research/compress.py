@@ -1,5 +1,6 @@
-"""Compress a fine-tuned model: int8 post-training quantisation into a model directory, and a table
-row comparing it with the float32 source (size, CPU speed, dev/test metric).
+"""Compress a fine-tuned model: int8 post-training quantisation or attention-head pruning into a
+model directory, and a table row comparing it with the float32 source (size, CPU speed, dev/test
+metric).
 
   ./run.sh compress --config=configs/compress.py:sst2 --model=workdirs/sst2 --out=/tmp/sst2_int8
   .venv/bin/python research/compress.py --config=configs/compress.py:quick --method=int8_w8a8 \
@@ -7,7 +8,9 @@ row comparing it with the float32 source (size, CPU speed, dev/test metric).
 
 --model: any model source with a head (a fine-tuning run workdir, our model dir, an HF dir).
 --out: the compressed model directory (model.json + params/ with int8 kernels and their
-`kernel_scale`s); any research script loads it like another model dir. Also written there:
+`kernel_scale`s, or smaller attention matrices and `heads_per_layer`); any research script loads
+it like another model dir (e.g. research/finetune.py --config.model.init_from=<out> to recover a
+head-pruned model by fine-tuning). Also written there:
 compress.json (the table rows). The table is printed as Markdown.
 """
 
@@ -27,7 +30,7 @@ config_flags.DEFINE_config_file("config", "configs/compress.py", "configs/compre
                                 lock_config=True)
 flags.DEFINE_string("model", None, "the fine-tuned source model (workdir, model dir, HF dir)")
 flags.DEFINE_string("out", None, "the compressed model directory to write")
-flags.DEFINE_enum("method", "", ["", "int8_w8a8", "int8_weight_only"],
+flags.DEFINE_enum("method", "", ["", "int8_w8a8", "int8_weight_only", "heads", "sparse"],
                   "overrides config.method")
 flags.DEFINE_bool("overwrite", False, "replace a non-empty --out")
 flags.mark_flags_as_required(["model", "out"])
@@ -42,8 +45,15 @@ def main(argv):
   method = FLAGS.method or cfg.method
   if os.path.abspath(FLAGS.out) == os.path.abspath(FLAGS.model.split("@")[0]):
     raise errors.ConfigError(f"--out={FLAGS.out}: the same directory as --model")
-  src = compress.quantize_source(FLAGS.model, FLAGS.out, method, cfg.kernels,
-                                 overwrite=FLAGS.overwrite)
+  if method == "sparse":
+    return _sparse(compress, cfg)
+  if method == "heads":
+    src = compress.prune_heads_source(FLAGS.model, FLAGS.out, cfg.eval, overwrite=FLAGS.overwrite,
+                                      **cfg.heads)
+    method = f"heads-{round(100 * cfg.heads.fraction)}%"
+  else:
+    src = compress.quantize_source(FLAGS.model, FLAGS.out, method, cfg.kernels,
+                                   overwrite=FLAGS.overwrite)
   q = models.build(compress.model_io.describe(FLAGS.out), src.head, src.num_labels)
   qparams = compress.quant.as_int8(
       compress.model_io.load_model(FLAGS.out, src.head, src.num_labels).params,
@@ -67,6 +77,29 @@ def main(argv):
                      json.dumps(dict(rows=rows, metric=metric, source=FLAGS.model,
                                      eval_examples=cfg.eval.data.max_eval_examples,
                                      speed=cfg.speed.to_dict()), indent=1).encode())
+  print(compress.format_rows(rows))
+
+
+def _sparse(compress, cfg):
+  """Fine-tunes --model with unstructured pruning into the run workdir --out; one row each for
+  the source (evaluated when config.evaluate) and the sparse model (dense speed: not timed)."""
+  out = compress.sparse_finetune(cfg.eval, FLAGS.out, FLAGS.model, cfg.sparsity)
+  if not out:
+    return   # preempted: rerun to resume
+  head, num_labels, _ = compress.model_io.head_of(FLAGS.model)
+  src = compress.model_io.load_model(FLAGS.model, head, num_labels)
+  metric = "accuracy" if head == "seq_cls" else "f1"
+  base = compress.evaluate(cfg.eval, FLAGS.model) if cfg.evaluate else None
+  sb = out["sparse_bytes"]
+  n = compress.models.param_count(src.params)
+  name = f"{cfg.sparsity.method}-{round(100 * cfg.sparsity.target)}%"
+  rows = [compress.row("float32", n, _float_bytes(compress, src), None, None, base, base, metric),
+          compress.row(name, n - round(out["sparsity"]["total"] * sb["pruned_dense"] / 4),
+                       sb["sparse_npz"] + sb["others"], None, None,
+                       {s: out[s] for s in ("dev", "test")}, base, metric)]
+  atomic.write_bytes(os.path.join(FLAGS.out, "compress.json"),
+                     json.dumps(dict(rows=rows, metric=metric, source=FLAGS.model,
+                                     sparsity=out["sparsity"], sparse_bytes=sb), indent=1).encode())
   print(compress.format_rows(rows))
 
 

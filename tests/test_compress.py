@@ -91,3 +91,35 @@ def test_prune_heads_source_removes_the_least_important_heads(tmp_path):
   want = models.build(args, "seq_cls", 2).apply({"params": masked}, input_ids=ids)[0]["logits"]
   got = loaded.module.apply({"params": loaded.params}, input_ids=ids)[0]["logits"]
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_sparse_finetune_runs_through_the_skeleton_and_stays_sparse(tmp_path):
+  from configs import compress as compress_config
+  from lib import prune
+  import training_helpers  # pylint: disable=import-outside-toplevel
+  args = models.ModelArgs(**dict(BASE, vocab_size=30522, hidden_size=32))
+  params, _ = models.init_params(models.build(args, "seq_cls", 2), jax.random.key(0))
+  source = str(tmp_path / "float")
+  model_io.save_model_dir(source, args, params, "seq_cls", 2, ["neg", "pos"], tokenizer="minilm")
+  c = compress_config.get_config("prune_movement70")
+  cfg = c.eval
+  cfg.data.dataset = "tsv:" + training_helpers.write_toy_sentiment(tmp_path / "toy")
+  cfg.data.cache_dir, cfg.data.max_len, cfg.data.batch_size = str(tmp_path / "c"), 16, 16
+  cfg.data.max_train_examples, cfg.train.epochs, cfg.optim.lr = 0, 3, 1e-3   # 12 steps
+  c.sparsity.every = 2
+  out = compress.sparse_finetune(cfg, str(tmp_path / "run"), source, c.sparsity)
+  assert out["sparsity"]["total"] == pytest.approx(0.7, abs=0.01)
+  # 30% values + a 1/32 bitmask (33%), and .npz headers (~1 kB a kernel, 12 small kernels here).
+  assert out["sparse_bytes"]["sparse_npz"] < 0.5 * out["sparse_bytes"]["pruned_dense"]
+  # The run workdir is a model source whose pruned kernels are the sparse file's, zeros included.
+  loaded = model_io.load_model(str(tmp_path / "run"), "seq_cls", 2)
+  flat = _flat(loaded.params)
+  with np.load(tmp_path / "run" / "sparse.npz") as z:
+    dense = prune.sparse_decode(dict(z))
+  assert sorted(dense) == sorted(p for p in flat if p.startswith("encoder/layer_")
+                                 and p.endswith("kernel"))
+  for p, v in dense.items():
+    np.testing.assert_array_equal(flat[p], v)
+  assert np.mean([(flat[p] == 0).mean() for p in dense]) > 0.6
+  assert "test" in out and "accuracy" in out["test"]
