@@ -36,6 +36,7 @@ def get_config(variant: str = ""):
       tasks=(("sst2", "sst2"), ("ner", "conll2003"), ("pos", "brown_pos")),
       methods=("naive", "replay", "ewc", "lora"),
       max_train_examples=500, max_eval_examples=200,
+      buckets=(32, 64),                # padded lengths: two train-step compilations a stage
       replay_percent=1.0, replay_rows=4,
       ewc_lambda=1000.0, fisher_examples=64, fisher_chunk=4,
       lora_rules=(("classifier/.*", "train"),

@@ -243,12 +243,16 @@ def accuracy_step(module):
 
 def task_block(cfg, dataset: str) -> dict:
   """The data block of one task of the sequence: the run's data settings on `dataset`,
-  subsampled by config.continual.max_train_examples / max_eval_examples."""
+  subsampled by config.continual.max_train_examples / max_eval_examples, padded to the lengths
+  config.continual.buckets (empty: multiples of 16; few lengths = few compilations on a CPU)."""
   d = cfg.data
-  return dict(dataset=dataset, dir=d.dir, cache_dir=d.cache_dir, max_len=d.max_len,
-              batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
-              max_train_examples=cfg.continual.max_train_examples,
-              max_eval_examples=cfg.continual.max_eval_examples)
+  block = dict(dataset=dataset, dir=d.dir, cache_dir=d.cache_dir, max_len=d.max_len,
+               batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
+               max_train_examples=cfg.continual.max_train_examples,
+               max_eval_examples=cfg.continual.max_eval_examples)
+  if cfg.continual.get("buckets"):
+    block["buckets"] = tuple(cfg.continual.buckets)
+  return block
 
 
 def iterator(cfg, dataset, tokenizer, split, train_mode):

@@ -253,14 +253,27 @@ def run_once(cfg, workdir: str) -> dict:
           "steps": out["train"]["steps"], "wall_s": out["train"]["wall_s"]}
 
 
+METHODS = ("setfit", "frozen", "finetune")
+
+
+def setfit_config(cfg, paths: dict, frozen: bool = False):
+  """The SetFit run's config on the K-shot files (cfg.fewshot.setfit_overrides); frozen: every
+  parameter frozen and one step, so the head is fitted on the untouched encoder's embeddings."""
+  overrides = dict(cfg.fewshot.setfit_overrides)
+  if frozen:
+    overrides.update({"peft.rules": ((".*", "freeze"),), "train.num_steps": 1})
+  return kshot_config(cfg, paths, "contrastive", **overrides)
+
+
 def run_method(cfg, method: str, paths: dict, workdir: str) -> dict:
-  """SetFit ('setfit') or standard fine-tuning ('finetune': each (lr, batch size) of
-  cfg.fewshot.grid, the best dev accuracy reported, LM-BFF's protocol) on one K-shot sample."""
-  if method == "setfit":
-    return run_once(kshot_config(cfg, paths, "contrastive", **dict(cfg.fewshot.setfit_overrides)),
-                    workdir)
+  """One method on one K-shot sample: 'setfit'; 'frozen' (SetFit's head on the untouched encoder:
+  every parameter frozen, one step; the baseline contrastive training must beat); or 'finetune'
+  (standard fine-tuning: each (lr, batch size) of cfg.fewshot.grid, the best dev accuracy
+  reported, LM-BFF's protocol)."""
+  if method in ("setfit", "frozen"):
+    return run_once(setfit_config(cfg, paths, frozen=method == "frozen"), workdir)
   if method != "finetune":
-    raise ValueError(f"config.fewshot.methods: unknown method {method!r}; valid: setfit, finetune")
+    raise ValueError(f"config.fewshot.methods: unknown method {method!r}; valid: {METHODS}")
   best = None
   for lr, bs in cfg.fewshot.grid:
     c = kshot_config(cfg, paths, "classification", **{"optim.lr": lr, "data.batch_size": bs})

@@ -171,3 +171,48 @@ def test_sentence_like_pool_filter():
   assert fewshot.sentence_like("a gorgeous , witty , seductive movie that rewards patience .")
   assert not fewshot.sentence_like("finely detailed")
   assert not fewshot.sentence_like("to fall prey to a boatload of screenwriting cliches that sink")
+
+
+@pytest.mark.slow
+def test_frozen_method_keeps_the_encoder_and_fits_the_head_on_its_embeddings(tmp_path):
+  import csv
+  from configs import fewshot as fewshot_config
+  from lib import experiment, model_io, models, tasks
+  from lib.tasks import common
+  d = tmp_path / "toy"
+  d.mkdir()
+  for name, n in (("train", 16), ("dev", 4), ("test", 10)):
+    with open(d / f"{name}.tsv", "w") as f:
+      f.write("sentence\tlabel\n" + "".join(
+          f"{'great' if i % 2 else 'awful'} film {name}{i}\t{'pos' if i % 2 else 'neg'}\n"
+          for i in range(n)))
+  cfg = fewshot_config.get_config()
+  cfg.data.dataset, cfg.data.cache_dir = f"tsv:{d}", str(tmp_path / "cache")
+  cfg.data.max_len, cfg.data.eval_batch_size = 16, 8
+  paths = fewshot.write_kshot_data(cfg.data, 4, seed=0, out_dir=str(tmp_path / "k4"))
+  c = fewshot.setfit_config(cfg, paths, frozen=True)
+  c.data.batch_size, c.setfit.iterations = 8, 2
+  tiny = models.ModelArgs(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, max_len=32)
+  task = tasks.get("contrastive")
+  init = experiment.setup(c, str(tmp_path / "init"), task, preset_args=tiny).state.params
+  out = experiment.run(c, str(tmp_path / "run"), task, preset_args=tiny)
+  assert out["train"]["steps"] == 1 and out["train"]["trainable_params"] == 0
+  final = model_io.load_model(str(tmp_path / "run"), None, 0)
+  for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(final.params)):
+    # One float32 ulp of slack (the saved copy); a training step at lr 1e-4 moves far more.
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)
+  # The head refitted here on the initial encoder's normalised mean-pooled embeddings.
+  module = models.build(final.args, None, 0)
+  tok = model_io.load_tokenizer("minilm", "bert", cfg.data.dir)[0]
+  def embed(split):
+    rows = list(csv.DictReader(open(paths[split]), delimiter="\t"))
+    enc = tok([r["sentence"] for r in rows], padding=True, return_tensors="np")
+    batch = dict(input_ids=enc["input_ids"], input_mask=enc["attention_mask"],
+                 token_type_ids=np.zeros_like(enc["input_ids"]))
+    e = np.asarray(fewshot.mean_pool(common.apply_model(module, init, batch)[0][
+        "last_hidden_state"], batch["input_mask"]))
+    return e / np.linalg.norm(e, axis=1, keepdims=True), np.array([r["label"] == "pos"
+                                                                   for r in rows], int)
+  (x, y), (xt, yt) = embed("train"), embed("test")
+  head = fewshot.fit_logistic_regression(x, y, 2, c.setfit.c)
+  assert out["test"]["accuracy"] == pytest.approx(np.mean(fewshot.predict_linear(xt, head) == yt))
