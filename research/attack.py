@@ -7,7 +7,7 @@ TextAttack-style report (lib/attacks.py).
       --attacks=char,word --workdir=/tmp/ner_attack --seed=1
 
 --source is any model source with a classification head (a run workdir means its reported
-checkpoint; `@latest` / `@<step>` choose another). Writes to --workdir: attack.json (the summary of
+checkpoint; `@latest` / `@<step>` choose another). Writes to --workdir: metrics.json (the summary of
 each attack, flags, source), attack_report.txt, attack_<name>_examples.txt (every attacked
 example: original and perturbed text, changed words in [[ ]]). Existing outputs are kept unless
 --overwrite.
@@ -66,7 +66,7 @@ def main(argv):
   bad = sorted(set(FLAGS.attacks) - set(attacks.ATTACKS))
   if bad:
     raise errors.ConfigError(f"--attacks: unknown {bad}; valid: {list(attacks.ATTACKS)}")
-  out_json = os.path.join(FLAGS.workdir, "attack.json")
+  out_json = os.path.join(FLAGS.workdir, "metrics.json")   # as every script (tables/ read it)
   if os.path.exists(out_json) and not FLAGS.overwrite:
     raise atomic.OutputExistsError(f"{out_json} exists: pass --overwrite to replace it, or use "
                                    "another --workdir")
