@@ -13,6 +13,8 @@ Variants (`:<a>+<b>`):
   sst2 | ner   the fine-tuning config whose evaluator scores both models (default sst2).
   w8a8         (default) int8 weights and dynamic per-token int8 activations: s8 x s8 -> s32.
   weight_only  int8 weights dequantised to float32 before a float matmul.
+  static       int8 weights and activations with one activation scale per kernel, calibrated
+               (max |input|) on the first 16 training batches: s8 x s8 -> s32.
   heads30 | heads50  remove 30% / 50% of the attention heads (Michel et al. importance on dev),
                physically; recover with research/finetune.py --config.model.init_from=<out>.
   prune_magnitude70 | prune_movement70   (= magnitude+s70, movement+s70) fine-tune --model
@@ -37,6 +39,7 @@ def get_config(variant: str = ""):
   c = ml_collections.ConfigDict()
   c.method = "int8_w8a8"
   c.kernels = r"encoder/layer_\d+/.*"   # regex over kernel paths: the encoder's six per layer
+  c.calibration_batches = 16            # int8_static: training batches that set input scales
   # Head pruning (method 'heads'): the share of all heads removed, the heads every layer keeps,
   # and the dev batches that score them (0: the whole dev split).
   c.heads = ml_collections.ConfigDict(dict(fraction=0.3, min_per_layer=1, max_batches=0))
@@ -52,6 +55,7 @@ def get_config(variant: str = ""):
       "sst2": lambda c: None, "ner": lambda c: None,   # chosen above, before any other variant
       "w8a8": lambda c: setattr(c, "method", "int8_w8a8"),
       "weight_only": lambda c: setattr(c, "method", "int8_weight_only"),
+      "static": _static,
       "heads30": lambda c: _heads(c, 0.3), "heads50": lambda c: _heads(c, 0.5),
       "magnitude": lambda c: _sparse(c, "magnitude", None),
       "movement": lambda c: _sparse(c, "movement", None),
@@ -62,6 +66,11 @@ def get_config(variant: str = ""):
       "s90": lambda c: setattr(c.sparsity, "target", 0.9),
       "quick": _quick,
   })
+
+
+def _static(c):
+  c.method = "int8_static"
+  c.eval.data.max_train_examples = 32 * c.calibration_batches   # the calibration batches
 
 
 def _sparse(c, method, target):

@@ -32,10 +32,11 @@ def _tokenizer_of(path: str) -> str:
 
 
 def quantize_source(source: str, out_dir: str, method: str, kernels: str, *,
-                    overwrite: bool = False) -> model_io.LoadedModel:
+                    calibration=(), overwrite: bool = False) -> model_io.LoadedModel:
   """Int8 PTQ of `source` (any model source with a head) into the model directory `out_dir`: the
   kernels that `kernels` fully matches are stored as int8 + per-channel scales, and model.json's
-  `dot_general` rules send them to the `method` seat. Deterministic; no calibration data.
+  `dot_general` rules send them to the `method` seat. Deterministic. 'int8_static' calibrates
+  one activation scale per kernel on the `calibration` batches (`calibration_batches`).
 
   Returns:
     the float source as loaded (for the comparison).
@@ -44,13 +45,32 @@ def quantize_source(source: str, out_dir: str, method: str, kernels: str, *,
   model = model_io.load_model(source, head, num_labels)
   rules = quant.default_rules(method, kernels)
   args = dataclasses.replace(model.args, dot_general=rules)
-  params = quant.quantize_params(model.params, rules)
+  absmax = None
+  if method == "int8_static":
+    if not calibration:
+      raise ValueError("int8_static needs calibration batches")
+    probe = dataclasses.replace(model.args, dot_general=((kernels, "int8_calibrate"),))
+    absmax = quant.calibrate(models.build(probe, head, num_labels), model.params, calibration)
+  params = quant.quantize_params(model.params, rules, absmax=absmax)
   path = model_io.split_source(source)[0]
   model_io.save_model_dir(out_dir, args, params, head, num_labels, names, overwrite=overwrite,
                           sources=(path,), tokenizer=_tokenizer_of(path),
                           compressed_from=model_io.pinned(source, model.step),
-                          compression=dict(method=method, kernels=kernels))
+                          compression=dict(method=method, kernels=kernels,
+                                           calibration_batches=len(calibration)))
   return model
+
+
+def calibration_batches(cfg, source: str, n: int) -> list:
+  """The first `n` training batches of `cfg`'s data (model inputs only), tokenised with `source`'s
+  tokenizer: a deterministic calibration set, disjoint from dev and test."""
+  from lib import tasks   # the task modules sit above this module's other users
+  from lib.tasks import common
+  tokenizer, _ = model_io.load_tokenizer(source, model_io.describe(source).arch, cfg.data.dir,
+                                         cfg.model.tokenizer)
+  data = tasks.get(cfg.task).make_data(cfg, tokenizer)
+  return [{k: b[k] for k in common.MODEL_INPUTS if k in b}
+          for b in itertools.islice(data.train, n)]
 
 
 def dev_batches(cfg, source: str, max_batches: int = 0):

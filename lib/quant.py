@@ -12,6 +12,10 @@ Seats (names in lib.models.layers.DOT_GENERALS):
                     the int32 accumulator times both scales, in float32.
   int8_weight_only  the int8 weights times their scales in the compute dtype, then the default
                     (float) matmul: smaller weights, float numerics of the activations.
+  int8_static       as int8_w8a8, but one activation scale per kernel, fixed by calibration:
+                    its `input_scale` parameter, max |input| over a calibration set / 127 (inputs
+                    beyond it clip). `calibrate` measures it with the `int8_calibrate` seat (the
+                    float matmul, recording max |input| in the 'calibration' collection).
 These are inference seats: they have no gradient with respect to the codes (QAT is not here).
 """
 
@@ -27,8 +31,10 @@ from jax import lax
 from lib.models import layers
 
 SCALE = "kernel_scale"
+INPUT_SCALE = "input_scale"
+ABSMAX = "input_absmax"
 QMAX = 127.0
-METHODS = ("int8_w8a8", "int8_weight_only")
+METHODS = ("int8_w8a8", "int8_weight_only", "int8_static")
 
 
 def _codes_and_scale(module, rhs, n: int):
@@ -88,7 +94,35 @@ def int8_weight_only(module):
   return dot
 
 
-for _name, _factory in (("int8_w8a8", int8_w8a8), ("int8_weight_only", int8_weight_only)):
+def int8_static(module):
+  """Seat factory: int8_w8a8 with the calibrated per-kernel activation scale `input_scale`."""
+  where = "/".join(module.path) + "/kernel"
+
+  def dot(lhs, rhs, dims, preferred_element_type=None):
+    _check_dense_dims(dims, rhs, where)
+    n = len(dims[0][0])
+    codes, w_scale = _codes_and_scale(module, rhs, n)                 # (K.., F..), (F..)
+    x_scale = module.param(INPUT_SCALE, lambda _: jnp.ones((), jnp.float32))   # ()
+    xq = jnp.clip(jnp.round(lhs.astype(jnp.float32) / x_scale), -QMAX, QMAX).astype(jnp.int8)
+    acc = lax.dot_general(xq, codes, dims, preferred_element_type=jnp.int32)   # (.., F..)
+    y = acc.astype(jnp.float32) * x_scale * w_scale
+    return y.astype(preferred_element_type or lhs.dtype)
+  return dot
+
+
+def int8_calibrate(module):
+  """Seat factory: the default float matmul, keeping the running max |input| of this kernel in
+  the 'calibration' collection (apply with mutable=['calibration'])."""
+  def dot(lhs, rhs, dims, preferred_element_type=None):
+    seen = module.variable("calibration", ABSMAX, lambda: jnp.zeros((), jnp.float32))
+    if module.is_mutable_collection("calibration"):
+      seen.value = jnp.maximum(seen.value, jnp.max(jnp.abs(lhs.astype(jnp.float32))))
+    return layers.default_dot_general(lhs, rhs, dims, preferred_element_type)
+  return dot
+
+
+for _name, _factory in (("int8_w8a8", int8_w8a8), ("int8_weight_only", int8_weight_only),
+                        ("int8_static", int8_static), ("int8_calibrate", int8_calibrate)):
   if _name not in layers.DOT_GENERALS:   # a module reload must not register twice
     layers.register_dot_general(_name, _factory)
 
@@ -114,7 +148,27 @@ def default_rules(method: str, regex: str = r"encoder/layer_\d+/.*") -> tuple:
   return ((regex, method),)
 
 
-def quantize_params(params, rules: tuple, n_out_of=None):
+def calibrate(module, params, batches) -> dict:
+  """Max |input| of each kernel that `module`'s dot_general rules send to 'int8_calibrate', over
+  `batches` (dicts of model inputs), with one jitted forward. Deterministic: a max over the
+  same batches.
+
+  Returns:
+    {kernel path ('/'-joined): float max |input|}.
+  """
+  @jax.jit
+  def step(cal, batch):
+    variables = {"params": params, **({"calibration": cal} if cal else {})}
+    _, mutated = module.apply(variables, **batch, mutable=["calibration"])
+    return mutated["calibration"]
+  cal = {}
+  for batch in batches:
+    cal = step(cal, batch)
+  flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, cal), sep="/")
+  return {p[:-len(ABSMAX)] + "kernel": float(v) for p, v in flat.items()}
+
+
+def quantize_params(params, rules: tuple, n_out_of=None, absmax=None):
   """Post-training quantisation: each kernel that `rules` send to an int8 seat becomes its int8
   codes plus a `kernel_scale` beside it; everything else is unchanged (host numpy). Deterministic.
 
@@ -122,9 +176,12 @@ def quantize_params(params, rules: tuple, n_out_of=None):
     params: the float parameter tree.
     rules: ModelArgs.dot_general rules ((regex over kernel paths, seat name), ...).
     n_out_of: kernel path -> number of output dims (default: the bias's ndim beside it).
+    absmax: {kernel path: max |input|} from `calibrate`, for the int8_static kernels (their
+      `input_scale` is absmax / 127).
 
   Raises:
-    ValueError: a rule matches no kernel (as the seat does for a model built with it).
+    ValueError: a rule matches no kernel (as the seat does for a model built with it), or an
+      int8_static kernel has no calibration.
   """
   flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, params), sep="/")
   layers.check_dot_general_rules(layers._seat_rules(rules), flat)
@@ -135,6 +192,12 @@ def quantize_params(params, rules: tuple, n_out_of=None):
     bias = flat.get(path[:-len("kernel")] + "bias")
     n_out = n_out_of(path) if n_out_of else (1 if bias is None else bias.ndim)
     out[path], out[path[:-len("kernel")] + SCALE] = quantize_kernel(value, n_out)
+    if layers.dot_general_for(rules, path) == "int8_static":
+      if path not in (absmax or {}):
+        raise ValueError(f"{path}: int8_static needs its calibrated max |input| (calibrate); "
+                         f"calibrated kernels: {sorted(absmax or {})[:3]}...")
+      out[path[:-len("kernel")] + INPUT_SCALE] = np.asarray(max(absmax[path], 1e-12) / QMAX,
+                                                              np.float32)
   return traverse_util.unflatten_dict(out, sep="/")
 
 

@@ -30,7 +30,8 @@ config_flags.DEFINE_config_file("config", "configs/compress.py", "configs/compre
                                 lock_config=True)
 flags.DEFINE_string("model", None, "the fine-tuned source model (workdir, model dir, HF dir)")
 flags.DEFINE_string("out", None, "the compressed model directory to write")
-flags.DEFINE_enum("method", "", ["", "int8_w8a8", "int8_weight_only", "heads", "sparse"],
+flags.DEFINE_enum("method", "", ["", "int8_w8a8", "int8_weight_only", "int8_static", "heads",
+                                 "sparse"],
                   "overrides config.method")
 flags.DEFINE_bool("overwrite", False, "replace a non-empty --out")
 flags.mark_flags_as_required(["model", "out"])
@@ -52,8 +53,10 @@ def main(argv):
                                       **cfg.heads)
     method = f"heads-{round(100 * cfg.heads.fraction)}%"
   else:
+    calibration = () if method != "int8_static" else compress.calibration_batches(
+        cfg.eval, FLAGS.model, cfg.calibration_batches)
     src = compress.quantize_source(FLAGS.model, FLAGS.out, method, cfg.kernels,
-                                   overwrite=FLAGS.overwrite)
+                                   calibration=calibration, overwrite=FLAGS.overwrite)
   q = models.build(compress.model_io.describe(FLAGS.out), src.head, src.num_labels)
   qparams = compress.quant.as_int8(
       compress.model_io.load_model(FLAGS.out, src.head, src.num_labels).params,

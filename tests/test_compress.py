@@ -28,7 +28,8 @@ def test_quantize_source_writes_an_int8_model_dir(source, tmp_path):
   assert meta["args"].dot_general == ((r"encoder/layer_\d+/.*", "int8_w8a8"),)
   assert (meta["head"], meta["label_names"], meta["tokenizer"]) == ("seq_cls", ["neg", "pos"],
                                                                    "minilm")
-  assert meta["compression"] == dict(method="int8_w8a8", kernels=r"encoder/layer_\d+/.*")
+  assert meta["compression"] == dict(method="int8_w8a8", kernels=r"encoder/layer_\d+/.*",
+                                    calibration_batches=0)
   # The encoder kernels (65,536 weights) drop from 4 bytes to 1; orbax's compression of the
   # float file (random normal values) keeps the saving under the full 3 bytes a weight.
   kernels = sum(v.size for p, v in _flat(src.params).items()
@@ -123,3 +124,22 @@ def test_sparse_finetune_runs_through_the_skeleton_and_stays_sparse(tmp_path):
     np.testing.assert_array_equal(flat[p], v)
   assert np.mean([(flat[p] == 0).mean() for p in dense]) > 0.6
   assert "test" in out and "accuracy" in out["test"]
+
+
+def test_static_quantize_source_calibrates_and_round_trips(source, tmp_path):
+  ids = np.array([[5, 6, 7, 3], [9, 8, 4, 3]])
+  batch = dict(input_ids=ids, input_mask=np.ones_like(ids))
+  out = str(tmp_path / "static")
+  with pytest.raises(ValueError, match="calibration"):
+    compress.quantize_source(source, out, "int8_static", r"encoder/layer_\d+/.*")
+  src = compress.quantize_source(source, out, "int8_static", r"encoder/layer_\d+/.*",
+                                 calibration=[batch])
+  assert model_io.read_model_json(out)["compression"]["calibration_batches"] == 1
+  loaded = model_io.load_for_inference(out, data_dir="")
+  scale = loaded.params["encoder"]["layer_0"]["attention"]["query"]["input_scale"]
+  plain = models.build(src.args, src.head, src.num_labels)
+  emb = plain.apply({"params": src.params}, **batch)[1]["hidden_states"][0]   # query's input
+  assert float(scale) == pytest.approx(float(np.abs(emb).max()) / 127, rel=1e-6)
+  got = loaded.module.apply({"params": loaded.params}, **batch)[0]["logits"]
+  want = plain.apply({"params": src.params}, **batch)[0]["logits"]
+  np.testing.assert_allclose(got, want, atol=0.05)   # int8 of a calibrated input: close

@@ -136,3 +136,44 @@ def test_bad_rules_and_methods_raise():
     compress.quantize_params(params, ((r"encoder/layer_7/.*", "int8_w8a8"),))
   with pytest.raises(ValueError, match="unknown quantisation method 'int4'"):
     compress.default_rules("int4")
+
+
+def test_static_dense_equals_numpy_int8_reference_and_clips():
+  args = models.ModelArgs(**BASE, dot_general=(("d/kernel", "int8_static"),))
+  module, (_, _, x, w, b) = _OneDense(args), _dense_case("int8_w8a8")
+  absmax = {"d/kernel": float(np.abs(x[:2]).max())}      # calibrated on the first two rows
+  params = compress.quantize_params({"d": {"kernel": w, "bias": b}}, args.dot_general,
+                                    absmax=absmax)
+  sx = np.float32(absmax["d/kernel"] / 127)
+  assert params["d"]["input_scale"] == sx
+  got = np.asarray(module.apply({"params": params}, jnp.asarray(x)))
+  qx = np.clip(np.round(x / sx), -127, 127).astype(np.int8)   # rows 3-4 may clip
+  qw, sw = _np_quant(w, 0)
+  acc = qx.astype(np.int32) @ qw.astype(np.int32)
+  np.testing.assert_array_equal(np.round((got - b) / (sx * sw)).astype(np.int32), acc)
+  np.testing.assert_allclose(got, acc * sx * sw + b, rtol=1e-5, atol=1e-6)
+
+
+def test_calibration_is_the_max_input_and_deterministic():
+  some = r"encoder/layer_0/(attention/.*|mlp/mlp_in/kernel)"
+  args = models.ModelArgs(**BASE, dot_general=((some, "int8_calibrate"),))
+  module = models.build(args, "seq_cls", 2)
+  params, _ = models.init_params(module, jax.random.key(0))
+  batches = [dict(input_ids=IDS, input_mask=MASK), dict(input_ids=IDS[:, ::-1], input_mask=MASK)]
+  got = compress.calibrate(module, params, batches)
+  assert sorted(got) == sorted(f"encoder/layer_0/{p}/kernel" for p in
+                               ("attention/query", "attention/key", "attention/value",
+                                "attention/out", "mlp/mlp_in"))
+  # Reference: the query/key/value input is the embedding output, hidden_states[0] of the plain
+  # model (padding positions included: the matmul sees them too).
+  plain = models.build(dataclasses.replace(args, dot_general=()), "seq_cls", 2)
+  want = max(float(np.abs(plain.apply({"params": params}, **b)[1]["hidden_states"][0]).max())
+             for b in batches)
+  for name in ("query", "key", "value"):
+    assert got[f"encoder/layer_0/attention/{name}/kernel"] == pytest.approx(want, rel=1e-6)
+  assert compress.calibrate(module, params, batches) == got          # deterministic
+  q = compress.quantize_params(params, ((some, "int8_static"),), absmax=got)
+  assert float(q["encoder"]["layer_0"]["attention"]["query"]["input_scale"]) == pytest.approx(
+      want / 127, rel=1e-6)
+  with pytest.raises(ValueError, match="calibrated"):
+    compress.quantize_params(params, ((some, "int8_static"),), absmax={})
