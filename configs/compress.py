@@ -13,6 +13,8 @@ Variants (`:<a>+<b>`):
   sst2 | ner   the fine-tuning config whose evaluator scores both models (default sst2).
   w8a8         (default) int8 weights and dynamic per-token int8 activations: s8 x s8 -> s32.
   weight_only  int8 weights dequantised to float32 before a float matmul.
+  qat          fine-tune --model 1 epoch on 2,000 sentences with fake-quantised (straight-through)
+               kernels and inputs, then w8a8 PTQ of the result (the run: <out>_qat_run).
   static       int8 weights and activations with one activation scale per kernel, calibrated
                (max |input|) on the first 16 training batches: s8 x s8 -> s32.
   heads30 | heads50  remove 30% / 50% of the attention heads (Michel et al. importance on dev),
@@ -56,6 +58,7 @@ def get_config(variant: str = ""):
       "w8a8": lambda c: setattr(c, "method", "int8_w8a8"),
       "weight_only": lambda c: setattr(c, "method", "int8_weight_only"),
       "static": _static,
+      "qat": _qat,
       "heads30": lambda c: _heads(c, 0.3), "heads50": lambda c: _heads(c, 0.5),
       "magnitude": lambda c: _sparse(c, "magnitude", None),
       "movement": lambda c: _sparse(c, "movement", None),
@@ -66,6 +69,13 @@ def get_config(variant: str = ""):
       "s90": lambda c: setattr(c.sparsity, "target", 0.9),
       "quick": _quick,
   })
+
+
+def _qat(c):
+  """Quantisation-aware fine-tuning from --model (2,000 training sentences, 1 epoch), then w8a8."""
+  c.method = "qat"
+  c.eval.data.max_train_examples = 2000
+  c.eval.train.epochs = 1
 
 
 def _static(c):

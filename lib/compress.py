@@ -24,6 +24,13 @@ def dir_bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
+def weight_count(params) -> int:
+  """Parameters of a model, int8 scales (kernel_scale, input_scale) not counted."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return sum(int(np.size(v)) for kp, v in flat
+             if str(getattr(kp[-1], "key", "")) not in (quant.SCALE, quant.INPUT_SCALE))
+
+
 def _tokenizer_of(path: str) -> str:
   """Where the source's tokenizer is (our dirs record it; an HF dir holds its own)."""
   if os.path.exists(os.path.join(path, model_io.MODEL_JSON)):
@@ -171,6 +178,29 @@ def sparse_finetune(cfg, workdir: str, source: str, scfg) -> dict:
   return dict(out, sparsity=prune.sparsity_of(params, spec.rules),
               sparse_bytes=dict(sparse_npz=os.path.getsize(path), pruned_dense=pruned,
                                 others=total - pruned))
+
+
+def qat_finetune(cfg, workdir: str, source: str, kernels: str) -> str:
+  """Quantisation-aware fine-tuning of `source` on `cfg`'s task (the run skeleton): the kernels
+  that `kernels` fully matches go through the `int8_fake` seat in training and evaluation. The
+  run workdir keeps float weights (its model.json has no seat rules); `quantize_source(workdir,
+  ..., 'int8_w8a8', kernels)` then gives the int8 model whose numerics QAT trained.
+
+  Returns:
+    the workdir as a model source ('' when preempted: rerun to resume).
+  """
+  from lib import experiment, tasks   # the run skeleton sits above this module's other users
+  task = tasks.get(cfg.task)
+  run = experiment.setup(cfg, workdir, task, source=source)
+  run.args = dataclasses.replace(run.args, dot_general=((kernels, "int8_fake"),))
+  run.module = models.build(run.args, task.HEAD, len(run.data.label_names))
+  models.abstract_params(run.module)   # a rule matching no kernel raises here
+  evaluator = task.make_evaluator(run)
+  fitted = experiment.fit(run, evaluator)
+  if fitted is None:
+    return ""
+  experiment.finish(run, evaluator, fitted)
+  return workdir
 
 
 def _forward(module):

@@ -16,7 +16,11 @@ Seats (names in lib.models.layers.DOT_GENERALS):
                     its `input_scale` parameter, max |input| over a calibration set / 127 (inputs
                     beyond it clip). `calibrate` measures it with the `int8_calibrate` seat (the
                     float matmul, recording max |input| in the 'calibration' collection).
-These are inference seats: they have no gradient with respect to the codes (QAT is not here).
+These are inference seats: they have no gradient with respect to the codes. For quantisation-aware
+training (QAT) there is
+  int8_fake         the float kernel and input quantised and dequantised (per output channel /
+                    per token, as int8_w8a8) with straight-through gradients, then a float
+                    matmul: the w8a8 numerics up to float32 summation order, trainable.
 """
 
 import re
@@ -110,6 +114,30 @@ def int8_static(module):
   return dot
 
 
+def fake_quant(v, scale):
+  """v rounded to the int8 grid of `scale` (clipped to +-127 steps), with the straight-through
+  gradient: the identity."""
+  q = jnp.clip(jnp.round(v / scale), -QMAX, QMAX) * scale
+  return v + lax.stop_gradient(q - v)
+
+
+def int8_fake(module):
+  """Seat factory: QAT's fake-quantised matmul (see the module docstring); no extra parameters."""
+  where = "/".join(module.path) + "/kernel"
+
+  def dot(lhs, rhs, dims, preferred_element_type=None):
+    _check_dense_dims(dims, rhs, where)
+    n = len(dims[0][0])
+    x, w = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
+    w_scale = jnp.max(jnp.abs(w), axis=tuple(range(n))) / QMAX               # (F..)
+    x_scale = jnp.max(jnp.abs(x), axis=tuple(range(x.ndim - n, x.ndim)), keepdims=True) / QMAX
+    w_scale, x_scale = (lax.stop_gradient(jnp.where(s == 0, 1.0, s)) for s in (w_scale, x_scale))
+    y = lax.dot_general(fake_quant(x, x_scale), fake_quant(w, w_scale), dims,
+                        preferred_element_type=jnp.float32)
+    return y.astype(preferred_element_type or lhs.dtype)
+  return dot
+
+
 def int8_calibrate(module):
   """Seat factory: the default float matmul, keeping the running max |input| of this kernel in
   the 'calibration' collection (apply with mutable=['calibration'])."""
@@ -122,7 +150,8 @@ def int8_calibrate(module):
 
 
 for _name, _factory in (("int8_w8a8", int8_w8a8), ("int8_weight_only", int8_weight_only),
-                        ("int8_static", int8_static), ("int8_calibrate", int8_calibrate)):
+                        ("int8_static", int8_static), ("int8_calibrate", int8_calibrate),
+                        ("int8_fake", int8_fake)):
   if _name not in layers.DOT_GENERALS:   # a module reload must not register twice
     layers.register_dot_general(_name, _factory)
 

@@ -10,8 +10,9 @@ metric).
 --out: the compressed model directory (model.json + params/ with int8 kernels and their
 `kernel_scale`s, or smaller attention matrices and `heads_per_layer`); any research script loads
 it like another model dir (e.g. research/finetune.py --config.model.init_from=<out> to recover a
-head-pruned model by fine-tuning). Also written there:
-compress.json (the table rows). The table is printed as Markdown.
+head-pruned model by fine-tuning). Also written there: compress.json (the table rows). qat: the
+fine-tuning run is <out>_qat_run; sparse: --out is the fine-tuning run. The table is printed as
+Markdown.
 """
 
 import json
@@ -31,7 +32,7 @@ config_flags.DEFINE_config_file("config", "configs/compress.py", "configs/compre
 flags.DEFINE_string("model", None, "the fine-tuned source model (workdir, model dir, HF dir)")
 flags.DEFINE_string("out", None, "the compressed model directory to write")
 flags.DEFINE_enum("method", "", ["", "int8_w8a8", "int8_weight_only", "int8_static", "heads",
-                                 "sparse"],
+                                 "sparse", "qat"],
                   "overrides config.method")
 flags.DEFINE_bool("overwrite", False, "replace a non-empty --out")
 flags.mark_flags_as_required(["model", "out"])
@@ -53,10 +54,15 @@ def main(argv):
                                       **cfg.heads)
     method = f"heads-{round(100 * cfg.heads.fraction)}%"
   else:
+    source = FLAGS.model
+    if method == "qat":   # fine-tune with fake quantisation first; its result is quantised
+      source = compress.qat_finetune(cfg.eval, FLAGS.out + "_qat_run", FLAGS.model, cfg.kernels)
+      if not source:
+        return   # preempted: rerun to resume
     calibration = () if method != "int8_static" else compress.calibration_batches(
         cfg.eval, FLAGS.model, cfg.calibration_batches)
-    src = compress.quantize_source(FLAGS.model, FLAGS.out, method, cfg.kernels,
-                                   calibration=calibration, overwrite=FLAGS.overwrite)
+    src = compress.quantize_source(source, FLAGS.out, "int8_w8a8" if method == "qat" else method,
+                                   cfg.kernels, calibration=calibration, overwrite=FLAGS.overwrite)
   q = models.build(compress.model_io.describe(FLAGS.out), src.head, src.num_labels)
   qparams = compress.quant.as_int8(
       compress.model_io.load_model(FLAGS.out, src.head, src.num_labels).params,
@@ -73,7 +79,8 @@ def main(argv):
   metric = "accuracy" if src.head == "seq_cls" else "f1"
   sizes = {"float32": _float_bytes(compress, src),
            method: compress.dir_bytes(os.path.join(FLAGS.out, "params"))}
-  rows = [compress.row(name, models.param_count(src.params), sizes[name], timing[name],
+  counts = {"float32": models.param_count(src.params), method: compress.weight_count(qparams)}
+  rows = [compress.row(name, counts[name], sizes[name], timing[name],
                        timing["float32"], scores.get(name), scores.get("float32"), metric)
           for name in ("float32", method)]
   atomic.write_bytes(os.path.join(FLAGS.out, "compress.json"),

@@ -143,3 +143,28 @@ def test_static_quantize_source_calibrates_and_round_trips(source, tmp_path):
   got = loaded.module.apply({"params": loaded.params}, **batch)[0]["logits"]
   want = plain.apply({"params": src.params}, **batch)[0]["logits"]
   np.testing.assert_allclose(got, want, atol=0.05)   # int8 of a calibrated input: close
+
+
+@pytest.mark.slow
+def test_qat_finetune_trains_through_the_fake_seat_then_quantises(tmp_path, monkeypatch):
+  from configs import compress as compress_config
+  import training_helpers  # pylint: disable=import-outside-toplevel
+  args = models.ModelArgs(**dict(BASE, vocab_size=30522, hidden_size=32))
+  params, _ = models.init_params(models.build(args, "seq_cls", 2), jax.random.key(0))
+  source = str(tmp_path / "float")
+  model_io.save_model_dir(source, args, params, "seq_cls", 2, ["neg", "pos"], tokenizer="minilm")
+  cfg = compress_config.get_config("qat").eval
+  cfg.data.dataset = "tsv:" + training_helpers.write_toy_sentiment(tmp_path / "toy")
+  cfg.data.cache_dir, cfg.data.max_len, cfg.data.batch_size = str(tmp_path / "c"), 16, 16
+  cfg.data.max_train_examples, cfg.optim.lr = 0, 1e-3                      # 4 steps
+  with pytest.raises(ValueError, match="matches no kernel"):
+    compress.qat_finetune(cfg, str(tmp_path / "bad"), source, r"encoder/layer_\d+/atention/.*")
+  calls = []   # every Dense of the encoder goes through the fake seat, in training and eval
+  real = quant.int8_fake
+  monkeypatch.setitem(models.DOT_GENERALS, "int8_fake",
+                      lambda m: calls.append("/".join(m.path)) or real(m))
+  run = compress.qat_finetune(cfg, str(tmp_path / "run"), source, r"encoder/layer_\d+/.*")
+  assert len({c for c in calls}) == 2 * 6 and all("layer_" in c for c in calls)
+  assert model_io.read_model_json(run)["args"].dot_general == ()   # float weights saved
+  compress.quantize_source(run, str(tmp_path / "int8"), "int8_w8a8", r"encoder/layer_\d+/.*")
+  assert model_io.read_model_json(str(tmp_path / "int8"))["args"].dot_general

@@ -177,3 +177,22 @@ def test_calibration_is_the_max_input_and_deterministic():
       want / 127, rel=1e-6)
   with pytest.raises(ValueError, match="calibrated"):
     compress.quantize_params(params, ((some, "int8_static"),), absmax={})
+
+
+def test_fake_quant_seat_matches_w8a8_and_has_straight_through_gradients():
+  _, qparams, x, w, b = _dense_case("int8_w8a8")
+  real = _OneDense(models.ModelArgs(**BASE, dot_general=(("d/kernel", "int8_w8a8"),)))
+  fake = _OneDense(models.ModelArgs(**BASE, dot_general=(("d/kernel", "int8_fake"),)))
+  want = np.asarray(real.apply({"params": qparams}, jnp.asarray(x)))
+  fparams = {"d": {"kernel": jnp.asarray(w), "bias": jnp.asarray(b)}}
+  got = np.asarray(fake.apply({"params": fparams}, jnp.asarray(x)))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)     # same grid, float summation
+  g = np.asarray(jax.random.normal(jax.random.key(4), got.shape), np.float32)
+  grads = jax.grad(lambda p, xx: jnp.sum(fake.apply({"params": p}, xx) * g), argnums=(0, 1))(
+      fparams, jnp.asarray(x))
+  qx, sx = _np_quant(x, 1)
+  qw, sw = _np_quant(w, 0)
+  # Straight through: dL/dW = (dequantised x)^T g, dL/dx = g (dequantised W)^T.
+  np.testing.assert_allclose(grads[0]["d"]["kernel"], (qx * sx).T @ g, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grads[1], g @ (qw * sw).T, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grads[0]["d"]["bias"], g.sum(0), rtol=1e-5)
