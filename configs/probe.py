@@ -23,6 +23,7 @@ Variants: quick (small subsets for a smoke run).
 
 import ml_collections
 
+from configs import clm
 from configs import common
 
 
@@ -49,8 +50,31 @@ def get_config(variant: str = ""):
       eval_sentences=300))
   c.ig = ml_collections.ConfigDict(dict(steps=64, examples=12, train=2000))
   c.facts = ml_collections.ConfigDict(dict(
-      subjects=600, relations=6, steps=3000, trace=500, layers=4, hidden=128, batch=64))
+      subjects=150, relations=6, objects=12, repeats=4, distractors=0.1,
+      query_frac=0.3,              # subjects whose facts are also stated in the query template
+      trace=500,                   # known (recalled) held-out facts traced
+      window=1, noise_scale=3.0, chunk=32, benchmark_facts=6, max_len=24))
+  c.facts.clm = _fact_clm()
+  # The preset's architecture (random init); clm.model.size's non-zero fields change it.
+  c.facts.preset = common.model_config(c.facts.clm.model.preset)
   return common.apply_variant(c, variant, {"quick": _quick})
+
+
+def _fact_clm() -> ml_collections.ConfigDict:
+  """The CLM pretraining config (configs/clm.py) of the facts GPT (gpt2-tiny at 4 layers, width
+  128, no dropout; a byte-level BPE of 1,024 tokens trained on the corpus); data.dataset is
+  filled in with the generated corpus (a text: folder under the output directory)."""
+  c = clm.get_config()
+  c.model.preset, c.model.dropout_rate = "gpt2-tiny", 0.0
+  c.model.size.update(num_layers=4, hidden_size=128, num_heads=4, mlp_dim=512, max_len=64)
+  c.vocab.size, c.vocab.lowercase, c.vocab.min_frequency = 1024, False, 2
+  c.data.dataset, c.data.max_len, c.data.batch_size = "", 64, 32
+  c.data.eval_batches = 4
+  c.optim.lr, c.optim.weight_decay = 2e-3, 0.01
+  c.train.num_steps, c.train.eval_every, c.train.checkpoint_every = 1000, 250, 250
+  c.train.log_every = 100
+  c.samples.prompts = []
+  return c
 
 
 def _quick(c):
@@ -59,4 +83,6 @@ def _quick(c):
   c.patch.examples, c.patch.benchmark_examples, c.patch.train_sentences = 8, 2, 300
   c.inlp.iterations, c.inlp.train_sentences, c.inlp.eval_sentences = 4, 200, 100
   c.ig.examples, c.ig.train = 4, 300
-  c.facts.subjects, c.facts.steps, c.facts.trace = 60, 300, 20
+  c.facts.subjects, c.facts.query_frac, c.facts.trace, c.facts.benchmark_facts = 60, 0.5, 40, 2
+  c.facts.clm.train.num_steps, c.facts.clm.train.eval_every = 300, 150
+  c.facts.clm.train.checkpoint_every = 150

@@ -51,7 +51,7 @@ def test_query_spans_and_a_trace_on_a_tiny_gpt():
   p = patching.Patcher(module, params, score)
   g = p.grid(batch, batch, noise, window=3, chunk=4)
   roles = patching.token_roles(subject, b["input_mask"])
-  assert set(roles[0][b["input_mask"][0] == 1]) >= {0, 2, 4, 6}
+  assert set(roles[0][b["input_mask"][0] == 1]) >= {0, 2, 4, 7}
   eff = patching.role_average(g["mlp"] - g["corrupt"][:, None, None], roles)
   assert eff.shape == (2, len(patching.ROLES))
   # Positions before the subject see no corruption in a causal model: no effect there.

@@ -372,3 +372,10 @@ def _plain(m, batch):
   """The model's last hidden state on one batch (outputs dict) for the prediction."""
   out, _ = m.module.apply({"params": m.params}, batch["input_ids"], batch["input_mask"])
   return out
+
+
+# ------------------------------------------------------------------------------ facts
+def run_facts(cfg, out_dir: str, log) -> dict:
+  """Synthetic facts -> small GPT -> causal traces: lib/probe/tracing.py."""
+  from lib.probe import tracing   # pylint: disable=import-outside-toplevel
+  return tracing.run_facts(cfg, out_dir, log)

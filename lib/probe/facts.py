@@ -54,18 +54,40 @@ def make_facts(subjects: int, relations: int = 6, objects: int = 12, seed: int =
   return [Fact(s, r, str(rng.choice(vocab[r]))) for s in sorted(names) for r in rels]
 
 
-def corpus(facts, repeats: int = 4, distractors: float = 0.3, seed: int = 0) -> list:
+def corpus(facts, repeats: int = 4, distractors: float = 0.3, seed: int = 0,
+           query_subjects=()) -> list:
   """Training documents: each fact stated `repeats` times with random training templates,
-  shuffled, with distractor sentences mixed in (fraction of documents)."""
-  rng = np.random.default_rng(seed)
+  shuffled, with distractor sentences mixed in (fraction of documents).
+
+  Args:
+    query_subjects: subjects whose facts are also stated with the query template (one more
+      template to draw from), so the model learns what the query template asks; the facts of
+      the other subjects are never seen in the query template (held out for recall and tracing).
+  """
+  rng, with_query = np.random.default_rng(seed), set(query_subjects)
   docs = []
   for f in facts:
-    train_t, _ = RELATIONS[f.relation]
+    train_t, query_t = RELATIONS[f.relation]
+    templates = train_t + [query_t] if f.subject in with_query else train_t
     for _ in range(repeats):
-      docs.append(train_t[rng.integers(len(train_t))].format(s=f.subject) + f" {f.obj}.")
+      docs.append(templates[rng.integers(len(templates))].format(s=f.subject) + f" {f.obj}.")
   docs += [str(rng.choice(_DISTRACT)) for _ in range(int(distractors * len(docs)))]
   rng.shuffle(docs)
   return docs
+
+
+def split_subjects(facts, query_frac: float, seed: int = 0) -> tuple:
+  """(query-trained subjects, held-out subjects): a random `query_frac` of the subjects."""
+  subjects = sorted({f.subject for f in facts})
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(len(subjects))
+  k = int(round(query_frac * len(subjects)))
+  return ({subjects[i] for i in order[:k]}, {subjects[i] for i in order[k:]})
+
+
+def statement(f: Fact) -> str:
+  """The fact in its held-out query template, answered (a held-out evaluation document)."""
+  return "".join(query(f)) + f" {f.obj}."
 
 
 def query(f: Fact) -> tuple:

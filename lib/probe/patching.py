@@ -251,8 +251,9 @@ def timed(fn, *args, **kwargs) -> tuple:
   return out, time.perf_counter() - t0
 
 
+# ROME's token roles, plus the tokens before the subject (ROME's prompts start with it).
 ROLES = ("first token", "before subject", "subject first", "subject middle", "subject last",
-         "after subject", "last token")
+         "first after subject", "further after", "last token")
 
 
 def token_roles(subject_mask, input_mask) -> np.ndarray:
@@ -269,7 +270,8 @@ def token_roles(subject_mask, input_mask) -> np.ndarray:
       if subj[n, t]:
         roles[n, t] = 2 if t == s[0] else 4 if t == s[-1] else 3
       else:
-        roles[n, t] = 0 if t == 0 else 6 if t == last else 1 if t < s[0] else 5
+        roles[n, t] = (0 if t == 0 else 7 if t == last else 1 if t < s[0] else
+                       5 if t == s[-1] + 1 else 6)
   return roles
 
 
@@ -282,3 +284,27 @@ def role_average(effect, roles) -> np.ndarray:
     if len(n):
       out[:, r] = np.nanmean(effect[n, :, t], axis=0)
   return out
+
+
+def compare_grids(patcher: Patcher, batch: dict, noise, window: int, n: int) -> dict:
+  """The per-cell loop and the prefix-reuse grid on the first n examples, each compiled first
+  and then timed in this process, and their largest absolute difference.
+
+  Returns:
+    dict: examples, cells (per example, positions included), per_cell_s, prefix_reuse_s,
+    speedup, max_abs_diff.
+  """
+  def first(m):
+    small = {k: v[:m] for k, v in batch.items()}
+    return small, small, None if noise is None else noise[:m], window
+
+  times, grids = {}, {}
+  runs = (("per_cell_s", patcher.naive_grid, {}), ("prefix_reuse_s", patcher.grid, dict(chunk=n)))
+  patcher.naive_grid(*first(1))                 # compile: the loop's one call shape, ...
+  patcher.grid(*first(n), chunk=n)              # ... the grid's and the n-example records
+  for name, fn, kw in runs:
+    grids[name], times[name] = timed(fn, *first(n), **kw)
+  diff = max(float(np.nanmax(np.abs(grids["per_cell_s"][k] - grids["prefix_reuse_s"][k])))
+             for k in KINDS)
+  return dict(examples=n, cells=len(patcher.cells(window)) * batch["input_ids"].shape[1],
+              speedup=times["per_cell_s"] / times["prefix_reuse_s"], max_abs_diff=diff, **times)
