@@ -16,7 +16,23 @@ Modes (`--config.mode`):
   inlp    INLP removes a property (inlp.property) at inlp.layer inside the forward pass; the
           final-layer probe's loss of inlp.target against a random projection of the same rank.
   ig      integrated gradients per token of the SST-2 probe's logit; completeness; ig.html/png.
-  facts   synthetic subject-relation-object facts -> small GPT (CLM) -> causal traces.
+  facts   causal tracing (ROME) of synthetic facts (lib/probe/tracing.py): 150 invented subjects x
+          6 relations, each fact stated 4 times in 3 training templates (+10% distractors); 30% of
+          the subjects also in each relation's query template, the other 70% (630 facts) never:
+          their query-template recall is the measure. A 4-layer, width-128 GPT (0.93M params,
+          BPE of 1,024 tokens trained on the corpus) through the CLM pretraining path
+          (facts.clm: batch 32 x 64 tokens, lr 2e-3, 1,000 steps, corpus and workdir under
+          --out); recall = greedy decoding of every object token; then 500 recalled facts
+          traced (noise 3 sd on the subject's word embeddings; residual / MLP / attention
+          restored per layer x position, prefix reuse), the per-cell loop timed on 6 of them,
+          attribution patching + Spearman; facts.png (three ROME panels), facts.json.
+          Measured (AMD EPYC, 2 shared cores, 1238 s in all): recall 0.9889 (623/630); grid 56 s
+          for 500 facts x 169 cells vs 722 s per-cell loop (extrapolated from 6 facts timed in
+          the same process, 13.6x there), max |diff| 1.9e-6 (float32 probabilities); Spearman
+          attribution vs exact 0.72 (resid 0.57, attn 0.87, mlp 0.79); peak indirect effect at
+          the last token (hidden state 4: 0.77; MLP layer 3: 0.31; attention layer 1: 0.39);
+          on the subject the MLP effect sits in layer 0 (middle/last subject token 0.17/0.15),
+          not in middle layers as in ROME.
 
 Variants: quick (small subsets for a smoke run).
 """
