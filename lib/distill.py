@@ -1,6 +1,7 @@
 """Knowledge distillation: the student made from chosen teacher layers, the distillation losses
 (soft-target KL, hidden states, MiniLM attention and value relations), the frozen teacher inside
-the train step or its cached logits, and the teacher/student comparison of metrics.json."""
+the train step or its cached logits, and the teacher/student comparison of metrics.json; and
+task-agnostic (general) distillation on plain text, the task `distill_general` registered here."""
 
 import dataclasses
 import hashlib
@@ -16,8 +17,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from lib import atomic, data, errors, experiment, model_io, models, sharding, train
-from lib.tasks import common, supervised
+from lib import atomic, data, errors, experiment, model_io, models, sharding, tasks, train
+from lib.tasks import common, lm, supervised
 
 HIDDEN_LOSSES = ("cosine", "mse")
 EPS = 1e-12   # inside logs of probabilities that may be exactly 0 (masked keys)
@@ -313,6 +314,10 @@ def check_compatible(dcfg, student_args, teacher: Teacher, head, label_names) ->
   if unknown:
     raise errors.ConfigError(f"config.distill.weights: unknown terms {unknown}; valid: hard, "
                              "soft, hidden, attention, value")
+  if head is None and (w.hard or w.soft or not (w.hidden or w.attention or w.value)):
+    raise errors.ConfigError(
+        f"config.distill.weights: general distillation (no head) has no labels or logits: set "
+        f"hard=0 and soft=0 (now {w.hard}, {w.soft}) and weight hidden, attention or value")
   if w.soft and not same_task(teacher, head, label_names):
     raise errors.ConfigError(
         f"config.distill.weights.soft={w.soft}: the teacher {teacher.source} has head "
@@ -573,9 +578,64 @@ def run(cfg, workdir: str, task, *, preset_args=None) -> Optional[dict]:
   if d.cache_logits:
     attach_cache(r, teacher, t_params)
   loss = make_loss(task, r.module, cfg, teacher.module, layers)
-  evaluator = Evaluator(r, teacher, t_params)
+  if task.HEAD is None:
+    evaluator = GeneralEvaluator(r, loss, t_params)
+  else:
+    evaluator = Evaluator(r, teacher, t_params)
   fitted = experiment.fit(r, evaluator, hooks=[experiment.adapter_hook(r)],
                           loss_fn=lambda p, b, rng, tr: loss(p, b, rng, tr, t_params))
   if fitted is None:
     return None
   return experiment.finish(r, evaluator, fitted)
+
+
+# ----------------------------------------------------------------------------- general distillation
+
+class GeneralTask:
+  """Task-agnostic distillation as a task of the run skeleton: packed plain text of the LM corpora
+  (config `objective` 'none': unmasked rows, no labels) and no head, so the student learns only
+  from the distillation terms (MiniLM: last-layer attention and value relations, optionally the
+  hidden states). Its evaluator needs the teacher: `run` builds a `GeneralEvaluator`."""
+
+  HEAD = None
+  METRIC, MODE, RESTORE_BEST = "loss", "min", False
+
+  @staticmethod
+  def make_data(cfg, tokenizer, workdir=None):
+    return lm.make_data(cfg, tokenizer, workdir)
+
+  @staticmethod
+  def make_loss(module, cfg):
+    del cfg
+
+    def loss_fn(params, batch, rng, train_):
+      common.apply_model(module, params, batch, rng, train_)   # recorded for the terms
+      return jnp.zeros((), jnp.float32), {}
+    return loss_fn
+
+  @staticmethod
+  def make_evaluator(run):
+    raise errors.ConfigError(f"task {run.cfg.task!r} runs through research/distill.py (its "
+                             "evaluator compares the student with the teacher)")
+
+
+tasks.register("distill_general", GeneralTask)
+
+
+class GeneralEvaluator(lm.Evaluator):
+  """The distillation terms of student vs teacher on each corpus's held-out rows (and over all);
+  `loss` (their weighted sum) picks nothing (the final state is reported) but is the curve."""
+
+  def __init__(self, run, loss_fn, teacher_params):
+    terms = [k for k, v in run.cfg.distill.weights.items() if v]
+    super().__init__(lambda p, b: loss_fn(p, b, None, False, teacher_params)[1], run.cfg,
+                     run.data, run.bsh, second=f"distill_{terms[0]}")
+
+  def _finish(self, result: dict) -> dict:
+    return dict(result)
+
+  def summary(self, out: dict) -> str:
+    h = out["held_out"]
+    terms = ", ".join(f"{k[len('distill_'):]} {v:.4f}" for k, v in sorted(h.items())
+                      if k.startswith("distill_") and k != "distill_hard")
+    return f"held-out distillation loss {h['loss']:.4f} ({terms})"

@@ -5,6 +5,7 @@ run end to end that exports to Hugging Face."""
 import json
 import math
 import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -288,3 +289,53 @@ def test_token_logit_cache_returns_each_rows_logits_at_its_real_tokens(tmp_path)
     np.testing.assert_array_equal(got[row][:real.sum()], want[src][real])
     assert not got[row][real.sum():].any()
   assert not got[2].any()                          # the dummy row
+
+
+# ----------------------------------------------------------------------------- general distillation
+
+def _general_config(tmp_path, teacher_head=None):
+  from configs import distill_general  # pylint: disable=g-import-not-at-top
+  args = models.ModelArgs(hidden_size=32, num_layers=4, num_heads=2, mlp_dim=64, max_len=32)
+  params = models.init_params(models.build(args, teacher_head, 2 if teacher_head else 0),
+                              jax.random.key(0))[0]
+  teacher = model_io.save_model_dir(str(tmp_path / "teacher"), args, params, teacher_head,
+                                    2 if teacher_head else 0,
+                                    ["neg", "pos"] if teacher_head else [], tokenizer="minilm")
+  cfg = distill_general.get_config("quick")
+  cache = os.environ.get("WORKBENCH_TEST_DATA_CACHE",   # shared with tests/test_pretrain.py
+                         os.path.join(tempfile.gettempdir(), "workbench_data_test"))
+  cfg.data.update(dataset="text:shakespeare", cache_dir=cache, max_len=32, batch_size=8,
+                  eval_batch_size=8, eval_batches=2)     # 8 simulated devices
+  cfg.train.update(num_steps=4, log_every=2, eval_every=2, checkpoint_every=2, peak_flops=0.0)
+  cfg.distill.teacher = teacher
+  return cfg
+
+
+@pytest.mark.slow
+def test_general_distillation_on_plain_text_then_finetuning_starts_from_it(tmp_path):
+  from lib import tasks  # pylint: disable=g-import-not-at-top
+  cfg = _general_config(tmp_path)
+  workdir = str(tmp_path / "general")
+  out = distill.run(cfg, workdir, tasks.get("distill_general"))
+  held = out["held_out"]
+  assert held["step"] == 4 and held["distill_hard"] == 0.0
+  for term in ("attention", "value", "hidden"):            # every weighted term, per corpus
+    assert 0 < held[f"distill_{term}"] == held[f"shakespeare/distill_{term}"], held
+  assert held["loss"] == pytest.approx(sum(held[f"distill_{t}"] for t in ("attention", "value",
+                                                                          "hidden")), rel=1e-5)
+  meta = model_io.read_model_json(workdir)
+  assert meta["head"] is None and meta["args"].num_layers == 2
+  init = model_io.read_model_json(os.path.join(workdir, "student_init"))
+  assert init["distilled_from"]["layers"] == [1, 3]
+  # A fine-tuning run starts from the distilled encoder with a new head.
+  student = model_io.load_model(workdir, "seq_cls", 2)
+  assert student.args.num_layers == 2 and "classifier" in student.params
+
+
+def test_general_distillation_refuses_label_terms(tmp_path):
+  from lib import tasks  # pylint: disable=g-import-not-at-top
+  cfg = _general_config(tmp_path)
+  cfg.distill.weights.hard = 1.0
+  with pytest.raises(errors.ConfigError, match="general distillation .* set hard=0 and soft=0"):
+    distill.run(cfg, str(tmp_path / "general"), tasks.get("distill_general"))
+  assert not os.path.exists(tmp_path / "general" / "metrics.json")

@@ -443,6 +443,7 @@ LM_LABELS = {
     "mlm": lambda tokenizer, seed, rate, whole_word: T.MaskTokens(tokenizer, seed, rate=rate,
                                                                   whole_word=whole_word),
     "clm": lambda tokenizer, seed, rate, whole_word: T.NextTokenLabels(),
+    "none": lambda tokenizer, seed, rate, whole_word: T.NoLabels(),     # inputs only
 }
 
 

@@ -142,6 +142,13 @@ class NextTokenLabels(grain.transforms.Map):
     return dict(element, labels=packing.next_token_labels(element["input_ids"], element["segment_ids"]))
 
 
+class NoLabels(grain.transforms.Map):
+  """Packed rows as they are, unmasked and without labels (e.g. general distillation's inputs)."""
+
+  def map(self, element):
+    return element
+
+
 class CastDtypes(grain.transforms.Map):
   """int64 -> int32 everywhere; float -> bfloat16 for the keys in `bfloat16_keys`; drops private '_' keys."""
 

@@ -1,0 +1,43 @@
+"""Task-agnostic (general) distillation, MiniLM-style: the installed MiniLM-L6 teaches a 3-layer
+student (its layers 1, 3, 5) the last layer's self-attention distributions and value relations
+(Wang et al. 2020), plus the mapped hidden states' cosine, on packed plain text of the shared
+corpora; no labels and no head (lib/distill.py `distill_general`). The student then fine-tunes
+with the unchanged configs.
+
+  ./run.sh distill --config=configs/distill_general.py --workdir=workdirs/distill_general
+  ./run.sh finetune --config=configs/sst2.py --workdir=workdirs/sst2_general_l3 \\
+      --config.model.init_from=workdirs/distill_general
+  ./run.sh finetune --config=configs/ner.py --workdir=workdirs/ner_general_l3 \\
+      --config.model.init_from=workdirs/distill_general
+
+Variants: (none) 1,000 steps of 32 x 128 tokens from Brown, Shakespeare, CoNLL-2003 and SST-2
+training text (mixed by size; held-out = their validation splits, 10 batches each), AdamW lr 1e-4
+with 6% warmup then linear decay, dropout 0.1 (the teacher's), weights attention 1, value 1,
+hidden 1 (hard and soft are 0: there are no labels); `minilm` attention + value only (the
+paper's); `quick` 20 steps (smoke test); `bf16`, `bf16_teacher`.
+Not measured yet on this machine.
+"""
+
+from configs import common, distill_sst2, mlm
+
+
+def get_config(variant: str = ""):
+  from lib import distill  # pylint: disable=g-import-not-at-top  # configs may use lib
+  c = mlm.base("none")                # packed rows, unmasked, no labels
+  c.task = "distill_general"
+  c.model.preset = ""                 # the student is made from the teacher's layers
+  c.model.dropout_rate = -1.0         # the teacher's (0.1 for MiniLM)
+  c.distill = distill.default_config()
+  c.distill.teacher = "minilm"
+  c.distill.weights.update(dict(hard=0.0, soft=0.0, hidden=1.0, attention=1.0, value=1.0))
+  c.optim.lr = 1e-4
+  c.train.num_steps = 1000
+  c.train.eval_every = 250
+  c.train.checkpoint_every = 250
+  shared = distill_sst2.variants()
+  return common.apply_variant(c, variant, {
+      "minilm": lambda c: c.distill.weights.update(dict(hidden=0.0)),
+      "quick": mlm.efficiency_variants()["quick"],
+      "bf16": common.bf16,
+      "bf16_teacher": shared["bf16_teacher"],
+  })
