@@ -2,7 +2,7 @@
 
 import dataclasses
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -64,18 +64,24 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int, num_labels: int, pad_f
 # ----------------------------------------------------------------------------- the two steps
 
 def build_ours(spec: ModelSpec, batch_np: dict, dtype: str = "float32", lr: float = 2e-5,
-               seed: int = 0):
-  """Our fine-tuning step as `lib.train` runs it (NER loss, `lib.optim` AdamW chain, 1 device).
+               seed: int = 0, peft_rules=peft.FULL_FINETUNE, cost: Optional[dict] = None):
+  """Our fine-tuning step as `lib.train` runs it (NER loss, `lib.optim` AdamW chain, 1 device),
+  training what `peft_rules` say (LoRA factors added as the run skeleton adds them).
 
-  Returns (run, compile_s, xla_flops, args): `run()` takes one blocking step.
+  Returns (run, compile_s, xla_flops, args): `run()` takes one blocking step. `cost`, if given,
+  receives XLA's cost analysis of the compiled step ('flops', 'bytes accessed', ...).
   """
-  args = dataclasses.replace(spec.args, dtype=dtype)
+  base = dataclasses.replace(spec.args, dtype=dtype)
+  args = peft.configure(base, peft.parse_spec(peft_rules))
   module = models.build(args, "token_cls", spec.num_labels)
   shapes, specs = models.abstract_params(module)
   params = spec.params
   if params is None:
-    params = models.init_params(module, jax.random.key(seed))[0]
-  labels = peft.label_params(shapes, peft.FULL_FINETUNE, log=False)
+    params = models.init_params(models.build(base, "token_cls", spec.num_labels),
+                                jax.random.key(seed))[0]
+  if args != base:
+    params = peft.add_params(params, module, jax.random.key(seed + 1))
+  labels = peft.label_params(shapes, peft_rules, log=False)
   ocfg = optim.default_config()
   ocfg.lr = lr
   tx, schedule = optim.make_optimizer(ocfg, labels, num_steps=100_000)
@@ -89,6 +95,9 @@ def build_ours(spec: ModelSpec, batch_np: dict, dtype: str = "float32", lr: floa
   t0 = time.perf_counter()
   compiled = train.jit_train_step(step, state, bsh).lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
+  if cost is not None:
+    analysis = compiled.cost_analysis()
+    cost.update((analysis[0] if isinstance(analysis, (list, tuple)) else analysis) or {})
   holder = {"state": state}
 
   def run():
@@ -176,12 +185,58 @@ def benchmark_row(spec: ModelSpec, batch: int, seq_len: int, *, steps: int, warm
               ours_step_s=times["ours"], hf_step_s=times["hf"])
 
 
-def format_table(rows: list) -> str:
-  """Markdown table of `COLUMNS` for benchmark rows."""
+def format_table(rows: list, columns: Sequence[str] = COLUMNS) -> str:
+  """Markdown table of `columns` for benchmark rows."""
   def cell(v):
     if isinstance(v, float):
       return f"{v:.3f}" if abs(v) < 10 else f"{v:,.1f}"
     return str(v)
-  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-  lines += ["| " + " | ".join(cell(r[c]) for c in COLUMNS) + " |" for r in rows]
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
   return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- PEFT step costs
+
+_HEAD = ("classifier/.*", "train")
+_LORA = "lora(rank=8, alpha=16, dropout={})"
+_ATTENTION = ".*/attention/(query|key|value|out)/kernel"
+# name -> the PEFT rules of a step (configs/common.peft_variants' LoRA on other targets).
+PEFT_SETTINGS = {
+    "full": peft.FULL_FINETUNE,
+    "lora_attention": (_HEAD, (_ATTENTION, _LORA.format(0.1)), (".*", "freeze")),
+    "lora_all": (_HEAD, ("encoder/.*/kernel", _LORA.format(0.1)), (".*", "freeze")),
+    "lora_all_nodropout": (_HEAD, ("encoder/.*/kernel", _LORA.format(0.0)), (".*", "freeze")),
+    "head_only": (_HEAD, (".*", "freeze")),
+}
+PEFT_COLUMNS = ("model", "setting", "dtype", "batch", "seq_len", "step_s", "vs_full",
+                "xla_gflop", "flop_vs_full", "gb_accessed", "bytes_vs_full")
+
+
+def peft_rows(spec: ModelSpec, batch: int, seq_len: int, settings: Sequence[str], *, steps: int,
+              warmup: int, dtype: str = "float32") -> list:
+  """Our step under each PEFT setting (PEFT_SETTINGS), timed interleaved in one process, with
+  XLA's FLOPs and bytes accessed of each compiled step; ratios against 'full' (added if absent).
+
+  Raises:
+    ValueError: an unknown setting.
+  """
+  unknown = sorted(set(settings) - set(PEFT_SETTINGS))
+  if unknown:
+    raise ValueError(f"unknown PEFT settings {unknown}; valid: {sorted(PEFT_SETTINGS)}")
+  names = ["full"] + [n for n in settings if n != "full"]
+  data = synthetic_batch(batch, seq_len, spec.args.vocab_size, spec.num_labels)
+  runs, costs = {}, {}
+  for name in names:
+    costs[name] = {}
+    runs[name] = build_ours(spec, data, dtype, peft_rules=PEFT_SETTINGS[name], cost=costs[name])[0]
+  for _ in range(warmup):
+    for run in runs.values():
+      run()
+  med = {k: float(np.median(v)) for k, v in time_interleaved(runs, steps).items()}
+  fl = {k: float(c.get("flops", 0.0)) for k, c in costs.items()}
+  by = {k: float(c.get("bytes accessed", 0.0)) for k, c in costs.items()}
+  return [dict(model=spec.name, setting=n, dtype=dtype, batch=batch, seq_len=seq_len,
+               step_s=med[n], vs_full=med[n] / med["full"], xla_gflop=fl[n] / 1e9,
+               flop_vs_full=fl[n] / max(fl["full"], 1.0), gb_accessed=by[n] / 1e9,
+               bytes_vs_full=by[n] / max(by["full"], 1.0)) for n in names]

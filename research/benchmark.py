@@ -11,6 +11,13 @@ train mode with torch.optim.AdamW, clip_grad_norm_ and loss.backward() (float32 
 has median examples/s, their ratio (ours / HF), our compile time, our achieved FLOP/s (model FLOPs
 6 N tokens + 12 L D T tokens; XLA's cost-analysis count beside it) and its fraction of a jitted
 2048^2 jnp.dot peak (float32, or bf16 x bf16 -> f32 for bfloat16 rows) measured in the same row.
+
+  .venv/bin/python research/benchmark.py --models=minilm --dtype=float32 \
+      --peft=full,lora_attention,lora_all,lora_all_nodropout,head_only
+
+--peft: our step only, under each PEFT setting, interleaved: median step time, XLA's FLOPs and
+bytes accessed of the compiled step, each as a ratio to full fine-tuning (why a LoRA step costs
+what it does: the FLOPs it saves vs the memory traffic it keeps).
 The process pins itself to --threads cores (XLA sizes its pool from the affinity; torch gets
 set_num_threads) and re-executes itself once under glibc malloc settings (--tune_malloc).
 """
@@ -45,6 +52,9 @@ flags.DEFINE_bool("tune_malloc", True, "re-run under MALLOC_ARENA_MAX=1 MALLOC_M
                   "MALLOC_TRIM_THRESHOLD_=64G: else glibc mmaps XLA's per-step buffers afresh and "
                   "the step page-faults ~1 GB every call (~20% of a MiniLM step)")
 flags.DEFINE_string("xla_flags", "", "extra XLA_FLAGS")
+flags.DEFINE_list("peft", [], "instead of the HF comparison: our step under these PEFT settings "
+                  "(lib/bench.PEFT_SETTINGS: full, lora_attention, lora_all, lora_all_nodropout, "
+                  "head_only), interleaved, with XLA's FLOPs and bytes accessed per step")
 flags.DEFINE_string("workdir", "", "also write the rows to <workdir>/metrics.json as {'rows': "
                     "[...]} (a cell of research/reproduce.py)")
 flags.DEFINE_enum("omp_wait_policy", "PASSIVE", ["PASSIVE", "ACTIVE", "default"],
@@ -105,6 +115,8 @@ def main(argv):
         f"malloc={ {k: os.environ.get(k) for k in MALLOC_ENV} } "
         f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}", flush=True)
   rows = []
+  if FLAGS.peft:
+    return _peft_table(bench)
   for name in FLAGS.models:
     spec = _spec(name)
     for t in FLAGS.seq_len:
@@ -119,6 +131,19 @@ def main(argv):
   if FLAGS.workdir:
     from lib import reporting  # pylint: disable=g-import-not-at-top
     reporting.write_json_atomic(os.path.join(FLAGS.workdir, "metrics.json"), {"rows": rows})
+
+
+def _peft_table(bench):
+  rows = []
+  for name in FLAGS.models:
+    for t in FLAGS.seq_len:
+      for dtype in FLAGS.dtype:
+        rows += bench.peft_rows(_spec(name), FLAGS.batch, int(t), FLAGS.peft, steps=FLAGS.steps,
+                                warmup=FLAGS.warmup, dtype=dtype)
+  print(bench.format_table(rows, bench.PEFT_COLUMNS))
+  if FLAGS.workdir:
+    from lib import reporting  # pylint: disable=g-import-not-at-top
+    reporting.write_json_atomic(os.path.join(FLAGS.workdir, "metrics.json"), {"peft_rows": rows})
 
 
 if __name__ == "__main__":

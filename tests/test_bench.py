@@ -97,3 +97,21 @@ def test_hash_dropout_rate_scale_and_independence():
   np.testing.assert_array_equal(a, layers.hash_dropout(x, 0.1, jax.random.key(0)))
   other = np.asarray(layers.hash_dropout(x, 0.1, jax.random.key(1))) > 0
   assert abs(np.corrcoef(flat, other.reshape(-1))[0, 1]) < 5e-3      # keys independent
+
+
+@pytest.mark.slow
+def test_peft_rows_tiny():
+  """LoRA trains only its factors: fewer FLOPs than full fine-tuning (no kernel gradients); the
+  ratios are against the full row of the same call."""
+  args = models.ModelArgs(vocab_size=1200, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32,
+                          max_len=16)
+  spec = bench.ModelSpec("tiny", args, None, None, num_labels=3)
+  rows = bench.peft_rows(spec, 4, 8, ["lora_all", "head_only"], steps=2, warmup=0)
+  by = {r["setting"]: r for r in rows}
+  assert list(by) == ["full", "lora_all", "head_only"]
+  assert by["full"]["vs_full"] == by["full"]["flop_vs_full"] == 1.0
+  assert by["head_only"]["xla_gflop"] < by["lora_all"]["xla_gflop"] < by["full"]["xla_gflop"]
+  assert all(r["gb_accessed"] > 0 and r["step_s"] > 0 for r in rows)
+  assert "| tiny | lora_all | float32 | 4 | 8 |" in bench.format_table(rows, bench.PEFT_COLUMNS)
+  with pytest.raises(ValueError, match="unknown PEFT settings"):
+    bench.peft_rows(spec, 4, 8, ["lora_everything"], steps=1, warmup=0)
