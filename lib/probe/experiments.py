@@ -221,20 +221,12 @@ def run_patch(cfg, out_dir: str, log) -> dict:
   std = float(np.asarray(acts["embed"])[subject.astype(bool)].std())
   noise = patching.embedding_noise(jax.random.key(cfg.seed), subject, m.args.hidden_size, std,
                                    pc.noise_scale)
-  n_b = min(pc.benchmark_examples, len(subject))
-  small = {k: v[:n_b] for k, v in batch.items()}
-  times = {}
-  for name, fn in (("per-cell loop", patcher.naive_grid), ("prefix reuse", patcher.grid)):
-    kw = {} if name == "per-cell loop" else dict(chunk=n_b)
-    fn(small, small, noise[:n_b], pc.window, **kw)                        # compile
-    res, times[name] = patching.timed(fn, small, small, noise[:n_b], pc.window, **kw)
-    times[name + " grid"] = res
-  diff = max(float(np.nanmax(np.abs(times["per-cell loop grid"][k] - times["prefix reuse grid"]
-                                    [k]))) for k in patching.KINDS)
-  cells = len(patcher.cells(pc.window)) * pc.max_len * n_b
-  log(f"benchmark ({n_b} examples x {cells // n_b} cells, T={pc.max_len}): per-cell loop "
-      f"{times['per-cell loop']:.2f} s, prefix reuse {times['prefix reuse']:.2f} s "
-      f"({times['per-cell loop'] / times['prefix reuse']:.1f}x), max |diff| {diff:.2e}")
+  bench = patching.compare_grids(patcher, batch, noise, pc.window,
+                                 min(pc.benchmark_examples, len(subject)))
+  log(f"benchmark ({bench['examples']} examples x {bench['cells']} cells, T={pc.max_len}, same "
+      f"process): per-cell loop {bench['per_cell_s']:.2f} s, prefix reuse "
+      f"{bench['prefix_reuse_s']:.2f} s ({bench['speedup']:.1f}x), max |diff| "
+      f"{bench['max_abs_diff']:.2e}")
   grid, t_grid = patching.timed(patcher.grid, batch, batch, noise, pc.window, pc.chunk)
   attr, t_attr = patching.timed(patcher.attribution, batch, batch, noise, pc.window)
   rho = patching.spearman(grid, attr)
@@ -242,9 +234,8 @@ def run_patch(cfg, out_dir: str, log) -> dict:
       f"Spearman " + " ".join(f"{k} {v:.3f}" for k, v in rho.items()))
   summary = _trace_outputs(out_dir, "patch", grid, subject, np.asarray(b["input_mask"]),
                            f"{cfg.model}: NER probe P(gold tag), noise on the entity")
-  summary.update(benchmark=dict(examples=n_b, per_cell_s=times["per-cell loop"],
-                                prefix_reuse_s=times["prefix reuse"], max_abs_diff=diff),
-                 grid_s=t_grid, attribution_s=t_attr, spearman=rho, examples=len(subject))
+  summary.update(benchmark=bench, grid_s=t_grid, attribution_s=t_attr, spearman=rho,
+                 examples=len(subject))
   reporting.write_json_atomic(os.path.join(out_dir, "patch.json"), summary)
   return summary
 

@@ -16,7 +16,8 @@ def heatmaps(path_png: str, panels: Sequence[tuple], suptitle: str = "") -> None
     panels: (title, matrix (R, C), row labels, column labels, colour-bar label) each; NaN cells
       are left blank.
   """
-  from matplotlib.backends.backend_agg import FigureCanvasAgg   # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure   # pylint: disable=import-outside-toplevel
   rows = max(len(p[2]) for p in panels)
   cols = max(len(p[3]) for p in panels)
