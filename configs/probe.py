@@ -10,6 +10,11 @@ Modes (`--config.mode`):
           (vmapped over the layer axis): POS, chunk, NER (CoNLL-2003 columns; the word's first
           sub-word), Brown POS, SST-2 (mean-pooled sentence); Hewitt-Liang control tasks ->
           selectivity; Tenney scalar mix -> expected layer. probes.txt/json/png.
+          Measured on MiniLM (AMD EPYC, 2 shared cores, 491 s; --config.probe.train_sentences=
+          1000 eval_sentences=300 sst2_train=1000 sst2_eval=300 steps=600): best layer / max
+          selectivity / expected layer: POS L2 0.883 / 0.384 / 2.69, chunk L2 0.850 / 0.268 /
+          2.61, NER L4 0.915 / 0.208 / 3.13, Brown POS L2 0.889 / 0.321 / 2.75, SST-2 L4 0.770 /
+          0.310 / 3.08: POS below NER in expected layer, as Tenney et al. found for BERT.
   patch   exact activation patching on the encoder (NER: noise on an entity's word embeddings,
           score = the NER probe's probability of the gold tag at the entity), prefix reuse vs a
           per-cell loop timed, attribution patching and its Spearman correlation. patch.*
