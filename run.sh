@@ -12,7 +12,7 @@
 #   ./run.sh data_benchmark [flags] research/data_benchmark.py
 #   ./run.sh fewshot [flags]       research/fewshot.py    (default: --config=configs/fewshot.py)
 #   ./run.sh continual [flags]     research/continual.py  (default: --config=configs/continual.py)
-#   ./run.sh probe [flags]         research/causal_probe.py (probes, patching, INLP, IG)
+#   ./run.sh probe [flags]         research/causal_probe.py (probes, patching, facts tracing, INLP, IG)
 #   ./run.sh attack [flags]        research/attack.py     (char/word/HotFlip attacks on a model)
 #   ./run.sh serve [flags]         research/serve.py      (HTTP API for a model: --model=...)
 #   ./run.sh export [flags]        research/export.py     (StableHLO / ONNX / int8 artifact)
