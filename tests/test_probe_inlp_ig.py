@@ -62,3 +62,15 @@ def test_integrated_gradients_exact_for_linear_and_complete_for_a_model():
   attr, total, err = attribution.integrated_gradients(fn, emb, jnp.zeros_like(emb), steps=32)
   assert attr.shape == (6,) and abs(total) > 1e-3
   assert err < 0.01, (err, total)
+
+
+def test_inlp_stops_once_the_property_is_at_the_majority_baseline():
+  """Labels independent of the features: the first probe is already at the baseline, so nothing
+  is removed (rank 0) however many iterations are allowed."""
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(600, 12)).astype(np.float32)
+  y = (rng.random(600) < 0.8).astype(np.int32)           # 80% majority, no signal
+  res = inlp.inlp(x[:400], y[:400], x[400:], y[400:], 2, iterations=8, steps=200, lr=1e-2,
+                  stop_margin=0.03)
+  assert len(res["accuracy"]) == 1 and res["rank"] == 0, res
+  np.testing.assert_allclose(res["P"], np.eye(12), atol=1e-6)
