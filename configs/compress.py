@@ -1,4 +1,5 @@
-"""Int8 post-training quantisation of a fine-tuned model (research/compress.py, lib/quant.py).
+"""Compressing a fine-tuned model: int8 PTQ (dynamic, static), QAT, attention-head pruning and
+unstructured pruning (research/compress.py, lib/quant.py, lib/prune.py).
 
   .venv/bin/python research/compress.py --config=configs/compress.py:sst2 \
       --model=workdirs/sst2 --out=/tmp/sst2_int8
@@ -30,6 +31,22 @@ test 1,821; source /tmp/d13/teacher_sst2: MiniLM-L6 fine-tuned on 2,000 SST-2 se
   int8_w8a8         53.7 MB, b1 38 ms, 12.4 seq/s (1.47x), dev 0.7511, test 0.7677 (+0.16)
   int8_weight_only  53.7 MB, 32x128 1.04x, batch 1 slower (dequantises every call), test 0.7677
 The word-embedding table stays float32 (46.9 MB): only Dense kernels go through the seat.
+Same source and machine, issue 14 second round (each row's float32 timed in the same process):
+  int8_static       53.7 MB, b1 59.2 -> 44.5 ms, 13.4 -> 23.9 seq/s (1.79x), dev 0.7523,
+                    test 0.7738 (+0.77); 16 calibration batches of 32 training sentences
+  heads30           21.63M params (-4.8%), 79.4 MB, b1 51.7 -> 45.0 ms, 11.7 -> 14.5 seq/s
+                    (1.24x); 51 of 72 heads kept, per layer (10, 12, 5, 8, 9, 6); dev 0.7466,
+                    test 0.7501 (-1.59); after 1 recovery epoch (research/finetune.py, 2,000
+                    sentences) dev 0.7924, test 0.8155
+  magnitude-70%     70.0% zeros in the encoder kernels (global threshold), 2 epochs: dev 0.7672,
+                    test 0.7743; sparse.npz 14.1 MB for the 42.5 MB of pruned kernels (62.5 MB
+                    with the other parameters); no speedup (dense matmuls)
+  movement-70%      global threshold: dev 0.5092, test 0.4964 (collapsed, see the README)
+  qat               1 epoch with int8_fake, then w8a8: 53.7 MB, 1.16x (load varied), dev 0.7867,
+                    test 0.8199 (fake-quant eval before PTQ: dev 0.7878, test 0.8199)
+  dense control     the source + 1 more float epoch (research/finetune.py, no compression): dev
+                    0.7878, test 0.8199: the fair reference for qat and heads30 + recovery (2
+                    epochs in all); the 1-epoch source is for the post-training rows
 """
 
 import ml_collections
