@@ -18,9 +18,16 @@ Modes (`--config.mode`):
   patch   exact activation patching on the encoder (NER: noise on an entity's word embeddings,
           score = the NER probe's probability of the gold tag at the entity), prefix reuse vs a
           per-cell loop timed, attribution patching and its Spearman correlation. patch.*
-  inlp    INLP removes a property (inlp.property) at inlp.layer inside the forward pass; the
-          final-layer probe's loss of inlp.target against a random projection of the same rank.
-  ig      integrated gradients per token of the SST-2 probe's logit; completeness; ig.html/png.
+  inlp    INLP removes a property (inlp.property) at inlp.layer inside the forward pass (until a
+          probe is at the majority baseline); the final-layer probe's loss of inlp.target against
+          a random projection of the same rank. Measured on MiniLM (AMD EPYC, 2 shared cores,
+          171 s; 1,000 / 300 CoNLL-2003 sentences): NER removed at hidden state 2 in 11
+          iterations (rank 90; NER probe 0.922 -> 0.779, majority 0.781); the last-layer POS probe
+          falls from 0.811 to 0.709 (loss 0.897 -> 1.253), against 0.804 (loss 0.932) for 90
+          random directions. With inlp.property=pos (45 tags, 45 directions per iteration) INLP
+          needs all 384 dimensions, so its random control is the same projection: no result.
+  ig      integrated gradients per token of the SST-2 probe's logit; completeness (measured: max
+          error 0.19%, mean 0.04% over 12 sentences, 64 Gauss-Legendre nodes); ig.html/png.
   facts   causal tracing (ROME) of synthetic facts (lib/probe/tracing.py): 150 invented subjects x
           6 relations, each fact stated 4 times in 3 training templates (+10% distractors); 30% of
           the subjects also in each relation's query template, the other 70% (630 facts) never:
@@ -67,7 +74,7 @@ def get_config(variant: str = ""):
       examples=200, window=1, noise_scale=3.0, chunk=16, benchmark_examples=8,
       max_len=32, train_sentences=2000))
   c.inlp = ml_collections.ConfigDict(dict(
-      property="pos", target="ner", layer=2, iterations=20, steps=600, train_sentences=1000,
+      property="ner", target="pos", layer=2, iterations=20, steps=600, train_sentences=1000,
       eval_sentences=300))
   c.ig = ml_collections.ConfigDict(dict(steps=64, examples=12, train=2000))
   c.facts = ml_collections.ConfigDict(dict(
