@@ -35,13 +35,15 @@ Same source and machine, issue 14 second round (each row's float32 timed in the 
   int8_static       53.7 MB, b1 59.2 -> 44.5 ms, 13.4 -> 23.9 seq/s (1.79x), dev 0.7523,
                     test 0.7738 (+0.77); 16 calibration batches of 32 training sentences
   heads30           21.63M params (-4.8%), 79.4 MB, b1 51.7 -> 45.0 ms, 11.7 -> 14.5 seq/s
-                    (1.24x); 51 of 72 heads kept, per layer (10, 12, 5, 8, 9, 6); dev 0.7466,
+                    (1.24x); 22 of 72 heads removed, kept (10, 12, 5, 8, 9, 6); dev 0.7466,
                     test 0.7501 (-1.59); after 1 recovery epoch (research/finetune.py, 2,000
                     sentences) dev 0.7924, test 0.8155
   magnitude-70%     70.0% zeros in the encoder kernels (global threshold), 2 epochs: dev 0.7672,
                     test 0.7743; sparse.npz 14.1 MB for the 42.5 MB of pruned kernels (62.5 MB
                     with the other parameters); no speedup (dense matmuls)
-  movement-70%      global threshold: dev 0.5092, test 0.4964 (collapsed, see the README)
+  movement-70%      global or per-kernel threshold: dev 0.5092, test 0.4964 (one class: collapsed;
+                    scores from 10 steps decide the first 25% cut, large weights included)
+  heads30 HF export transformers 5.23 loads it (no missing/unexpected keys), logits within 7e-8
   qat               1 epoch with int8_fake, then w8a8: 53.7 MB, 1.16x (load varied), dev 0.7867,
                     test 0.8199 (fake-quant eval before PTQ: dev 0.7878, test 0.8199)
   dense control     the source + 1 more float epoch (research/finetune.py, no compression): dev
