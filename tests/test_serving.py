@@ -152,6 +152,27 @@ def test_max_wait_is_honoured():
   b0.stop()
 
 
+def test_no_wait_for_company_when_no_other_request_is_open():
+  """With the caller's open-request count: a lone request goes at once; with another request
+  open (not yet queued) the batch waits for it, up to max_wait."""
+  open_requests = [1]
+  rec = Recorder()
+  b = B.Batcher(rec, B.BatchLimits(max_batch=8, max_wait_ms=300, length_buckets=(8,)),
+                in_flight=lambda: open_requests[0]).start()
+  t0 = time.monotonic()
+  assert b.submit([1], [1]).result(5) == [10]
+  assert time.monotonic() - t0 < 0.15                      # nobody else: no 300 ms wait
+  open_requests[0] = 2
+  t0 = time.monotonic()
+  first = b.submit([2], [1])
+  time.sleep(0.1)
+  second = b.submit([3], [1])                              # the other open request arrives
+  assert first.result(5) == [20] and second.result(5) == [30]
+  assert 0.09 <= time.monotonic() - t0 < 0.29              # left when both were in, not at 300
+  b.stop()
+  assert [p for p, _ in rec.batches] == [[1], [2, 3]]
+
+
 def test_queue_full_and_too_long_and_errors():
   gate = threading.Event()
   b = B.Batcher(Recorder(gate=gate), B.BatchLimits(max_batch=2, max_queue=3, max_wait_ms=0,

@@ -135,6 +135,7 @@ class Server:
             engine.compiles_since_ready)
     engine.batcher.on_batch = lambda rows, shape: m.observe(
         "serve_batch_size", "units per model call", rows, prom.BATCH_BUCKETS)
+    engine.batcher.in_flight = lambda: self.inflight   # no waiting for requests that are not there
     self.app = self._build()
 
   async def _await(self, fut):

@@ -4,7 +4,8 @@ A request is a list of units (a text, or one window of a long text), each with a
 The worker takes units first-in first-out and closes a batch when it holds `max_batch` units, when
 the next unit would push the padded batch (rows and length rounded up to their buckets) past
 `max_tokens`, or when `max_wait_ms` have passed since the oldest queued unit arrived (Triton's max
-queue delay: 0 = take what is queued now, never wait). A closed batch is then split into model
+queue delay: 0 = take what is queued now, never wait), or, given the caller's count of open
+requests, when all of them are in the batch already. A closed batch is then split into model
 calls by `plan_calls` (units of similar length together, so that short texts are not padded to
 the longest one's bucket). Each request's future gets its units' outputs in the order it gave them.
 """
@@ -115,8 +116,13 @@ class Batcher:
   max_tokens) and the padded shape, and returns one output per unit, in order.
   """
 
-  def __init__(self, run_batch: Callable, limits: BatchLimits, on_batch: Callable = None):
+  def __init__(self, run_batch: Callable, limits: BatchLimits, on_batch: Callable = None,
+               in_flight: Callable = None):
     self.run_batch, self.limits, self.on_batch = run_batch, limits, on_batch
+    # () -> requests the caller holds open (e.g. the HTTP server's). When given, a batch stops
+    # waiting for company as soon as every open request is already in it or queued: nobody else
+    # can arrive within max_wait, so waiting would only add latency (a lone client at c=1).
+    self.in_flight = in_flight
     self._queue = collections.deque()     # (request, unit index)
     self._cond = threading.Condition()
     self._stopping = False
@@ -199,9 +205,15 @@ class Batcher:
           if len(units) == lim.max_batch:
             return units
         left = deadline - time.monotonic()
-        if left <= 0 or self._stopping:
+        if left <= 0 or self._stopping or self._nobody_else(units):
           return units
         self._cond.wait(left)
+
+  def _nobody_else(self, units) -> bool:
+    if self.in_flight is None:
+      return False
+    here = {id(req) for req, _ in units} | {id(req) for req, _ in self._queue}
+    return self.in_flight() <= len(here)
 
   def _loop(self) -> None:
     while True:
