@@ -41,6 +41,9 @@ flags.DEFINE_integer("call_overhead_tokens", 128, "batched server: see research/
 flags.DEFINE_list("length_buckets", ["16", "32", "64", "128"], "padded lengths compiled")
 flags.DEFINE_integer("torch_threads", 0, "torch server: intra-op threads (0 = torch's default)")
 flags.DEFINE_string("server_logs", "/tmp", "directory of each server's log (loadtest_<server>.log)")
+flags.DEFINE_bool("model_only", False, "also time the model alone (no HTTP) on 512 texts: one "
+                  "per call vs batches of --max_batch split by length vs padded batches (the "
+                  "most batching can gain here)")
 flags.DEFINE_string("out", "", "write the results as JSON here too (atomically)")
 flags.DEFINE_string("data_dir", common.DATA_DIR, "shared data folder")
 flags.mark_flags_as_required(["model"])
@@ -133,14 +136,37 @@ def main(argv):
   rows = []
   for kind in FLAGS.servers:
     rows += _measure(kind, f"/v1/{endpoint}", bodies, levels)
+  bound = _model_only(bodies) if FLAGS.model_only else None
   cpu = _cpu()
   print(f"\n{FLAGS.model} /v1/{endpoint}, {FLAGS.texts_per_request} text(s) per request, "
         f"{len(bodies)} distinct bodies; CPU: {cpu}\n")
   print(_table(rows))
+  if bound:
+    print("\nmodel alone, texts/s: " + ", ".join(f"{k} {v:.1f} ({v / bound['one_per_call']:.2f}x)"
+                                                 for k, v in bound.items()))
   if FLAGS.out:
     atomic.write_bytes(FLAGS.out, json.dumps(dict(model=FLAGS.model, endpoint=endpoint, cpu=cpu,
-                                                  flags=sys.argv[1:], rows=rows),
-                                             indent=2).encode())
+                                                  flags=sys.argv[1:], rows=rows,
+                                                  model_only=bound), indent=2).encode())
+
+
+def _model_only(bodies: list) -> dict:
+  """lib.serving.loadtest.model_only on the first 512 texts (classify/embed units; NER windows)."""
+  from lib import model_io  # pylint: disable=g-import-not-at-top
+  from lib.serving import batcher as B, engine as E, loadtest as L  # pylint: disable=g-import-not-at-top
+  model = model_io.load_for_inference(FLAGS.model, data_dir=FLAGS.data_dir)
+  lim = B.BatchLimits(max_batch=FLAGS.max_batch, max_wait_ms=0,
+                      length_buckets=tuple(int(b) for b in FLAGS.length_buckets),
+                      call_overhead_tokens=FLAGS.call_overhead_tokens)
+  eng = E.Engine(model, lim)
+  eng.warm_up()
+  eng.batcher.stop()
+  texts = [t for b in bodies for t in b["texts"]][:512]
+  if "ner" in eng.endpoints:
+    units = [w["input_ids"] for t in texts for w in eng.ner_units(t)[1]]
+  else:
+    units = eng.encode(texts)
+  return L.model_only(eng._run_batch, units, lim)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

@@ -82,3 +82,23 @@ def test_helpers():
   for url in ("http://10.0.0.1:8000", "http://example.com", "http://0.0.0.0:80"):
     with pytest.raises(ValueError, match="only targets loopback"):
       L.check_loopback(url)
+
+
+def test_model_only_plans_and_rates():
+  """The three ways cover every unit once; the split way uses the server's plan_calls per batch;
+  each call's shape is what the engine would get."""
+  from lib.serving import batcher as B   # pylint: disable=g-import-not-at-top
+  lim = B.BatchLimits(max_batch=4, length_buckets=(16, 128), call_overhead_tokens=10)
+  lengths = [5, 100, 6, 120, 7, 3]
+  plans = L.model_only_plans(lengths, lim)
+  for calls in plans.values():
+    assert sorted(i for c in calls for i in c) == list(range(6))
+  assert plans["one_per_call"] == [[i] for i in range(6)]
+  assert plans["batched_padded"] == [[0, 1, 2, 3], [4, 5]]
+  assert plans["batched_split"] == [[0, 2], [1, 3], [4, 5]]
+  shapes = []
+  rates = L.model_only(lambda p, shape: shapes.append(shape), [[0] * n for n in lengths], lim,
+                       rounds=1)
+  assert set(rates) == set(L.MODEL_ONLY) and all(v > 0 for v in rates.values())
+  assert shapes[:6] == [(1, 16), (1, 128), (1, 16), (1, 128), (1, 16), (1, 16)]
+  assert shapes[6:9] == [(2, 16), (2, 128), (2, 16)] and shapes[9:] == [(4, 128), (2, 16)]

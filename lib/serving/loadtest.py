@@ -151,3 +151,39 @@ class ServerProcess:
         self.proc.kill()
         self.proc.wait()
     self.log.close()
+
+
+# ----------------------------------------------------------------------------- the model's bound
+
+MODEL_ONLY = ("one_per_call", "batched_split", "batched_padded")
+
+
+def model_only_plans(lengths: Sequence[int], limits) -> dict:
+  """{way: [[unit indices of one call], ...]} for the units of `lengths` taken in batches of
+  limits.max_batch: one unit per call; each batch split by `batcher.plan_calls` (the server's
+  way); each batch as one call padded to its longest unit."""
+  from lib.serving import batcher  # pylint: disable=g-import-not-at-top
+  n, size = len(lengths), limits.max_batch
+  batches = [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+  split = [[b[k] for k in call] for b in batches
+           for call in batcher.plan_calls([lengths[i] for i in b], limits)]
+  return dict(one_per_call=[[i] for i in range(n)], batched_split=split, batched_padded=batches)
+
+
+def model_only(run_batch, units: Sequence, limits, rounds: int = 3) -> dict:
+  """Texts per second of the model alone (no HTTP), median of `rounds` interleaved passes per way
+  of `model_only_plans`: what batching can gain on this machine at most.
+
+  `run_batch(payloads, (rows, length))` is the engine's model call (shapes compiled beforehand).
+  """
+  lengths = [len(u) for u in units]
+  plans = model_only_plans(lengths, limits)
+  rates = {k: [] for k in plans}
+  for _ in range(rounds):
+    for way, calls in plans.items():
+      t0 = time.perf_counter()
+      for call in calls:
+        run_batch([units[i] for i in call],
+                  limits.padded_shape(len(call), max(lengths[i] for i in call)))
+      rates[way].append(len(units) / (time.perf_counter() - t0))
+  return {k: float(np.median(v)) for k, v in rates.items()}
