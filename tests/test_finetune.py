@@ -99,6 +99,7 @@ def ner_run(tmp_path_factory, data_cache):
   return workdir, _run(workdir, NER_ARGS, data_cache)
 
 
+@pytest.mark.slow
 def test_ner_quick_writes_every_output_and_beats_chance(ner_run):
   workdir, m = ner_run
   for name in OUTPUTS + ("test_predictions.conll",):
@@ -120,6 +121,7 @@ def test_ner_quick_writes_every_output_and_beats_chance(ner_run):
   assert "micro avg" in report and "           O " in report    # entity and token-level reports
 
 
+@pytest.mark.slow
 def test_every_test_word_predicted_exactly_once_and_metrics_match_seqeval(ner_run):
   workdir, m = ner_run
   test = _raw_conll(os.path.join(DATA, "conll2003", "test.txt"))
@@ -138,6 +140,7 @@ def test_every_test_word_predicted_exactly_once_and_metrics_match_seqeval(ner_ru
   assert m["test"]["f1"] == pytest.approx(seqeval.metrics.f1_score(gold, guess), abs=1e-12)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_metrics(ner_run, tmp_path, data_cache):
   _, reference = ner_run
   workdir = str(tmp_path / "run")
@@ -158,6 +161,7 @@ def test_killed_run_resumes_to_the_same_metrics(ner_run, tmp_path, data_cache):
       assert resumed[block][k] == reference[block][k], (block, k)
 
 
+@pytest.mark.slow
 def test_sst2_quick(tmp_path, data_cache):
   workdir = str(tmp_path / "run")
   m = _run(workdir, ["--config=configs/sst2.py:quick", "--config.data.max_train_examples=640",
@@ -218,6 +222,7 @@ def _animal_run(tmp_path, variant: str, sizes, epochs: int, lr: float = 0.0) -> 
   return finetune.run(cfg, str(tmp_path / "run"), model_args=args)
 
 
+@pytest.mark.slow
 def test_other_entity_types_need_no_code_change(tmp_path):
   out = _animal_run(tmp_path, "quick", (64, 16, 16), epochs=8, lr=3e-3)
   meta = json.load(open(tmp_path / "run" / "model.json"))
@@ -243,6 +248,7 @@ def test_lora_run_writes_an_adapter_of_the_trainable_leaves_only(tmp_path):
   assert np.abs(weights["encoder/layer_0/attention/query/lora_b"]).max() > 0   # trained from 0
 
 
+@pytest.mark.slow
 def test_convert_round_trips_minilm_through_ours_and_back(tmp_path):
   """HF MiniLM -> ours -> HF: transformers loads the result with no missing/unexpected keys
   and every tensor equals the original's."""
@@ -267,6 +273,7 @@ def test_convert_round_trips_minilm_through_ours_and_back(tmp_path):
   assert tok("Hello world")["input_ids"] == hf.load_bert_tokenizer("minilm")("Hello world")["input_ids"]
 
 
+@pytest.mark.slow
 def test_finetuned_workdir_exports_to_hf_with_equal_logits(ner_run, tmp_path):
   """A fine-tuning workdir -> HF directory -> BertForTokenClassification gives our logits."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -312,6 +319,7 @@ def _animal_run_in_subprocess(tmp_path) -> list:
   return (res.stdout + res.stderr).splitlines()
 
 
+@pytest.mark.slow
 def test_rerun_with_a_damaged_best_checkpoint_uses_the_next_best(tmp_path):
   _animal_run_in_subprocess(tmp_path)
   run = tmp_path / "run"

@@ -96,6 +96,7 @@ def test_gpt_is_causal():
   assert not np.allclose(o1["logits"][:, 4], o2["logits"][:, 4])
 
 
+@pytest.mark.slow
 def test_remat_same_gradients_and_bf16_close():
   ids = jnp.array([[1, 2, 3, 4, 5, 6]])
 

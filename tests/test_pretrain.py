@@ -294,6 +294,7 @@ def _tiny_run_config(cfg, dataset="text:shakespeare"):
   return cfg
 
 
+@pytest.mark.slow
 def test_mlm_run_writes_a_checkpoint_that_finetuning_starts_from(tmp_path):
   cfg = _tiny_run_config(mlm_config.get_config(""))
   cfg.mesh.update(data=2, fsdp=2, tensor=2)    # the sharding rules on 8 simulated devices
@@ -338,6 +339,7 @@ def test_mlm_run_writes_a_checkpoint_that_finetuning_starts_from(tmp_path):
   assert model_io.read_model_json(ft)["init_from"] == f"{workdir}@{out['train']['steps']}"
 
 
+@pytest.mark.slow
 def test_clm_script_samples_and_generate_loads_the_workdir(tmp_path):
   workdir = str(tmp_path / "clm")
   cfg = [f"--config.data.{k}={v}" for k, v in dict(

@@ -248,6 +248,7 @@ def _free_port() -> int:
     return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_of_4_devices_match_one_process_of_8(tmp_path, jax_cache, reference):
   port = _free_port()
   # Each process: 4 devices as a (1, 2, 2) slice; the two processes form the DCN data axis.
