@@ -11,7 +11,7 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 
 from lib import atomic, errors, tree
-from lib.models import ModelArgs
+from lib.models import BACKBONE, ModelArgs
 
 # Buffers HF keeps in some state dicts; they carry no learned values.
 _IGNORED_SUFFIXES = (".position_ids", ".attn.bias", ".attn.masked_bias")
@@ -380,7 +380,7 @@ def _unprune_heads(flat: dict, args: ModelArgs) -> dict:
   value and output weights are zero), so HF gives the same outputs, at the unpruned cost.
   """
   out = dict(flat)
-  root = "encoder" if args.arch == "bert" else "decoder"
+  root = BACKBONE[args.arch]
   for i, h in enumerate(args.heads_per_layer):
     pad = args.num_heads - h
     for name, axis in (("query", 1), ("key", 1), ("value", 1), ("out", 0)):

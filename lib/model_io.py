@@ -39,7 +39,7 @@ RUN_METRICS = "metrics.json"
 # when metrics.json (train.best_step) is not written yet.
 DEV_METRIC = {"token_cls": "f1", "seq_cls": "accuracy"}
 # The backbone subtree of each architecture: what carries over between heads.
-BACKBONE = {"bert": "encoder", "gpt2": "decoder"}
+BACKBONE = models.BACKBONE
 
 
 @dataclasses.dataclass

@@ -18,13 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lib.models import ModelArgs
-
-ROOTS = {"bert": "encoder", "gpt2": "decoder"}
+from lib.models import BACKBONE, ModelArgs
 
 
 def _attention(args: ModelArgs, layer: int) -> str:
-  return f"{ROOTS[args.arch]}/layer_{layer}/attention"
+  return f"{BACKBONE[args.arch]}/layer_{layer}/attention"
 
 
 def _check_plain(args: ModelArgs) -> None:

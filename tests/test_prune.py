@@ -63,7 +63,7 @@ def test_pruned_model_equals_masked_model(arch):
   batch = _batch()
   pruned, pargs = prune.prune_heads(params, args, KEEP)
   assert pargs.heads_per_layer == (3, 1)
-  root = prune.ROOTS[arch]
+  root = models.BACKBONE[arch]
   assert pruned[root]["layer_1"]["attention"]["query"]["kernel"].shape == (32, 1, 8)
   assert pruned[root]["layer_0"]["attention"]["out"]["kernel"].shape == (3, 8, 32)
   got = _logits(pargs, pruned, batch)

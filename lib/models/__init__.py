@@ -13,9 +13,12 @@ from lib.models.heads import HEADS, get_head, register_head
 from lib.models.layers import (DOT_GENERALS, ModelArgs, check_dot_general_rules,
                                register_dot_general)
 
-__all__ = ["ModelArgs", "Bert", "Gpt", "build", "args_from_config", "init_params",
+__all__ = ["ModelArgs", "Bert", "Gpt", "BACKBONE", "build", "args_from_config", "init_params",
            "abstract_params", "param_count", "HEADS", "register_head", "DOT_GENERALS",
            "register_dot_general"]
+
+# The parameter-tree name of each architecture's layer stack (params[BACKBONE[arch]]/layer_i).
+BACKBONE = {"bert": "encoder", "gpt2": "decoder"}
 
 _FIELDS = {f.name for f in dataclasses.fields(ModelArgs)}
 
