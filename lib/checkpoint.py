@@ -159,10 +159,13 @@ class _HeldBack(std_logging.Filter):
     self._records, self._unraisables, self._ids = [], [], set()
 
 
-class _LateReports:
-  """The process-wide `sys.unraisablehook`, installed once a damaged step was read: drops the
-  'Exception ignored in <orbax coroutine>' reports of reads that finish after `_HeldBack` left
-  (a slow machine); every other report goes to the hook that was there before."""
+class _LateReports(std_logging.Filter):
+  """Installed process-wide once a damaged step was read: drops the reports of orbax reads that
+  finish after `_HeldBack` left (a slow machine), which are
+  - 'Exception ignored in <orbax coroutine>' (`sys.unraisablehook`), and
+  - 'Task exception was never retrieved' (the `asyncio` logger, when the abandoned task of an
+    orbax coroutine is collected).
+  Every other report goes where it went before."""
 
   previous = None
 
@@ -170,12 +173,19 @@ class _LateReports:
   def install(cls) -> None:
     if cls.previous is None:
       cls.previous, sys.unraisablehook = sys.unraisablehook, cls.hook
+      std_logging.getLogger("asyncio").addFilter(cls())
 
   @classmethod
   def hook(cls, unraisable) -> None:
     obj = unraisable.object
     if not (type(obj) is types.CoroutineType and "/orbax/" in obj.cr_code.co_filename):
       cls.previous(unraisable)
+
+  def filter(self, record) -> bool:
+    if record.exc_info and record.exc_info[2] is not None:
+      if any("/orbax/" in f.filename for f in traceback.extract_tb(record.exc_info[2])):
+        return False
+    return "/orbax/" not in record.getMessage()
 
 
 class CorruptCheckpointError(RuntimeError):

@@ -683,3 +683,17 @@ def test_distributed_single_process_is_noop_and_incomplete_config_raises(monkeyp
   monkeypatch.setenv("SLURM_JOB_ID", "7")
   monkeypatch.setenv("SLURM_NTASKS", "4")
   assert distributed.detected_cluster() == "slurm"
+
+
+def test_late_orbax_reports_are_dropped_and_others_kept(caplog):
+  """Reads orbax abandoned may end after the held window (a slow machine): the asyncio logger's
+  'Task exception was never retrieved' for an orbax coroutine is dropped, any other record kept."""
+  import logging as std_logging
+  checkpoint._LateReports.install()
+  late = ("Task exception was never retrieved\nfuture: <Task finished coro=<async_deserialize() "
+          "done, defined at /venv/site-packages/orbax/checkpoint/_src/serialization.py:394>>")
+  with caplog.at_level(std_logging.ERROR, logger="asyncio"):
+    std_logging.getLogger("asyncio").error(late)
+    std_logging.getLogger("asyncio").error("Task exception was never retrieved: <Task coro=<mine()>>")
+  assert [r.getMessage() for r in caplog.records] == [
+      "Task exception was never retrieved: <Task coro=<mine()>>"]
