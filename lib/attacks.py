@@ -50,8 +50,9 @@ class Victim:
   """A model under attack: class probabilities of word lists, with a query counter.
 
   `kind` 'seq' gives (C,) probabilities per input, 'token' (n_words, C) (the first piece of each
-  word, as the fine-tuning evaluation). Inputs are padded to lengths of multiples of 16 and
-  batches of `batch_size` rows so that few shapes are compiled.
+  word, as the fine-tuning evaluation). Inputs are padded to lengths of multiples of 16 and to
+  a power-of-two number of rows (at most `batch_size`), so that few shapes are compiled and a
+  one-text query costs one row, not a whole batch.
   """
 
   def __init__(self, module, params, tokenizer, kind: str, batch_size: int = 32):
@@ -99,7 +100,8 @@ class Victim:
     out = []
     for s in range(0, len(inputs), self.batch_size):
       enc = [self.encode(w) for w in inputs[s:s + self.batch_size]]
-      batch = self._batch(enc + [enc[0]] * (self.batch_size - len(enc)))
+      rows = min(self.batch_size, 1 << (len(enc) - 1).bit_length())
+      batch = self._batch(enc + [enc[0]] * (rows - len(enc)))
       p = np.asarray(self._probs(self.params, batch))
       for r, (_, first) in enumerate(enc):
         out.append(p[r] if self.kind == "seq" else p[r, first])
@@ -241,24 +243,25 @@ def _attackable(words, gold, kind, o_index, word_level: bool):
   return keep
 
 
-def _importance(victim, words, gold, positions, unk: str) -> list:
-  """Positions by how much replacing the word with [UNK] lowers p(gold) (largest first)."""
+def _importance(victim, words, gold, positions, unk: str, base: float) -> list:
+  """Positions by how much replacing the word with [UNK] lowers p(gold) from `base`, the gold
+  score of `words` (largest first)."""
   if not positions:
     return []
-  base = gold_score(victim.kind, victim.probs([words])[0], gold)
   probs = victim.probs([words[:i] + [unk] + words[i + 1:] for i in positions])
   drop = [base - gold_score(victim.kind, p, gold) for p in probs]
   return [positions[j] for j in np.argsort(-np.asarray(drop), kind="stable")]
 
 
-def greedy_attack(victim, words, gold, candidates: Callable, positions, budget: int, unk: str):
+def greedy_attack(victim, words, gold, probs, candidates: Callable, positions, budget: int,
+                  unk: str):
   """TextAttack's greedy word-importance search: words in importance order, each replaced by the
   candidate that lowers p(gold) most (kept only if it does), until the prediction is wrong.
+  `probs` are the victim's probabilities of `words` (already queried).
   Returns (perturbed words, probabilities of them)."""
   cur = list(words)
-  probs = victim.probs([cur])[0]
   score, changed = gold_score(victim.kind, probs, gold), 0
-  for i in _importance(victim, cur, gold, positions, unk):
+  for i in _importance(victim, cur, gold, positions, unk, score):
     if changed >= budget or not is_correct(victim.kind, probs, gold):
       break
     texts = [cur[:i] + [c] + cur[i + 1:] for c in candidates(cur[i], i)]
@@ -272,12 +275,13 @@ def greedy_attack(victim, words, gold, candidates: Callable, positions, budget: 
   return cur, probs
 
 
-def hotflip(victim, words, gold, nb: Neighbours, positions, budget: "Budget", n_budget: int):
+def hotflip(victim, words, gold, probs, nb: Neighbours, positions, budget: "Budget",
+            n_budget: int):
   """HotFlip (Ebrahimi et al. 2018) on whole words: the first-order loss increase of swapping
   word p for vocabulary word v is (e_v - e_p) . dL/de_p; the best `flips_tried` swaps are
-  verified with the model and the best kept, until the prediction is wrong or no swap helps."""
+  verified with the model and the best kept, until the prediction is wrong or no swap helps.
+  `probs` are the victim's probabilities of `words` (already queried)."""
   cur = list(words)
-  probs = victim.probs([cur])[0]
   score = gold_score(victim.kind, probs, gold)
   table = nb.table[nb.ids]                                               # (Vc, D)
   for _ in range(n_budget):
@@ -314,14 +318,14 @@ def attack_example(name: str, victim, nb: Optional[Neighbours], words, gold, bud
   positions = _attackable(words, gold, victim.kind, o_index, word_level=name != "char")
   n = budget.words(len(words))
   if name == "char":
-    cur, probs = greedy_attack(victim, words, gold, lambda w, i: char_candidates(w, rng),
+    cur, probs = greedy_attack(victim, words, gold, probs, lambda w, i: char_candidates(w, rng),
                                positions, n, unk)
   elif name == "word":
-    cur, probs = greedy_attack(victim, words, gold,
+    cur, probs = greedy_attack(victim, words, gold, probs,
                                lambda w, i: nb.of(w, budget.neighbours, budget.min_cos),
                                positions, n, unk)
   elif name == "hotflip":
-    cur, probs = hotflip(victim, words, gold, nb, positions, budget, n)
+    cur, probs = hotflip(victim, words, gold, probs, nb, positions, budget, n)
   else:
     raise ValueError(f"unknown attack {name!r}; valid: {list(ATTACKS)}")
   status = "failure" if is_correct(victim.kind, probs, gold) else "success"
