@@ -10,7 +10,7 @@ Variants (`--config=configs/ner.py:<variant>`):
   bf16    bfloat16 compute (params and optimizer state stay float32).
   fgm, pgd, freelb
           adversarial training on the word embeddings (configs/common.py:adversarial_variants,
-          lib/adversarial.py): FGM eps 1.0; PGD-3 eps 1.0 step 0.3; FreeLB-3 step 0.1 init 0.1.
+          lib/adversarial.py): FGM eps 0.2; PGD-3 eps 0.2 step 0.06; FreeLB-3 step 0.1 init 0.1.
           Combine with '+', e.g. `quick+fgm` or `lora+freelb`.
   lora, adalora, bitfit, adapter, prefix, prompt
           parameter-efficient fine-tuning (configs/common.py:peft_variants, lib/peft): only the
