@@ -2,15 +2,15 @@
 the success of the offline character-level attack (DeepWordBug-style, research/attack.py) on each
 trained model; every attack cell attacks the fine-tuning cell of the same seed.
 
-  ./run.sh reproduce --table=tables/robustness_sst2 --rows=plain_4k,fgm_4k,freelb_4k,\
-plain_4k_char,fgm_4k_char,freelb_4k_char            # the subsampled rows (~45 min on 2 idle cores)
+  ./run.sh reproduce --table=tables/robustness_sst2 --rows=plain_4k,fgm_4k,pgd_4k,freelb_4k,\
+plain_4k_char,fgm_4k_char,pgd_4k_char,freelb_4k_char   # the subsampled rows (~80 min, 2 idle cores)
   ./run.sh reproduce --table=tables/robustness_sst2 --emit=commands    # all cells, for a cluster
 
 Rows `*_4k` train on SST-2's first 4,000 training sentences (lr 1e-4, 125 steps) and evaluate on
 the first 400 dev/test sentences: a CPU budget, not the paper setting. The rows without suffix
 are the full configs/sst2.py runs with 5 seeds (the issue's protocol). The attack takes the first
 200 test sentences, at most 25% of a sentence's words changed, seed = the cell's seed.
-Claims: FGM/FreeLB vs plain on clean accuracy (Δ = row - plain, Welch interval over seeds) and
+Claims: FGM/PGD/FreeLB vs plain on clean accuracy (Δ = row - plain, Welch interval over seeds) and
 on the attack's success rate.
 """
 
@@ -24,7 +24,7 @@ ATTACK = ("--attacks=char", "--num_examples=200")
 
 def _rows(suffix: str, args, seeds) -> tuple:
   out = []
-  for method, variant in (("plain", ""), ("fgm", ":fgm"), ("freelb", ":freelb")):
+  for method, variant in (("plain", ""), ("fgm", ":fgm"), ("pgd", ":pgd"), ("freelb", ":freelb")):
     rid = f"{method}{suffix}"
     out.append(tables.Row(rid, f"{method}{' (4k sentences)' if suffix else ''}",
                           f"configs/sst2.py{variant}", args=args, seeds=seeds, claim=True,
@@ -39,7 +39,7 @@ def _rows(suffix: str, args, seeds) -> tuple:
 CHAR = "attacks.char."
 TABLE = tables.Table(
     name="robustness_sst2",
-    title="Adversarial training (FGM, FreeLB) vs plain fine-tuning on SST-2: clean accuracy and "
+    title="Adversarial training (FGM, PGD, FreeLB) vs plain fine-tuning on SST-2: clean accuracy and "
           "a character-level attack",
     columns=(tables.Column("test.accuracy|" + CHAR + "attack_success_rate",
                            "clean test acc / attack success rate"),
