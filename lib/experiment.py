@@ -376,7 +376,8 @@ def _train_block(run, res, start, final_step, fit_s, eval_s, peak_flops) -> dict
       tokens_per_s=tokens / train_s, tokens_per_s_steady=median("tokens_per_s"),
       median_step_s=float(1.0 / np.median([r["steps_per_s"] for r in timed])) if timed
       else float("nan"),
-      mfu=median("mfu"), peak_flops=peak_flops, flops_per_token=run.flops_per_token,
+      mfu=median("mfu"), input_frac=median("input_frac"), peak_flops=peak_flops,
+      flops_per_token=run.flops_per_token,
       peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
       **run.data.stats, **run.sizes)
 

@@ -280,6 +280,7 @@ class _Logger:
   def __init__(self, logdir, num_steps, flops_per_token, peak_flops):
     self.num_steps, self.fpt, self.peak = num_steps, flops_per_token, peak_flops
     self.window, self.history, self.untimed = [], [], 0
+    self.input_s = 0.0   # host time getting and placing batches since the clock started
     self.writer = self.jsonl = None
     if logdir and _is_main():
       import tensorboardX  # only the main process writes events
@@ -291,6 +292,7 @@ class _Logger:
   def reset_clock(self):
     """Starts timing; metrics already in the window (the compiling first step) are not timed."""
     self.t0, self.untimed = time.perf_counter(), len(self.window)
+    self.input_s = 0.0
 
   def pause(self, seconds: float):
     """Excludes time spent outside training steps (eval, checkpointing) from throughput."""
@@ -310,8 +312,11 @@ class _Logger:
     row["tokens"] = float(sum(r.get("tokens", 0) for r in rows))
     if timed:
       tokens = float(sum(r.get("tokens", 0) for r in timed))
+      # input_frac: the share of the wall the loop spent reading and placing batches. Steps
+      # dispatch asynchronously, so near 1 the loop is host-bound (the device waits for input).
       row.update(steps_per_s=len(timed) / dt, tokens_per_s=tokens / dt,
-                 eta_s=(self.num_steps - step) * dt / len(timed))
+                 eta_s=(self.num_steps - step) * dt / len(timed),
+                 input_frac=min(self.input_s / dt, 1.0))
       if self.fpt and self.peak:
         row["mfu"] = tokens / dt * self.fpt / (self.peak * jax.device_count())
     self.write(step, row, "train")
@@ -405,6 +410,7 @@ def fit(state: TrainState, train_step: Callable, train_iter, cfg, *, num_steps: 
   stop = None
   try:
     for step in range(start + 1, num_steps + 1):
+      t_in = time.perf_counter()
       batch = next(train_iter, None)
       if batch is None:  # keep what was trained: evaluate and save the previous step as the last
         logging.warning("data ran out after %d of %d steps", step - 1, num_steps)
@@ -412,7 +418,9 @@ def fit(state: TrainState, train_step: Callable, train_iter, cfg, *, num_steps: 
           _after_step(state, step - 1, step - 1, cfg, log, train_iter, eval_fn, checkpointer,
                       hooks)
         break
-      state, metrics = step_fn(state, sharding.shard_batch(batch, batch_sharding))
+      batch = sharding.shard_batch(batch, batch_sharding)
+      log.input_s += time.perf_counter() - t_in
+      state, metrics = step_fn(state, batch)
       log.add(metrics)
       if step == start + 1:  # compilation is not throughput
         jax.block_until_ready(metrics)

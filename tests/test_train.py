@@ -65,6 +65,22 @@ def test_accumulating_4_micro_batches_of_8_equals_one_batch_of_32():
   assert max(np.abs(p1[k] - init[k]).max() for k in p1) > 5e-4
 
 
+class _SlowInput(SyntheticIterator):
+  """Batches that take 0.3 s each to produce: the loop is host-bound."""
+
+  def __next__(self):
+    time.sleep(0.3)
+    return super().__next__()
+
+
+def test_input_frac_shows_a_host_bound_loop():
+  s = setup(MESH)
+  res = train.fit(_copy(s.state), s.train_step, _SlowInput(0), train_config(log_every=2),
+                  num_steps=4, batch_sharding=s.batch_sharding)
+  rows = [r for r in res.history if r["kind"] == "train"]
+  assert rows[-1]["input_frac"] > 0.6, rows[-1]   # 2 x 0.3 s of input against tiny steps
+
+
 def test_frozen_leaves_bitwise_unchanged_and_stateless_fit_logs(tmp_path):
   rules = [("classifier/.*", "head"), ("encoder/layer_0/mlp/.*", "train"), (".*", peft.FREEZE)]
   s = setup(MESH, peft_rules=rules, dropout=DROPOUT, lr_mult={"head": 10.0})
@@ -86,8 +102,9 @@ def test_frozen_leaves_bitwise_unchanged_and_stateless_fit_logs(tmp_path):
   rows = [r for r in res.history if r["kind"] == "train"]
   assert [r["step"] for r in rows] == [2, 4]
   for key in ("loss", "lr", "grad_norm", "tokens", "examples", "steps_per_s", "tokens_per_s",
-              "eta_s", "mfu"):
+              "eta_s", "mfu", "input_frac"):
     assert key in rows[-1], key
+  assert 0.0 < rows[-1]["input_frac"] < 1.0
   batches = [synthetic_batch(i, 16) for i in range(4)]
   assert rows[-1]["tokens"] == sum(int(b["input_mask"].sum()) for b in batches[2:])
   assert rows[-1]["lr"] == pytest.approx(float(s.schedule(3)))
