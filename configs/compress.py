@@ -20,6 +20,9 @@ Variants (`:<a>+<b>`):
                (max |input|) on the first 16 training batches: s8 x s8 -> s32.
   heads30 | heads50  remove 30% / 50% of the attention heads (Michel et al. importance on dev),
                physically; recover with research/finetune.py --config.model.init_from=<out>.
+  neurons30 | neurons50  remove 30% / 50% of the FFN neurons (importance: |grad of a neuron
+               mask| on dev, normalised per layer, global order), physically; heads30+neurons30
+               removes both (scored together on the unpruned model).
   prune_magnitude70 | prune_movement70   (= magnitude+s70, movement+s70) fine-tune --model
                (2,000 training sentences, 2 epochs) pruning the encoder kernels to 70% zeros
                (cubic schedule over 10%-70% of the steps); --out is the run workdir, with
@@ -64,6 +67,9 @@ def get_config(variant: str = ""):
   # Head pruning (method 'heads'): the share of all heads removed, the heads every layer keeps,
   # and the dev batches that score them (0: the whole dev split).
   c.heads = ml_collections.ConfigDict(dict(fraction=0.3, min_per_layer=1, max_batches=0))
+  # FFN-neuron pruning (method 'neurons'; 'structured': heads and neurons, each by its fraction,
+  # scored in one pass over heads.max_batches dev batches): the share of all neurons removed.
+  c.neurons = ml_collections.ConfigDict(dict(fraction=0.3, min_per_layer=1))
   # Unstructured pruning during fine-tuning (method 'sparse'): lib/prune.Sparsity; begin/end are
   # fractions of the run's steps; rules choose the pruned kernels (first full match wins).
   c.sparsity = ml_collections.ConfigDict(dict(
@@ -79,6 +85,7 @@ def get_config(variant: str = ""):
       "static": _static,
       "qat": _qat,
       "heads30": lambda c: _heads(c, 0.3), "heads50": lambda c: _heads(c, 0.5),
+      "neurons30": lambda c: _neurons(c, 0.3), "neurons50": lambda c: _neurons(c, 0.5),
       "magnitude": lambda c: _sparse(c, "magnitude", None),
       "movement": lambda c: _sparse(c, "movement", None),
       "prune_magnitude70": lambda c: _sparse(c, "magnitude", 0.7),
@@ -112,8 +119,15 @@ def _sparse(c, method, target):
 
 
 def _heads(c, fraction):
-  c.method = "heads"
+  """Head pruning; after a neurons variant (heads30+neurons30 either way round) both."""
+  c.method = "structured" if c.method in ("neurons", "structured") else "heads"
   c.heads.fraction = fraction
+
+
+def _neurons(c, fraction):
+  """FFN-neuron pruning; after a heads variant both."""
+  c.method = "structured" if c.method in ("heads", "structured") else "neurons"
+  c.neurons.fraction = fraction
 
 
 def _eval_config(c):

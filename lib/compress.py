@@ -1,7 +1,7 @@
-"""Compressing a fine-tuned model (research/compress.py): int8 PTQ or attention-head pruning into
-a model directory, and one table row of its size, CPU speed against the float32 model and
-quality on the fine-tuning evaluator. The int8 matmuls themselves are lib/quant.py; head
-importance and removal lib/prune.py."""
+"""Compressing a fine-tuned model (research/compress.py): int8 PTQ or head / FFN-neuron pruning
+into a model directory, and one table row of its size, CPU speed against the float32 model and
+quality on the fine-tuning evaluator. The int8 matmuls themselves are lib/quant.py; head and
+neuron importance and removal lib/prune.py."""
 
 import dataclasses
 import itertools
@@ -94,42 +94,62 @@ def dev_batches(cfg, source: str, max_batches: int = 0):
 
 def prune_heads_source(source: str, out_dir: str, cfg, fraction: float, *, min_per_layer: int = 1,
                        max_batches: int = 0, overwrite: bool = False) -> model_io.LoadedModel:
-  """Removes the `fraction` least important attention heads of `source` (Michel et al.: |gradient
-  of a head mask| of the task loss summed over dev batches, normalised per layer) and writes the
-  smaller model to the model directory `out_dir`; model.json records the heads kept per layer and
-  the scores. LoRA factors are merged first.
+  """`prune_structured_source` removing attention heads only (`fraction` of all heads)."""
+  return prune_structured_source(source, out_dir, cfg, heads=fraction, min_heads=min_per_layer,
+                                 max_batches=max_batches, overwrite=overwrite)
+
+
+def prune_structured_source(source: str, out_dir: str, cfg, *, heads: float = 0.0,
+                            neurons: float = 0.0, min_heads: int = 1, min_neurons: int = 1,
+                            max_batches: int = 0,
+                            overwrite: bool = False) -> model_io.LoadedModel:
+  """Removes the least important attention heads and/or FFN neurons of `source` (Michel et al.:
+  |gradient of a head / neuron mask| of the task loss summed over dev batches, normalised per
+  layer; both scored on the unpruned model in one pass) and writes the smaller model to the model
+  directory `out_dir`; model.json records what each layer kept and the head scores. LoRA factors
+  are merged first.
 
   Args:
     source: a model source with a head.
     out_dir: the model directory to write.
-    cfg: the fine-tuning config (configs/sst2.py, ner.py) whose task loss and dev data score heads.
-    fraction: share of all heads to remove (globally).
-    min_per_layer: heads every layer keeps.
+    cfg: the fine-tuning config (configs/sst2.py, ner.py) whose task loss and dev data score units.
+    heads: share of all heads to remove (globally; 0: none).
+    neurons: share of all FFN neurons to remove (globally; 0: none).
+    min_heads: heads every layer keeps.
+    min_neurons: neurons every layer keeps.
     max_batches: dev batches to score on (0: the whole dev split).
     overwrite: replace a non-empty `out_dir`.
 
   Returns:
     the float source as loaded (for the comparison).
   """
+  units = tuple(u for u, f in (("heads", heads), ("neurons", neurons)) if f)
+  if not units:
+    raise ValueError("structured pruning: heads and neurons fractions are both 0")
   head, num_labels, names = model_io.head_of(source)
   model = model_io.load_model(source, head, num_labels)
   params, args = peft.merge(model.params, model.args)
   task, batches = dev_batches(cfg, source, max_batches)
   loss = task.make_loss(models.build(args, head, num_labels), cfg)
-  importance = prune.head_importance(lambda p, b: loss(p, b, None, False)[0], params, args,
-                                     batches)
-  keep = prune.heads_to_keep(importance, fraction, min_per_layer)
-  pruned, pargs = prune.prune_heads(params, args, keep)
-  logging.info("heads kept per layer: %s (of %d)", pargs.heads_per_layer, args.num_heads)
+  importance = prune.mask_importance(lambda p, b: loss(p, b, None, False)[0], params, args,
+                                     batches, units)
+  pruned, pargs, info = params, args, dict(dev_batches=len(batches))
+  if heads:
+    keep = prune.heads_to_keep(importance["heads"], heads, min_heads)
+    pruned, pargs = prune.prune_heads(pruned, pargs, keep)
+    logging.info("heads kept per layer: %s (of %d)", pargs.heads_per_layer, args.num_heads)
+    info.update(fraction=heads, kept=[list(k) for k in keep],
+                importance=[[round(float(v), 6) for v in s] for s in importance["heads"]])
+  if neurons:
+    keep = prune.neurons_to_keep(importance["neurons"], neurons, min_neurons)
+    pruned, pargs = prune.prune_neurons(pruned, pargs, keep)
+    logging.info("FFN neurons kept per layer: %s (of %d)", pargs.mlp_per_layer, args.mlp_dim)
+    info.update(neuron_fraction=neurons, neurons_kept=[list(k) for k in keep])
   path = model_io.split_source(source)[0]
   model_io.save_model_dir(out_dir, pargs, pruned, head, num_labels, names, overwrite=overwrite,
                           sources=(path,), tokenizer=_tokenizer_of(path),
                           compressed_from=model_io.pinned(source, model.step),
-                          compression=dict(method="heads", fraction=fraction,
-                                           kept=[list(k) for k in keep],
-                                           importance=[[round(float(v), 6) for v in s]
-                                                       for s in importance],
-                                           dev_batches=len(batches)))
+                          compression=dict(method="+".join(units), **info))
   return dataclasses.replace(model, params=params, args=args)
 
 

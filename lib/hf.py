@@ -394,11 +394,28 @@ def _unprune_heads(flat: dict, args: ModelArgs) -> dict:
   return out
 
 
+def _unprune_mlp(flat: dict, args: ModelArgs) -> dict:
+  """A neuron-pruned model's tensors with its removed FFN neurons back as zeros (mlp_dim per
+  layer: HF BERT/GPT-2 have one intermediate size). A zero neuron's mlp_out row is zero, so it
+  adds nothing whatever its activation: HF gives the same outputs, at the unpruned cost."""
+  out = dict(flat)
+  root = BACKBONE[args.arch]
+  for i, f in enumerate(args.mlp_per_layer):
+    for path, axis in (("mlp_in/kernel", 1), ("mlp_in/bias", 0), ("mlp_out/kernel", 0)):
+      path = f"{root}/layer_{i}/mlp/{path}"
+      widths = [(0, 0)] * flat[path].ndim
+      widths[axis] = (0, args.mlp_dim - f)
+      out[path] = np.pad(flat[path], widths)
+  return out
+
+
 def params_to_hf(params: dict, args: ModelArgs, head=None) -> dict:
   """Our param tree -> HF tensor dict (float32 numpy), with the prefix HF uses for that head."""
   flat = {k: np.asarray(v, np.float32) for k, v in tree.flatten(params).items()}
   if args.heads_per_layer:
     flat, args = _unprune_heads(flat, args), dataclasses.replace(args, heads_per_layer=())
+  if args.mlp_per_layer:
+    flat, args = _unprune_mlp(flat, args), dataclasses.replace(args, mlp_per_layer=())
   if args.arch == "gpt2" and head == "seq_cls" and np.any(flat.get("classifier/bias", 0) != 0):
     raise errors.ModelSourceError(
         "classifier/bias is non-zero but HF GPT2ForSequenceClassification's `score` layer has no "

@@ -7,6 +7,10 @@ before the `out` projection; it is applied by scaling the head's rows of the `ou
 summed over batches (as HF's bertology script does), then normalised per layer (L2). Removing a
 head slices it out of the layer's query/key/value (embed, heads, head_dim) kernels and biases and
 the out kernel: `ModelArgs.heads_per_layer` records the counts, so the model dir loads anywhere.
+
+FFN neurons, alike: the mask of neuron f in layer l multiplies its activation, i.e. row f of the
+`mlp_out` kernel (mlp, embed); importance |dL/dxi| summed over batches, normalised per layer;
+removal slices mlp_in's columns and bias and mlp_out's rows (`ModelArgs.mlp_per_layer`).
 """
 
 import dataclasses
@@ -55,50 +59,100 @@ def scale_heads(params, args: ModelArgs, xi: Sequence):
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def head_importance(loss_fn: Callable, params, args: ModelArgs, batches,
-                    normalize: bool = True) -> list:
-  """Michel et al.'s head importance: sum over `batches` of |dL/dxi| at xi = 1.
+def neuron_counts(args: ModelArgs) -> tuple:
+  """FFN neurons of each layer."""
+  return tuple(args.layer_mlp(i) for i in range(args.num_layers))
+
+
+def scale_neurons(params, args: ModelArgs, xi: Sequence):
+  """`params` with the mlp_out-kernel row of neuron f of layer l times xi[l][f] (the neuron mask).
+
+  Args:
+    params: the model's parameter tree (plain nested dicts).
+    args: its architecture.
+    xi: one (neurons of layer l,) array per layer.
+  """
+  flat = dict(traverse_util.flatten_dict(params, sep="/"))
+  for layer, x in enumerate(xi):
+    path = f"{BACKBONE[args.arch]}/layer_{layer}/mlp/mlp_out/kernel"
+    flat[path] = flat[path] * jnp.asarray(x, flat[path].dtype)[:, None]   # (F, D)
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+_UNITS = {"heads": (head_counts, scale_heads), "neurons": (neuron_counts, scale_neurons)}
+
+
+def mask_importance(loss_fn: Callable, params, args: ModelArgs, batches, units=("heads",),
+                    normalize: bool = True) -> dict:
+  """Michel et al.'s importance of heads and/or FFN neurons: sum over `batches` of |dL/dxi| at
+  xi = 1, all asked-for masks differentiated in one pass.
 
   Args:
     loss_fn: (params, batch) -> scalar loss (e.g. a task loss in eval mode).
     params: the model's parameters.
     args: its architecture.
     batches: an iterable of batches (dicts of arrays; non-numeric entries are dropped).
+    units: any of 'heads', 'neurons'.
     normalize: divide each layer's scores by their L2 norm (Michel et al., HF bertology).
 
   Returns:
-    one float64 (heads of layer l,) array per layer.
+    {unit: one float64 (units of layer l,) array per layer}.
   """
   _check_plain(args)
-  grad = jax.jit(jax.grad(lambda xi, p, b: loss_fn(scale_heads(p, args, xi), b)))
-  ones = [jnp.ones((h,), jnp.float32) for h in head_counts(args)]
-  total = [np.zeros(h, np.float64) for h in head_counts(args)]
+  units = tuple(units)
+  if not units or set(units) - set(_UNITS):
+    raise ValueError(f"units: expected some of {sorted(_UNITS)}; got {units!r}")
+
+  def masked(xis, p, b):
+    for unit, xi in zip(units, xis):
+      p = _UNITS[unit][1](p, args, xi)
+    return loss_fn(p, b)
+  grad = jax.jit(jax.grad(masked))
+  counts = [_UNITS[u][0](args) for u in units]
+  ones = [[jnp.ones((n,), jnp.float32) for n in c] for c in counts]
+  total = [[np.zeros(n, np.float64) for n in c] for c in counts]
   for batch in batches:
     batch = {k: v for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
-    for acc, g in zip(total, grad(ones, params, batch)):
-      acc += np.abs(np.asarray(g, np.float64))
+    for acc_u, g_u in zip(total, grad(ones, params, batch)):
+      for acc, g in zip(acc_u, g_u):
+        acc += np.abs(np.asarray(g, np.float64))
   if normalize:
-    total = [t / max(np.linalg.norm(t), 1e-20) for t in total]
-  return total
+    total = [[t / max(np.linalg.norm(t), 1e-20) for t in tu] for tu in total]
+  return dict(zip(units, total))
 
 
-def heads_to_keep(importance: Sequence, fraction: float, min_per_layer: int = 1) -> tuple:
-  """The heads kept when the `fraction` least important of all heads are removed (globally),
-  leaving at least `min_per_layer` in every layer.
+def head_importance(loss_fn: Callable, params, args: ModelArgs, batches,
+                    normalize: bool = True) -> list:
+  """Michel et al.'s head importance (`mask_importance` of 'heads'): one float64 (heads of layer
+  l,) array per layer."""
+  return mask_importance(loss_fn, params, args, batches, ("heads",), normalize)["heads"]
+
+
+def neuron_importance(loss_fn: Callable, params, args: ModelArgs, batches,
+                      normalize: bool = True) -> list:
+  """FFN-neuron importance (`mask_importance` of 'neurons'): one (neurons of layer l,) array per
+  layer."""
+  return mask_importance(loss_fn, params, args, batches, ("neurons",), normalize)["neurons"]
+
+
+def units_to_keep(importance: Sequence, fraction: float, min_per_layer: int = 1,
+                  unit: str = "heads") -> tuple:
+  """The units (heads, neurons) kept when the `fraction` least important of all of them are
+  removed (globally), leaving at least `min_per_layer` in every layer.
 
   Returns:
-    one sorted tuple of kept head indices per layer.
+    one sorted tuple of kept indices per layer.
 
   Raises:
     ValueError: fraction outside [0, 1), or more removals than `min_per_layer` allows.
   """
   if not 0.0 <= fraction < 1.0:
-    raise ValueError(f"head pruning fraction must be in [0, 1); got {fraction}")
+    raise ValueError(f"{unit[:-1]} pruning fraction must be in [0, 1); got {fraction}")
   total = sum(len(s) for s in importance)
   n_remove = int(round(fraction * total))
   room = sum(max(len(s) - min_per_layer, 0) for s in importance)
   if n_remove > room:
-    raise ValueError(f"cannot remove {n_remove} of {total} heads keeping {min_per_layer} per "
+    raise ValueError(f"cannot remove {n_remove} of {total} {unit} keeping {min_per_layer} per "
                      f"layer (at most {room})")
   keep = [set(range(len(s))) for s in importance]
   order = sorted((float(v), l, h) for l, s in enumerate(importance) for h, v in enumerate(s))
@@ -110,6 +164,16 @@ def heads_to_keep(importance: Sequence, fraction: float, min_per_layer: int = 1)
       keep[l].discard(h)
       removed += 1
   return tuple(tuple(sorted(k)) for k in keep)
+
+
+def heads_to_keep(importance: Sequence, fraction: float, min_per_layer: int = 1) -> tuple:
+  """`units_to_keep` for attention heads."""
+  return units_to_keep(importance, fraction, min_per_layer, "heads")
+
+
+def neurons_to_keep(importance: Sequence, fraction: float, min_per_layer: int = 1) -> tuple:
+  """`units_to_keep` for FFN neurons."""
+  return units_to_keep(importance, fraction, min_per_layer, "neurons")
 
 
 def mask_heads(params, args: ModelArgs, keep: Sequence):
@@ -143,6 +207,40 @@ def prune_heads(params, args: ModelArgs, keep: Sequence):
       flat[f"{att}/{name}/bias"] = flat[f"{att}/{name}/bias"][idx]          # (h, Dh)
     flat[f"{att}/out/kernel"] = flat[f"{att}/out/kernel"][idx]              # (h, Dh, D)
   args = dataclasses.replace(args, heads_per_layer=tuple(len(k) for k in keep))
+  return traverse_util.unflatten_dict(flat, sep="/"), args
+
+
+def mask_neurons(params, args: ModelArgs, keep: Sequence):
+  """The unpruned model with the FFN neurons not in `keep` masked (their mlp_out rows zero)."""
+  xi = [np.isin(np.arange(f), list(k)).astype(np.float32)
+        for f, k in zip(neuron_counts(args), keep)]
+  return jax.tree.map(np.asarray, scale_neurons(params, args, xi))
+
+
+def prune_neurons(params, args: ModelArgs, keep: Sequence):
+  """Removes the FFN neurons not in `keep` physically: narrower mlp_in/mlp_out matrices.
+
+  Args:
+    params: the model's parameters (host or device arrays).
+    args: its architecture (possibly already pruned: `keep` indexes its current neurons).
+    keep: one sequence of kept neuron indices per layer (at least one each).
+
+  Returns:
+    (params as host numpy, args with `mlp_per_layer`).
+  """
+  _check_plain(args)
+  counts = neuron_counts(args)
+  if len(keep) != len(counts) or any(not len(k) or not set(k) <= set(range(f))
+                                     for k, f in zip(keep, counts)):
+    raise ValueError(f"keep: expected {len(counts)} non-empty lists of neuron indices below "
+                     f"{counts}; got {keep!r}")
+  flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+  for layer, k in enumerate(keep):
+    idx, mlp = np.asarray(sorted(k)), f"{BACKBONE[args.arch]}/layer_{layer}/mlp"
+    flat[f"{mlp}/mlp_in/kernel"] = flat[f"{mlp}/mlp_in/kernel"][:, idx]     # (D, f)
+    flat[f"{mlp}/mlp_in/bias"] = flat[f"{mlp}/mlp_in/bias"][idx]            # (f,)
+    flat[f"{mlp}/mlp_out/kernel"] = flat[f"{mlp}/mlp_out/kernel"][idx]      # (f, D)
+  args = dataclasses.replace(args, mlp_per_layer=tuple(len(k) for k in keep))
   return traverse_util.unflatten_dict(flat, sep="/"), args
 
 

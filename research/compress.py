@@ -1,6 +1,6 @@
-"""Compress a fine-tuned model: int8 post-training quantisation or attention-head pruning into a
-model directory, and a table row comparing it with the float32 source (size, CPU speed, dev/test
-metric).
+"""Compress a fine-tuned model: int8 post-training quantisation, head / FFN-neuron pruning or
+unstructured pruning into a model directory, and a table row comparing it with the float32
+source (size, CPU speed, dev/test metric).
 
   ./run.sh compress --config=configs/compress.py:sst2 --model=workdirs/sst2 --out=/tmp/sst2_int8
   .venv/bin/python research/compress.py --config=configs/compress.py:quick --method=int8_w8a8 \
@@ -8,11 +8,11 @@ metric).
 
 --model: any model source with a head (a fine-tuning run workdir, our model dir, an HF dir).
 --out: the compressed model directory (model.json + params/ with int8 kernels and their
-`kernel_scale`s, or smaller attention matrices and `heads_per_layer`); any research script loads
-it like another model dir (e.g. research/finetune.py --config.model.init_from=<out> to recover a
-head-pruned model by fine-tuning). Also written there: compress.json (the table rows). qat: the
-fine-tuning run is <out>_qat_run; sparse: --out is the fine-tuning run. The table is printed as
-Markdown.
+`kernel_scale`s, or smaller attention / FFN matrices and `heads_per_layer` / `mlp_per_layer`);
+any research script loads it like another model dir (e.g. research/finetune.py
+--config.model.init_from=<out> to recover a pruned model by fine-tuning). Also written there:
+compress.json (the table rows). qat: the fine-tuning run is <out>_qat_run; sparse: --out is the
+fine-tuning run. The table is printed as Markdown.
 """
 
 import json
@@ -32,7 +32,7 @@ config_flags.DEFINE_config_file("config", "configs/compress.py", "configs/compre
 flags.DEFINE_string("model", None, "the fine-tuned source model (workdir, model dir, HF dir)")
 flags.DEFINE_string("out", None, "the compressed model directory to write")
 flags.DEFINE_enum("method", "", ["", "int8_w8a8", "int8_weight_only", "int8_static", "heads",
-                                 "sparse", "qat"],
+                                 "neurons", "structured", "sparse", "qat"],
                   "overrides config.method")
 flags.DEFINE_bool("overwrite", False, "replace a non-empty --out")
 flags.mark_flags_as_required(["model", "out"])
@@ -49,10 +49,14 @@ def main(argv):
     raise errors.ConfigError(f"--out={FLAGS.out}: the same directory as --model")
   if method == "sparse":
     return _sparse(compress, cfg)
-  if method == "heads":
-    src = compress.prune_heads_source(FLAGS.model, FLAGS.out, cfg.eval, overwrite=FLAGS.overwrite,
-                                      **cfg.heads)
-    method = f"heads-{round(100 * cfg.heads.fraction)}%"
+  if method in ("heads", "neurons", "structured"):   # structured: both, by their fractions
+    fractions = dict(heads=cfg.heads.fraction * (method != "neurons"),
+                     neurons=cfg.neurons.fraction * (method != "heads"))
+    src = compress.prune_structured_source(
+        FLAGS.model, FLAGS.out, cfg.eval, min_heads=cfg.heads.min_per_layer,
+        min_neurons=cfg.neurons.min_per_layer, max_batches=cfg.heads.max_batches,
+        overwrite=FLAGS.overwrite, **fractions)
+    method = "+".join(f"{u}-{round(100 * f)}%" for u, f in fractions.items() if f)
   else:
     source = FLAGS.model
     if method == "qat":   # fine-tune with fake quantisation first; its result is quantised

@@ -63,7 +63,7 @@ def test_row_reports_drop_in_points_and_speedup():
 
 
 @pytest.mark.slow
-def test_prune_heads_source_removes_the_least_important_heads(tmp_path):
+def test_prune_source_removes_the_least_important_heads_and_neurons(tmp_path):
   from configs import sst2
   from lib import prune
   import training_helpers  # pylint: disable=import-outside-toplevel
@@ -89,6 +89,19 @@ def test_prune_heads_source_removes_the_least_important_heads(tmp_path):
   loaded = model_io.load_for_inference(out, data_dir="")
   masked = prune.mask_heads(params, args, info["kept"])
   ids = np.array([[101, 2307, 3185, 102]])
+  want = models.build(args, "seq_cls", 2).apply({"params": masked}, input_ids=ids)[0]["logits"]
+  got = loaded.module.apply({"params": loaded.params}, input_ids=ids)[0]["logits"]
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  # Heads and FFN neurons together, scored in one pass on the unpruned model.
+  out = str(tmp_path / "structured")
+  compress.prune_structured_source(source, out, cfg, heads=0.5, neurons=0.25, max_batches=1)
+  meta = model_io.read_model_json(out)
+  info = meta["compression"]
+  assert (info["method"], meta["args"].mlp_per_layer) == ("heads+neurons", (96, 96))
+  assert info["kept"] == model_io.read_model_json(str(tmp_path / "heads"))["compression"]["kept"]
+  loaded = model_io.load_for_inference(out, data_dir="")
+  masked = prune.mask_neurons(prune.mask_heads(params, args, info["kept"]), args,
+                              info["neurons_kept"])
   want = models.build(args, "seq_cls", 2).apply({"params": masked}, input_ids=ids)[0]["logits"]
   got = loaded.module.apply({"params": loaded.params}, input_ids=ids)[0]["logits"]
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

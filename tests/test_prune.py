@@ -162,6 +162,135 @@ def test_pruned_model_exports_to_hf_with_matching_logits(tmp_path):
   np.testing.assert_allclose(_logits(pargs, pruned, batch), want.numpy(), atol=1e-5, rtol=0)
 
 
+# ------------------------------------------------------------------------- FFN neurons
+
+MLP = "{}/layer_{}/mlp/{}"
+NKEEP = (tuple(range(0, 64, 3)), (5, 9, 63))   # 22 of 64 and 3 of 64 neurons
+
+
+def _zero_inputs(params, keep, root="encoder"):
+  """The neuron-masked model built another way: a removed neuron's mlp_in column and bias are
+  zero, so its pre-activation is 0 and gelu(0) = 0 (independent of prune's mlp_out scaling)."""
+  flat = dict(traverse_util.flatten_dict(params, sep="/"))
+  for layer, k in enumerate(keep):
+    drop = [f for f in range(BASE["mlp_dim"]) if f not in k]
+    for leaf in ("kernel", "bias"):
+      v = np.array(flat[MLP.format(root, layer, "mlp_in/" + leaf)])
+      v[..., drop] = 0.0
+      flat[MLP.format(root, layer, "mlp_in/" + leaf)] = v
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_neuron_pruned_model_equals_masked_model(arch):
+  args, params = _model(arch)
+  batch = _batch()
+  pruned, pargs = prune.prune_neurons(params, args, NKEEP)
+  assert pargs.mlp_per_layer == (22, 3) and pargs.mlp_dim == 64
+  root = models.BACKBONE[arch]
+  assert pruned[root]["layer_0"]["mlp"]["mlp_in"]["kernel"].shape == (32, 22)
+  assert pruned[root]["layer_1"]["mlp"]["mlp_in"]["bias"].shape == (3,)
+  assert pruned[root]["layer_1"]["mlp"]["mlp_out"]["kernel"].shape == (3, 32)
+  got = _logits(pargs, pruned, batch)
+  np.testing.assert_allclose(got, _logits(args, _zero_inputs(params, NKEEP, root), batch),
+                             atol=1e-5, rtol=0)
+  np.testing.assert_allclose(got, _logits(args, prune.mask_neurons(params, args, NKEEP), batch),
+                             atol=1e-5, rtol=0)
+  assert np.abs(got - _logits(args, params, batch)).max() > 1e-3   # pruning changed something
+  # Heads and neurons together: the two removals touch different kernels.
+  both, bargs = prune.prune_heads(pruned, pargs, KEEP)
+  want = _logits(args, prune.mask_heads(_zero_inputs(params, NKEEP, root), args, KEEP), batch)
+  np.testing.assert_allclose(_logits(bargs, both, batch), want, atol=1e-5, rtol=0)
+
+
+def test_neuron_importance_matches_finite_differences():
+  args, params = _model()
+  module = models.build(args, "seq_cls", 3)
+
+  def loss(p, b):
+    logits = module.apply({"params": p}, input_ids=b["input_ids"], input_mask=b["input_mask"])[0]
+    logp = jax.nn.log_softmax(logits["logits"].astype(jnp.float32))
+    return -jnp.mean(jnp.take_along_axis(logp, b["label"][:, None], 1))
+  batches = [_batch(0), _batch(1)]
+  got = prune.mask_importance(loss, params, args, batches, ("heads", "neurons"), normalize=False)
+  heads = prune.head_importance(loss, params, args, batches, normalize=False)
+  np.testing.assert_allclose(np.stack(got["heads"]), np.stack(heads), rtol=1e-5)
+  # Reference: central differences of the loss in the scale of one neuron's output (its mlp_out
+  # row, scaled in numpy), |.| per batch, summed.
+  flat = _flat(params)
+  eps = 1e-2
+  for layer, f in ((0, 7), (1, 40), (1, 2)):
+    path = MLP.format("encoder", layer, "mlp_out/kernel")
+    want = 0.0
+    for b in batches:
+      diffs = []
+      for sign in (1, -1):
+        w = flat[path].copy()
+        w[f] *= 1 + sign * eps
+        diffs.append(float(loss(traverse_util.unflatten_dict(dict(flat, **{path: w}), sep="/"),
+                                b)))
+      want += abs(diffs[0] - diffs[1]) / (2 * eps)
+    assert got["neurons"][layer][f] == pytest.approx(want, rel=2e-2, abs=1e-5)
+  normed = prune.neuron_importance(loss, params, args, batches)
+  np.testing.assert_allclose(np.linalg.norm(np.stack(normed), axis=1), [1.0, 1.0], rtol=1e-6)
+  assert len(normed[0]) == 64
+
+
+def test_neurons_to_keep_and_bad_neuron_args_raise():
+  imp = [np.array([0.5, 0.1, 0.9, 0.4]), np.array([0.2, 0.05])]
+  assert prune.neurons_to_keep(imp, 0.5) == ((0, 2), (0,))   # drop .05 .1 .2 (3 of 6)
+  with pytest.raises(ValueError, match="cannot remove 5 of 6 neurons"):
+    prune.neurons_to_keep(imp, 5 / 6)
+  args, params = _model()
+  with pytest.raises(ValueError, match="non-empty lists of neuron"):
+    prune.prune_neurons(params, args, ((0,), ()))
+  with pytest.raises(ValueError, match="non-empty lists of neuron"):
+    prune.prune_neurons(params, args, ((0,), (64,)))
+  with pytest.raises(ValueError, match="mlp_per_layer"):
+    ModelArgs(**dict(BASE, mlp_per_layer=(64, 65)))
+  with pytest.raises(ValueError, match="mlp_per_layer"):
+    ModelArgs(**dict(BASE, mlp_per_layer=(64,)))
+
+
+def test_neuron_pruned_model_dir_round_trips(tmp_path):
+  args, params = _model()
+  pruned, pargs = prune.prune_neurons(params, args, NKEEP)
+  path = str(tmp_path / "pruned")
+  model_io.save_model_dir(path, pargs, pruned, "seq_cls", 3, ["a", "b", "c"])
+  loaded = model_io.load_for_inference(path, data_dir="")
+  assert loaded.args.mlp_per_layer == (22, 3)
+  batch = _batch()
+  got = loaded.module.apply({"params": loaded.params}, input_ids=batch["input_ids"],
+                            input_mask=batch["input_mask"])[0]["logits"]
+  np.testing.assert_array_equal(np.asarray(got), _logits(pargs, pruned, batch))
+
+
+@pytest.mark.slow
+def test_heads_and_neurons_pruned_model_exports_to_hf_with_matching_logits(tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from lib import hf
+  args, params = _model()
+  pruned, pargs = prune.prune_neurons(params, args, NKEEP)
+  pruned, pargs = prune.prune_heads(pruned, pargs, KEEP)
+  out = hf.export_checkpoint(pruned, pargs, str(tmp_path / "hf"), "seq_cls", 3)
+  ref, info = transformers.BertForSequenceClassification.from_pretrained(
+      out, output_loading_info=True, attn_implementation="eager")
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  assert ref.config.intermediate_size == 64
+  batch = _batch()
+  with torch.no_grad():
+    want = ref.eval()(input_ids=torch.from_numpy(batch["input_ids"]).long(),
+                      attention_mask=torch.from_numpy(batch["input_mask"]).long()).logits
+  got = _logits(pargs, pruned, batch)
+  np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=0)
+  assert np.abs(got - _logits(args, params, batch)).max() > 1e-3
+  # And back: importing the export gives the padded (unpruned-shape) model, same logits.
+  back = model_io.load_model(out, "seq_cls", 3)
+  assert back.args.mlp_per_layer == () and back.args.heads_per_layer == ()
+  np.testing.assert_allclose(_logits(back.args, back.params, batch), got, atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------------- unstructured masks
 
 def test_cubic_schedule_by_hand():

@@ -58,6 +58,9 @@ class ModelArgs:
   # layer. head_dim stays hidden_size // num_heads; a layer's query/key/value/out kernels hold
   # only its kept heads.
   heads_per_layer: tuple = ()
+  # FFN neurons kept in each layer after neuron pruning (lib/prune.py): () = mlp_dim in every
+  # layer; a layer's mlp_in/mlp_out kernels hold only its kept neurons.
+  mlp_per_layer: tuple = ()
 
   def __post_init__(self):
     # model.json stores `lora` as nested lists; keep it a hashable tuple of (str, LoraArgs|None).
@@ -65,6 +68,7 @@ class ModelArgs:
     object.__setattr__(self, "lora", rules)
     object.__setattr__(self, "dot_general", _seat_rules(self.dot_general))
     object.__setattr__(self, "heads_per_layer", _heads_per_layer(self))
+    object.__setattr__(self, "mlp_per_layer", _mlp_per_layer(self))
 
   @property
   def head_dim(self) -> int:
@@ -73,6 +77,10 @@ class ModelArgs:
   def layer_heads(self, layer: int) -> int:
     """The number of attention heads of layer `layer` (fewer than num_heads after pruning)."""
     return self.heads_per_layer[layer] if self.heads_per_layer else self.num_heads
+
+  def layer_mlp(self, layer: int) -> int:
+    """The FFN width of layer `layer` (below mlp_dim after neuron pruning)."""
+    return self.mlp_per_layer[layer] if self.mlp_per_layer else self.mlp_dim
 
 
 def _heads_per_layer(args) -> tuple:
@@ -85,6 +93,17 @@ def _heads_per_layer(args) -> tuple:
     raise ValueError("ModelArgs.heads_per_layer: prefix tuning (prefix_len) needs every head "
                      "in every layer")
   return heads
+
+
+def _mlp_per_layer(args) -> tuple:
+  """ModelArgs.mlp_per_layer as a tuple of ints; one per layer, each in [1, mlp_dim]."""
+  widths = tuple(int(f) for f in args.mlp_per_layer)
+  if widths and (len(widths) != args.num_layers
+                 or not all(1 <= f <= args.mlp_dim for f in widths)):
+    raise ValueError(f"ModelArgs.mlp_per_layer: expected {args.num_layers} FFN widths in "
+                     f"[1, {args.mlp_dim}] (or () for mlp_dim everywhere); got "
+                     f"{args.mlp_per_layer!r}")
+  return widths
 
 
 def activation_fn(name: str):
@@ -439,11 +458,13 @@ class Mlp(nn.Module):
   """Position-wise feed-forward: `mlp_in` (embed, mlp) -> activation -> `mlp_out` (mlp, embed)."""
   args: ModelArgs
   out_std: Optional[float] = None
+  width: int = 0            # FFN neurons (0: args.mlp_dim); fewer after neuron pruning
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     a = self.args
-    h = dense(a, a.mlp_dim, ("embed", "mlp"), ("mlp",), "mlp_in")(x, deterministic)  # (B, T, F)
+    f = self.width or a.mlp_dim
+    h = dense(a, f, ("embed", "mlp"), ("mlp",), "mlp_in")(x, deterministic)  # (B, T, F)
     h = activation_fn(a.activation)(h)
     return dense(a, a.hidden_size, ("mlp", "embed"), ("embed",), "mlp_out", std=self.out_std)(
         h, deterministic)
@@ -465,7 +486,7 @@ class Block(nn.Module):
                prefix=None):
     a = self.args
     attn = Attention(a, self.out_std, a.layer_heads(self.layer), name="attention")
-    mlp = Mlp(a, self.out_std, name="mlp")
+    mlp = Mlp(a, self.out_std, a.layer_mlp(self.layer), name="mlp")
     drop = lambda y: Dropout(a.dropout_rate)(y, deterministic=deterministic)
     if a.adapter_dim:   # peft_layers builds on this module: imported where it is used
       from lib.models import peft_layers
