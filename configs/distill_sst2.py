@@ -20,6 +20,10 @@ Variants (`--config=configs/distill_sst2.py:<variant>`, '+'-joined):
   cache      teacher logits computed once and cached (soft loss only: use with `soft` or `hard`).
   bf16_teacher  the teacher computes in bfloat16.
   layers024  the student from teacher layers (0, 2, 4) instead of (1, 3, 5).
+  narrow     a random-init student of another width: 3 layers, hidden 256, 4 heads, FFN 1024,
+             lr 5e-4, hidden loss MSE through learned 256 -> 384 projections (TinyBERT); with
+             `soft` (no hidden term) or `hard` for the ablation. Attention/value transfer (`minilm`)
+             needs the teacher's 12 heads: --config.distill.student.num_heads=12.
 
 Measured on this machine (2 shared cores of an AMD EPYC, heavily loaded), SUBSAMPLED: teacher =
 configs/sst2.py on the first 4,000 training sentences, lr 1e-4, 125 steps (dev 0.8175, test
@@ -50,6 +54,27 @@ def with_distill(c, variant: str, *, teacher: str, overrides=None):
   return common.apply_variant(c, variant, dict(variants(), **(overrides or {})))
 
 
+def student_preset(c):
+  """ModelArgs of config.distill.student.preset (or model.preset), None without one."""
+  from lib import errors, models  # pylint: disable=g-import-not-at-top
+  name = c.distill.get("student", {}).get("preset", "") or c.model.get("preset", "")
+  if not name:
+    return None
+  if name not in common.PRESETS:
+    raise errors.ConfigError(f"config.distill.student.preset={name!r}: unknown preset; valid: "
+                             f"{sorted(common.PRESETS)}")
+  return models.args_from_config(common.model_config(name))
+
+
+def _narrow(c):
+  """A random-init student of 3 layers, width 256, 4 heads, FFN 1024 (10.4M parameters, 7.8M of
+  them word embeddings; MiniLM: 22.7M); its hidden states reach the teacher's through learned
+  projections and MSE (TinyBERT); a higher lr than fine-tuning (nothing is pretrained)."""
+  c.distill.student.update(dict(hidden_size=256, num_layers=3, num_heads=4, mlp_dim=1024))
+  c.distill.hidden_loss = "mse"
+  c.optim.lr = 5e-4
+
+
 def _weights(**w):
   def apply(c):
     c.distill.weights.update(dict(dict(hard=1.0, soft=0.0, hidden=0.0, attention=0.0, value=0.0),
@@ -74,5 +99,6 @@ def variants() -> dict:
       "cache": lambda c: setattr(c.distill, "cache_logits", True),
       "bf16_teacher": lambda c: setattr(c.distill, "teacher_dtype", "bfloat16"),
       "layers024": lambda c: setattr(c.distill, "layers", (0, 2, 4)),
+      "narrow": _narrow,
       "bf16": common.bf16,
   }

@@ -17,10 +17,19 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from lib import atomic, data, errors, experiment, model_io, models, sharding, tasks, train
+from jax.sharding import PartitionSpec as P
+
+from lib import (atomic, data, errors, experiment, model_io, models, optim, peft, sharding, tasks,
+                 train)
 from lib.tasks import common, lm, supervised
 
 HIDDEN_LOSSES = ("cosine", "mse")
+PROJECTIONS = ("auto", "linear", "none")
+STUDENT_SIZES = ("hidden_size", "num_layers", "num_heads", "mlp_dim")
+# The learned student -> teacher width projections live beside the student's parameters in the
+# train state under this key (trained, checkpointed, resumed with them); the model never reads
+# them and loading the workdir as a model (export, init_from, serving) restores only the student.
+PROJECTION = "distill_projection"
 EPS = 1e-12   # inside logs of probabilities that may be exactly 0 (masked keys)
 
 
@@ -34,7 +43,16 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       teacher="",               # model source: a fine-tuning workdir, our model dir, a HF dir
       layers=(),                # teacher layers the student starts from (its layer i = teacher
-                                # layer layers[i]); () = every other, ending with the last
+                                # layer layers[i]); () = every other, ending with the last. For a
+                                # random student (below): the teacher layer each student layer is
+                                # compared with; () = uniform, ending with the last (TinyBERT)
+      # A random-init student of another size instead of teacher layers: a configs/common.py
+      # preset and/or nonzero sizes replacing the preset's (or, without one, the teacher's).
+      student=ml_collections.ConfigDict(dict(preset="", hidden_size=0, num_layers=0, num_heads=0,
+                                             mlp_dim=0)),
+      projection="auto",        # hidden terms across widths: auto = a learned linear map student
+                                # -> teacher width per compared layer when the widths differ
+                                # (TinyBERT); linear = also at equal width (identity init); none
       temperature=2.0,          # soft targets: softmax(logits / T); the KL is scaled by T^2
       weights=ml_collections.ConfigDict(dict(hard=1.0, soft=1.0, hidden=0.0, attention=0.0,
                                              value=0.0)),
@@ -64,6 +82,62 @@ def check_layers(layers, num_layers: int, where: str = "config.distill.layers") 
     raise errors.ConfigError(f"{where}={layers}: expected distinct teacher layer indices in "
                              f"[0, {num_layers}) (the teacher has {num_layers} layers)")
   return layers
+
+
+def uniform_layers(student_layers: int, teacher_layers: int) -> tuple:
+  """Teacher layer of each layer of a student of another depth: layer i -> (i + 1) * L_t / L_s - 1
+  (TinyBERT's uniform map, ending with the last; every other layer at half depth)."""
+  return tuple((i + 1) * teacher_layers // student_layers - 1 for i in range(student_layers))
+
+
+def student_layer_map(layers, student_args, teacher_layers: int) -> tuple:
+  """The teacher layer of each student layer: `layers` (checked), or by default every other
+  teacher layer (a student from teacher layers, `student_args` None) or the uniform map."""
+  if student_args is None:
+    return check_layers(layers, teacher_layers)
+  layers = check_layers(tuple(layers) or uniform_layers(student_args.num_layers, teacher_layers),
+                        teacher_layers)
+  if len(layers) != student_args.num_layers:
+    raise errors.ConfigError(f"config.distill.layers={layers}: one teacher layer per student layer "
+                             f"expected ({student_args.num_layers})")
+  return layers
+
+
+def random_student_args(student_cfg, teacher_args: models.ModelArgs,
+                        preset_args: Optional[models.ModelArgs] = None):
+  """ModelArgs of a random-init student, or None for a student made from teacher layers.
+
+  Args:
+    student_cfg: config.distill.student; nonzero sizes replace those of the base.
+    teacher_args: the teacher's (the base without a preset; vocabulary, positions and token
+      types are always the teacher's: the student reads the same batches).
+    preset_args: a configs/common.py preset (config.distill.student.preset or model.preset).
+
+  Raises:
+    errors.ConfigError: a negative size, a width not divisible by the heads, another arch.
+  """
+  sizes = {k: student_cfg.get(k, 0) for k in STUDENT_SIZES}
+  bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or v < 0}
+  if bad:
+    raise errors.ConfigError(f"config.distill.student: {bad}: expected integers >= 0 (0 = the "
+                             "preset's or teacher's)")
+  sizes = {k: v for k, v in sizes.items() if v}
+  if preset_args is None and not sizes:
+    return None
+  base = preset_args or teacher_args
+  if base.arch != teacher_args.arch:
+    raise errors.ConfigError(f"config.distill.student.preset: a {base.arch!r} student cannot "
+                             f"read the batches of a {teacher_args.arch!r} teacher")
+  args = dataclasses.replace(models.ModelArgs(), **{
+      k: getattr(base, k) for k in ("arch", "activation", "layer_norm_eps", "dropout_rate",
+                                    "attention_dropout_rate", "initializer_range") + STUDENT_SIZES})
+  args = dataclasses.replace(args, vocab_size=teacher_args.vocab_size,
+                             max_len=teacher_args.max_len, pad_token_id=teacher_args.pad_token_id,
+                             type_vocab_size=teacher_args.type_vocab_size, **sizes)
+  if args.hidden_size % args.num_heads:
+    raise errors.ConfigError(f"config.distill.student: hidden_size {args.hidden_size} is not a "
+                             f"multiple of num_heads {args.num_heads}")
+  return args
 
 
 # ----------------------------------------------------------------------------- student init
@@ -111,20 +185,28 @@ def load_teacher(source: str, data_dir: str, dtype: str = "float32") -> Teacher:
                  model_io.describe(source))
 
 
-def write_student_init(out_dir: str, teacher: Teacher, layers) -> str:
-  """The student's initial model dir (our format, the teacher's head and tokenizer) made from
-  `layers` of the teacher; an existing one is reused if it was made from the same teacher
-  checkpoint and layers, else refused."""
-  layers = check_layers(layers, teacher.args.num_layers)
+def write_student_init(out_dir: str, teacher: Teacher, layers, student_args=None,
+                       seed: int = 0) -> str:
+  """The student's initial model dir (our format, the teacher's head and tokenizer): made from
+  `layers` of the teacher, or a random init (seed `seed`) of `student_args`. An existing one is
+  reused if it was made the same way from the same teacher checkpoint, else refused."""
+  layers = student_layer_map(layers, student_args, teacher.args.num_layers)
   made_from = dict(teacher=model_io.pinned(teacher.source, teacher.step), layers=list(layers))
+  if student_args is not None:
+    made_from.update(random_init={k: getattr(student_args, k) for k in STUDENT_SIZES}, seed=seed)
   if os.path.exists(os.path.join(out_dir, model_io.MODEL_JSON)):
     old = model_io.read_model_json(out_dir).get("distilled_from")
     if old != made_from:
       raise errors.ConfigError(f"{out_dir}: the student init there was made from {old}, not "
                                f"{made_from}: use a new --workdir")
     return out_dir
-  # The source's own args: the student trains with the teacher's dropout, not the inference 0.
-  args, params = student_from_layers(teacher.saved_args or teacher.args, teacher.params, layers)
+  if student_args is None:
+    # The source's own args: the student trains with the teacher's dropout, not the inference 0.
+    args, params = student_from_layers(teacher.saved_args or teacher.args, teacher.params, layers)
+  else:
+    args = student_args
+    module = models.build(args, teacher.head, len(teacher.label_names))
+    params = jax.tree.map(np.asarray, models.init_params(module, jax.random.key(seed))[0])
   return model_io.save_model_dir(out_dir, args, params, teacher.head, len(teacher.label_names),
                                  teacher.label_names, tokenizer=teacher.tokenizer,
                                  distilled_from=made_from)
@@ -264,11 +346,69 @@ def _pairs(dcfg, student_layers: int, teacher_layers: int, layers):
   return hidden, minilm
 
 
+def init_projection(dcfg, student_args, teacher_args, layers, seed: int = 0) -> Optional[dict]:
+  """Host parameters of the learned hidden-state projections, or None when none is needed.
+
+  One kernel (student width, teacher width) per compared hidden state, no bias (TinyBERT's W_h;
+  a bias could map every token to the teacher's mean direction, which cosine rewards):
+  {'hidden_<student hidden index>': {'kernel': ...}}. Identity at equal widths (`linear`), else
+  normal with std 1/sqrt(student width) (a projected state keeps its scale).
+  """
+  if dcfg.projection not in PROJECTIONS:
+    raise errors.ConfigError(f"config.distill.projection={dcfg.projection!r}: valid: "
+                             f"{PROJECTIONS}")
+  ds, dt = student_args.hidden_size, teacher_args.hidden_size
+  if not dcfg.weights.hidden or dcfg.projection == "none" or (
+      dcfg.projection == "auto" and ds == dt):
+    return None
+  pairs, _ = _pairs(dcfg, student_args.num_layers, teacher_args.num_layers, layers)
+  key = jax.random.fold_in(jax.random.key(seed), 2)
+  out = {}
+  for i, _ in pairs:
+    kernel = np.eye(ds, dtype=np.float32) if ds == dt else np.asarray(
+        jax.random.normal(jax.random.fold_in(key, i), (ds, dt), jnp.float32)) / np.sqrt(ds)
+    out[f"hidden_{i}"] = {"kernel": kernel}
+  return out
+
+
+def add_projection(r, projection: dict) -> None:
+  """Puts `projection` (host arrays) into run `r`'s train state as trainable parameters beside
+  the student's (params[PROJECTION], replicated) and rebuilds what depends on the parameter tree:
+  labels, optimizer, state (a fresh step 0: `fit` restores a resumed run's checkpoint into it)
+  and sizes."""
+  labels = dict(r.labels, **{PROJECTION: jax.tree.map(lambda _: "train", projection)})
+  tx, schedule = optim.make_optimizer(r.cfg.optim, labels, r.num_steps)
+  tx = peft.wrap_optimizer(tx, r.spec, r.num_steps)
+  logical = dict(models.abstract_params(r.module)[1],
+                 **{PROJECTION: jax.tree.map(lambda x: P(*[None] * x.ndim), projection)})
+  replicated = jax.sharding.NamedSharding(r.mesh, P())
+  params = dict(r.state.params, **{PROJECTION: jax.tree.map(
+      lambda x: jax.make_array_from_callback(x.shape, replicated, lambda idx, x=x: x[idx]),
+      projection)})
+
+  def init(p):   # as lib/train's states: Adam moments of the trainable leaves only
+    return train.TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                            opt_state=tx.init(peft.split_trainable(p, labels)[0]))
+  shard = train.state_shardings(jax.eval_shape(init, params), r.mesh, r.rules, logical)
+  r.state = jax.jit(init, out_shardings=shard, donate_argnums=0)(params)
+  r.labels, r.tx, r.schedule = labels, tx, schedule
+  r.sizes = experiment.state_sizes(r.state, labels)
+  logging.info("learned hidden-state projections %s: %d parameters",
+               {k: v["kernel"].shape for k, v in projection.items()},
+               models.param_count(projection))
+
+
+def student_params(params) -> dict:
+  """The student's parameters of a train state's (the projections dropped)."""
+  return {k: v for k, v in params.items() if k != PROJECTION}
+
+
 def make_loss(task, module, cfg, teacher_module, layers):
   """loss_fn(params, batch, rng, train, teacher_params) -> (loss, metrics): the weighted sum of
   the task's own loss and the distillation terms (see `default_config`). The teacher runs
   deterministic under stop_gradient: it gets no gradient (and, outside the train state, no
-  optimizer state). A batch with 'teacher_logits' (the cache) skips the teacher's forward pass."""
+  optimizer state). A batch with 'teacher_logits' (the cache) skips the teacher's forward pass.
+  Student hidden states go through params[PROJECTION] (`init_projection`) when it is there."""
   d, w = cfg.distill, cfg.distill.weights
   hidden_pairs, minilm = _pairs(d, module.args.num_layers, teacher_module.args.num_layers, layers)
   s_vals, t_vals = (tuple(p[i] for p in minilm) for i in (0, 1)) if w.value else ((), ())
@@ -293,9 +433,12 @@ def make_loss(task, module, cfg, teacher_module, layers):
       terms["soft"] = soft_kl(s_out["logits"], t_out["logits"], d.temperature,
                               logits_mask(s_out["logits"], batch))
     if w.hidden:
-      terms["hidden"] = sum(hidden_loss(s_inter["hidden_states"][i], t_inter["hidden_states"][j],
-                                        mask, d.hidden_loss) for i, j in hidden_pairs
-                            ) / len(hidden_pairs)
+      proj = params.get(PROJECTION)
+      project = lambda i, h: h if proj is None else (
+          h.astype(jnp.float32) @ proj[f"hidden_{i}"]["kernel"].astype(jnp.float32))
+      terms["hidden"] = sum(hidden_loss(project(i, s_inter["hidden_states"][i]),
+                                        t_inter["hidden_states"][j], mask, d.hidden_loss)
+                            for i, j in hidden_pairs) / len(hidden_pairs)
     if w.attention:
       terms["attention"] = sum(relation_kl(s_inter["attentions"][i], t_inter["attentions"][j],
                                            mask) for i, j in minilm) / len(minilm)
@@ -323,14 +466,19 @@ def check_compatible(dcfg, student_args, teacher: Teacher, head, label_names) ->
         f"config.distill.weights.soft={w.soft}: the teacher {teacher.source} has head "
         f"{teacher.head} with labels {teacher.label_names}; the task needs {head} with "
         f"{label_names}: set weights.soft=0 or give a teacher fine-tuned on this task")
-  if w.hidden and student_args.hidden_size != teacher.args.hidden_size:
+  if (w.hidden and student_args.hidden_size != teacher.args.hidden_size
+      and dcfg.projection == "none"):
     raise errors.ConfigError(
         f"config.distill.weights.hidden={w.hidden}: student width {student_args.hidden_size} != "
-        f"teacher width {teacher.args.hidden_size} (learned projections are not implemented)")
+        f"teacher width {teacher.args.hidden_size} and config.distill.projection='none': set it "
+        "to 'auto' (a learned projection) or weights.hidden=0")
   if (w.attention or w.value) and student_args.num_heads != teacher.args.num_heads:
+    # Both compare (B, heads, T, T) maps head by head; widths (head sizes) may differ.
     raise errors.ConfigError(
-        f"config.distill.weights.attention/value: student heads {student_args.num_heads} != "
-        f"teacher heads {teacher.args.num_heads}")
+        f"config.distill.weights.attention={w.attention}/value={w.value}: attention and value "
+        f"relations are compared head by head: student heads {student_args.num_heads} != teacher "
+        f"heads {teacher.args.num_heads} (the widths may differ, the head counts may not): set "
+        "config.distill.student.num_heads to the teacher's or those weights to 0")
   if dcfg.cache_logits and (w.hidden or w.attention or w.value):
     raise errors.ConfigError("config.distill.cache_logits=True caches logits only: the hidden, "
                              "attention and value terms need the teacher in the step (weights 0)")
@@ -508,14 +656,15 @@ class Evaluator:
     out = self.base.final(state, history)
     return dict(out, distill=self.block(state.params, out))
 
-  def block(self, student_params, student_out) -> dict:
+  def block(self, params, student_out) -> dict:
     r, t, metric = self.run, self.teacher, self.run.task.METRIC
+    student_params_ = student_params(params)
     t_eval = r.task.make_evaluator(dataclasses.replace(r, module=t.module))
     t_out = t_eval.final(train.TrainState(step=np.int32(-1), params=self.teacher_params,
                                           opt_state=()))
     batches = speed_batches(r, r.cfg.distill.speed_batch_size)
     speed = compare_speed({"teacher": (t.module, self.teacher_params),
-                           "student": (r.module, student_params)}, batches, r.bsh)
+                           "student": (r.module, student_params_)}, batches, r.bsh)
     entry = lambda name, params, out, layers: dict(
         source=t.source if name == "teacher" else r.workdir, layers=layers,
         params=models.param_count(params), dev=out["dev"][metric], test=out["test"][metric],
@@ -523,7 +672,7 @@ class Evaluator:
     return dict(
         metric=metric, speed_batch_size=r.cfg.distill.speed_batch_size,
         teacher=entry("teacher", self.teacher_params, t_out, t.args.num_layers),
-        student=entry("student", student_params, student_out, r.args.num_layers),
+        student=entry("student", student_params_, student_out, r.args.num_layers),
         student_over_teacher=student_out["test"][metric] / max(t_out["test"][metric], 1e-12),
         speedup=speed["student"] / speed["teacher"])
 
@@ -560,20 +709,28 @@ def attach_cache(run, teacher: Teacher, teacher_params) -> LogitCache:
 
 
 def run(cfg, workdir: str, task, *, preset_args=None) -> Optional[dict]:
-  """Distils cfg.distill.teacher into a student (its chosen layers, or a random `preset_args`)
-  on cfg's task: the fine-tuning run and outputs, with the distillation loss and the `distill`
-  block in metrics.json. Returns the metrics.json content, or None when preempted."""
+  """Distils cfg.distill.teacher into a student on cfg's task: the fine-tuning run and outputs,
+  with the distillation loss and the `distill` block in metrics.json. The student is made from
+  teacher layers, or is a random init of `preset_args` (a preset) with config.distill.student's
+  sizes; hidden terms across widths train a projection beside it (not part of the student).
+  Returns the metrics.json content, or None when preempted."""
   d = cfg.distill
   if cfg.get("adversarial") and cfg.adversarial.method != "none":
     raise errors.ConfigError(f"config.adversarial.method={cfg.adversarial.method!r}: adversarial "
                              "training is not combined with distillation here; set it to 'none'")
   teacher = load_teacher(d.teacher, cfg.data.dir, d.teacher_dtype)
-  layers = check_layers(d.layers, teacher.args.num_layers)
-  source = None
-  if preset_args is None:
-    source = write_student_init(os.path.join(workdir, "student_init"), teacher, layers)
-  r = experiment.setup(cfg, workdir, task, source=source, preset_args=preset_args)
+  s_args = random_student_args(d.get("student", {}), teacher.saved_args or teacher.args,
+                               preset_args)
+  layers = student_layer_map(d.layers, s_args, teacher.args.num_layers)
+  if s_args is not None:    # refused before anything is written
+    check_compatible(d, s_args, teacher, task.HEAD, teacher.label_names)
+  source = write_student_init(os.path.join(workdir, "student_init"), teacher, layers, s_args,
+                              cfg.seed)
+  r = experiment.setup(cfg, workdir, task, source=source)
   check_compatible(d, r.args, teacher, task.HEAD, r.data.label_names)
+  projection = init_projection(d, r.args, teacher.args, layers, cfg.seed)
+  if projection is not None:
+    add_projection(r, projection)
   t_params = place_params(teacher.module, teacher.params, r.mesh, r.rules)
   if d.cache_logits:
     attach_cache(r, teacher, t_params)
@@ -582,11 +739,20 @@ def run(cfg, workdir: str, task, *, preset_args=None) -> Optional[dict]:
     evaluator = GeneralEvaluator(r, loss, t_params)
   else:
     evaluator = Evaluator(r, teacher, t_params)
-  fitted = experiment.fit(r, evaluator, hooks=[experiment.adapter_hook(r)],
+  fitted = experiment.fit(r, evaluator, hooks=[_adapter_hook(r)],
                           loss_fn=lambda p, b, rng, tr: loss(p, b, rng, tr, t_params))
   if fitted is None:
     return None
   return experiment.finish(r, evaluator, fitted)
+
+
+def _adapter_hook(r) -> train.Hook:
+  """experiment.adapter_hook of the student alone (the projections are not saved with it)."""
+  if PROJECTION not in r.labels:
+    return experiment.adapter_hook(r)
+  inner = experiment.adapter_hook(dataclasses.replace(r, labels=student_params(r.labels)))
+  return dataclasses.replace(inner, fn=lambda state, step, m: inner.fn(
+      state.replace(params=student_params(state.params)), step, m))
 
 
 # ----------------------------------------------------------------------------- general distillation

@@ -8,11 +8,12 @@
   ./run.sh distill --config=configs/distill_sst2.py:hard --workdir=workdirs/sst2_l3
 
 The student is made from teacher layers config.distill.layers (default every other, ending with
-the last) and written to <workdir>/student_init; with --config.model.preset it is a random init
-of that preset instead. Re-running with the same --workdir resumes. Outputs: those of
-research/finetune.py, plus a `distill` block in metrics.json (teacher and student parameters,
-dev/test metric, inference examples/s on the test set at batch 32, student_over_teacher,
-speedup). Export: ./run.sh convert --to=hf --src=<workdir> --dst=<hf dir>.
+the last) and written to <workdir>/student_init; with config.distill.student (a preset and/or
+sizes: hidden_size, num_layers, num_heads, mlp_dim) it is a random init of that size instead, and
+hidden-state terms go through learned projections that train with it but are not exported
+(`:narrow`). Re-running with the same --workdir resumes. Outputs: those of research/finetune.py,
+plus a `distill` block in metrics.json (teacher and student parameters, dev/test metric,
+inference examples/s on the test set at batch 32, student_over_teacher, speedup). Export: ./run.sh convert --to=hf --src=<workdir> --dst=<hf dir>.
 """
 
 import os
@@ -22,7 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import distill_sst2  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lib import cli, distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -38,11 +39,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.initialize_from_flags()
   # pylint: disable-next=g-import-not-at-top  # after distributed init
-  from lib import distill, models, tasks
+  from lib import distill, tasks
   cfg = FLAGS.config
-  preset = None
-  if cfg.model.preset:  # random init of a preset architecture instead of teacher layers
-    preset = models.args_from_config(common.model_config(cfg.model.preset))
+  preset = distill_sst2.student_preset(cfg)   # a random-init student instead of teacher layers
   logging.info("config:\n%s", cfg)
   out = distill.run(cfg, FLAGS.workdir, tasks.get(cfg.task), preset_args=preset)
   if out is None:

@@ -339,3 +339,135 @@ def test_general_distillation_refuses_label_terms(tmp_path):
   with pytest.raises(errors.ConfigError, match="general distillation .* set hard=0 and soft=0"):
     distill.run(cfg, str(tmp_path / "general"), tasks.get("distill_general"))
   assert not os.path.exists(tmp_path / "general" / "metrics.json")
+
+
+# ----------------------------------------------------------------------------- another width
+
+NARROW = ml_collections.ConfigDict(dict(preset="", hidden_size=16, num_layers=2, num_heads=2,
+                                        mlp_dim=32))
+
+
+def _np_hidden_cosine(s, t, mask):
+  """1 - cos per real token, averaged (numpy, float64): the reference of the hidden term."""
+  s, t = np.asarray(s, np.float64), np.asarray(t, np.float64)
+  cos = (s * t).sum(-1) / (np.linalg.norm(s, axis=-1) * np.linalg.norm(t, axis=-1))
+  return float(((1 - cos) * mask).sum() / mask.sum())
+
+
+def test_narrow_student_hidden_loss_goes_through_the_learned_projection():
+  t_module, t_params = _teacher()
+  s_args = distill.random_student_args(NARROW, TEACHER)
+  assert (s_args.hidden_size, s_args.num_layers, s_args.vocab_size) == (16, 2, TEACHER.vocab_size)
+  layers = distill.student_layer_map((), s_args, TEACHER.num_layers)
+  assert layers == (1, 3)
+  s_module = models.build(s_args, "seq_cls", 2)
+  s_params = models.init_params(s_module, jax.random.key(1))[0]
+  cfg = _cfg(soft=0.0, attention=0.0, value=0.0)
+  proj = distill.init_projection(cfg.distill, s_args, TEACHER, layers)
+  assert sorted(proj) == ["hidden_0", "hidden_1", "hidden_2"]
+  assert proj["hidden_1"]["kernel"].shape == (16, 32)
+  params = dict(s_params, **{distill.PROJECTION: proj})
+  loss = distill.make_loss(classification, s_module, cfg, t_module, layers)
+  b = _batch()
+
+  @jax.jit
+  def everything(p):
+    (_, m), grads = jax.value_and_grad(lambda p: loss(p, b, None, False, t_params),
+                                       has_aux=True)(p)
+    hs = distill.forward(s_module, s_params, b)[1]["hidden_states"]
+    ht = distill.forward(t_module, t_params, b)[1]["hidden_states"]
+    return m, grads, hs, ht
+  m, grads, hs, ht = everything(params)
+  # Reference: hidden states of each model, projected by hand, compared per mapped pair.
+  want = np.mean([_np_hidden_cosine(np.asarray(hs[i]) @ proj[f"hidden_{i}"]["kernel"], ht[j],
+                                    b["input_mask"]) for i, j in ((0, 0), (1, 2), (2, 4))])
+  assert float(m["distill_hidden"]) == pytest.approx(want, rel=1e-4)
+  # The projection gets gradients (every compared layer's kernel).
+  for i in range(3):
+    assert float(jnp.abs(grads[distill.PROJECTION][f"hidden_{i}"]["kernel"]).max()) > 0
+
+
+def test_identity_projection_at_equal_width_equals_the_unprojected_loss():
+  t_module, t_params = _teacher()
+  s_args, s_params = distill.student_from_layers(TEACHER, t_params, (1, 3))
+  s_module = models.build(s_args, "seq_cls", 2)
+  cfg = _cfg(attention=0.0, value=0.0)
+  assert distill.init_projection(cfg.distill, s_args, TEACHER, (1, 3)) is None   # auto: none
+  cfg.distill.projection = "linear"
+  proj = distill.init_projection(cfg.distill, s_args, TEACHER, (1, 3))
+  assert all(np.array_equal(p["kernel"], np.eye(32)) for p in proj.values())
+  loss = jax.jit(distill.make_loss(classification, s_module, cfg, t_module, (1, 3)),
+                 static_argnums=3)
+  plain = loss(s_params, _batch(), None, False, t_params)[1]
+  projected = loss(dict(s_params, **{distill.PROJECTION: proj}), _batch(), None, False,
+                   t_params)[1]
+  assert float(plain["distill_hidden"]) > 1e-4
+  for k in ("loss", "distill_hidden", "distill_soft", "distill_hard"):
+    assert float(projected[k]) == pytest.approx(float(plain[k]), rel=1e-5, abs=1e-7), k
+
+
+def test_student_of_another_size_is_refused_with_one_clear_error():
+  teacher = _teacher_record({})
+  narrow = distill.random_student_args(NARROW, TEACHER)
+  one_head = distill.random_student_args(ml_collections.ConfigDict(dict(num_heads=1)), TEACHER)
+  assert one_head.hidden_size == 32 and one_head.num_layers == 4
+  cfg = _cfg(attention=1.0, value=0.0)
+  with pytest.raises(errors.ConfigError, match="student heads 1 != teacher heads 2 .*widths may"):
+    distill.check_compatible(cfg.distill, one_head, teacher, "seq_cls", ["neg", "pos"])
+  distill.check_compatible(cfg.distill, narrow, teacher, "seq_cls", ["neg", "pos"])  # 2 heads
+  cfg.distill.projection = "none"
+  with pytest.raises(errors.ConfigError, match="width 16 != teacher width 32 .*projection"):
+    distill.check_compatible(cfg.distill, narrow, teacher, "seq_cls", ["neg", "pos"])
+  with pytest.raises(errors.ConfigError, match="hidden_size 30 is not a multiple of num_heads 4"):
+    distill.random_student_args(ml_collections.ConfigDict(dict(hidden_size=30, num_heads=4)),
+                                TEACHER)
+  with pytest.raises(errors.ConfigError, match="one teacher layer per student layer"):
+    distill.student_layer_map((0, 1, 2), narrow, 4)
+  assert distill.random_student_args(ml_collections.ConfigDict(dict(preset="")), TEACHER) is None
+  assert distill.uniform_layers(3, 6) == (1, 3, 5) and distill.uniform_layers(4, 6) == (0, 2, 3, 5)
+  c = distill_sst2.get_config("narrow")
+  assert distill_sst2.student_preset(c) is None
+  c.distill.student.preset = "bert-mini"
+  assert distill_sst2.student_preset(c).hidden_size == 256
+  c.distill.student.preset = "bert-nano"
+  with pytest.raises(errors.ConfigError, match="distill.student.preset='bert-nano': unknown"):
+    distill_sst2.student_preset(c)
+
+
+@pytest.mark.slow
+def test_narrow_variant_end_to_end_trains_the_projection_and_exports_the_student_alone(tmp_path):
+  from lib import checkpoint, tasks  # pylint: disable=g-import-not-at-top
+  cfg, _ = _quick_config(tmp_path, "quick+narrow")
+  assert cfg.distill.student.hidden_size == 256 and cfg.distill.hidden_loss == "mse"
+  cfg.distill.student.update(dict(hidden_size=16, num_heads=2, mlp_dim=32))   # tiny
+  workdir = str(tmp_path / "run")
+  out = distill.run(cfg, workdir, tasks.get("classification"))
+  s_args = model_io.read_model_json(workdir)["args"]
+  assert (s_args.hidden_size, s_args.num_layers) == (16, 3)
+  b = out["distill"]
+  n_student = models.param_count(models.abstract_params(models.build(s_args, "seq_cls", 2))[0])
+  assert b["student"]["params"] == n_student and b["student"]["layers"] == 3
+  # The projections (4 hidden states x 16 x 32) trained: their Adam moments are in the state
+  # and the final checkpoint's differ from the init.
+  n_proj = 4 * 16 * 32
+  assert 8 * (n_student + n_proj) <= out["train"]["optimizer_state_bytes"] < (
+      8 * (n_student + n_proj) + 1024)
+  init = distill.init_projection(cfg.distill, s_args, distill.load_teacher(
+      cfg.distill.teacher, cfg.data.dir).args, (0, 1, 3), cfg.seed)
+  step = out["train"]["steps"]
+  saved = checkpoint.restore_params(
+      os.path.join(workdir, "checkpoints", str(step)),
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), init),
+      subtree=f"params/{distill.PROJECTION}")
+  for k in init:
+    assert not np.allclose(np.asarray(saved[k]["kernel"]), init[k]["kernel"]), k
+  # The exported student (our model dir, HF) holds the student's parameters alone.
+  ours = model_io.to_ours(workdir, str(tmp_path / "ours"))
+  assert distill.PROJECTION not in ours.params
+  assert models.param_count(ours.params) == n_student
+  model_io.ours_to_hf(workdir, str(tmp_path / "hf"), cfg.data.dir)
+  hf_cfg = json.load(open(tmp_path / "hf" / "config.json"))
+  assert hf_cfg["hidden_size"] == 16 and hf_cfg["num_hidden_layers"] == 3
+  # A rerun resumes the finished state (projections included) and trains no further.
+  again = distill.run(cfg, workdir, tasks.get("classification"))
+  assert again["train"]["steps"] == step and again["test"] == out["test"]
