@@ -251,6 +251,12 @@ def prune_neurons(params, args: ModelArgs, keep: Sequence):
 # |W| (magnitude) or the accumulated movement -sum_t grad_t * W_t (Sanh et al., hard top-k).
 # `sparsify` wraps the optimizer: a masked weight's gradient is dropped and its update is -W, so
 # it is exactly zero after every step (and in every checkpoint and export).
+# Movement is Sanh et al.'s straight-through top-k: the parameters are the masked weights W * M
+# (the forward sees the mask), and the optimizer state keeps the dense W. grad_t is dL/d(W * M),
+# so S_ij = -sum_t grad_t,ij W_ij keeps moving for a masked weight too: it is the first-order loss
+# decrease of restoring it, and a masked weight whose score climbs back into the top-k returns
+# with its old value. (Scoring the zeroed parameters instead froze a masked weight's score at its
+# first ~10 steps, which decided every later cut: 70% collapsed to one class.)
 
 @dataclasses.dataclass(frozen=True)
 class Sparsity:
@@ -329,6 +335,7 @@ class SparsityState(NamedTuple):
   masks: Any          # like the params: bool keep-masks of pruned kernels, () True elsewhere
   scores: Any         # movement scores of pruned kernels; () zeros elsewhere (and for magnitude)
   inner: Any          # the wrapped optimizer's state
+  dense: Any = None   # movement: the pruned kernels' dense weights (masked ones kept); () else
 
 
 def sparsify(inner, spec: Sparsity) -> "optax.GradientTransformation":
@@ -342,26 +349,29 @@ def sparsify(inner, spec: Sparsity) -> "optax.GradientTransformation":
                               jax.tree_util.tree_flatten_with_path(params)[0]], spec.rules))
     return jax.tree_util.tree_map_with_path(lambda kp, _: path_str(kp) in paths, params)
 
+  movement = spec.method == "movement"
+
   def init(params):
     sel = which(params)
     masks = jax.tree.map(lambda p, s: jnp.ones(p.shape if s else (), bool), params, sel)
-    movement = spec.method == "movement"
     scores = jax.tree.map(lambda p, s: jnp.zeros(p.shape if s and movement else (), jnp.float32),
                           params, sel)
-    return SparsityState(jnp.zeros((), jnp.int32), masks, scores, inner.init(params))
+    dense = jax.tree.map(lambda p, s: p if s and movement else jnp.zeros((), p.dtype), params, sel)
+    return SparsityState(jnp.zeros((), jnp.int32), masks, scores, inner.init(params), dense)
 
   def update(grads, state, params):
     sel = which(params)
+    # The weights the optimizer updates: the dense ones behind a masked kernel (movement).
+    dense = jax.tree.map(lambda d, p, on: d if on and movement else p, state.dense, params, sel)
     scores = state.scores
-    if spec.method == "movement":
-      scores = jax.tree.map(lambda s, g, p, on: s - g * p if on else s, scores, grads, params, sel)
+    if movement:   # straight-through: dL/dS = dL/d(W * M) * W, masked weights included
+      scores = jax.tree.map(lambda s, g, w, on: s - g * w if on else s, scores, grads, dense, sel)
     due = ((state.count >= spec.begin) & (state.count <= spec.end)
            & ((state.count - spec.begin) % spec.every == 0))
 
     def recompute():
       leaves = jax.tree.leaves(sel)
-      src = jax.tree.leaves(scores if spec.method == "movement"
-                            else jax.tree.map(jnp.abs, params))
+      src = jax.tree.leaves(scores if movement else jax.tree.map(jnp.abs, params))
       chosen = [s for s, on in zip(src, leaves) if on]
       new = iter(top_masks(chosen, cubic_sparsity(state.count, spec.target, spec.begin,
                                                   spec.end), spec.scope))
@@ -370,9 +380,19 @@ def sparsify(inner, spec: Sparsity) -> "optax.GradientTransformation":
                                 [next(new) if on else m for m, on in zip(old, leaves)])
     masks = jax.lax.cond(due, recompute, lambda: state.masks)
     grads = jax.tree.map(lambda g, m: jnp.where(m, g, 0), grads, masks)
-    updates, inner_state = inner.update(grads, state.inner, params)
-    updates = jax.tree.map(lambda u, p, m: jnp.where(m, u, -p), updates, params, masks)
-    return updates, SparsityState(state.count + 1, masks, scores, inner_state)
+    updates, inner_state = inner.update(grads, state.inner, dense)
+    if not movement:
+      updates = jax.tree.map(lambda u, p, m: jnp.where(m, u, -p), updates, params, masks)
+      return updates, SparsityState(state.count + 1, masks, scores, inner_state, state.dense)
+    # A kept weight moves by u (params == dense there); a masked one keeps its dense value and
+    # its parameter becomes exactly 0; a returning one (parameter 0) gets its dense value back.
+    new_dense = jax.tree.map(lambda d, u, m, on: jnp.where(m, d + u, d) if on else d,
+                             dense, updates, masks, sel)
+    updates = jax.tree.map(
+        lambda u, p, d, m, was, on: jnp.where(m, jnp.where(was, u, d), -p) if on else u,
+        updates, params, new_dense, masks, state.masks, sel)
+    new_dense = jax.tree.map(lambda d, on, old: d if on else old, new_dense, sel, state.dense)
+    return updates, SparsityState(state.count + 1, masks, scores, inner_state, new_dense)
 
   return optax.GradientTransformation(init, update)
 

@@ -370,6 +370,44 @@ def test_movement_scores_accumulate_minus_grad_times_weight():
   assert (got == 0).mean() == pytest.approx(0.5)
 
 
+def test_movement_is_straight_through_and_masked_weights_return():
+  """Sanh et al.'s hard movement pruning simulated in numpy: the scores of masked weights keep
+  moving (-g W with the dense W), a masked weight whose score climbs back returns with its old
+  value, and the parameters are the masked weights (exact zeros)."""
+  import optax
+  _, params = _tiny_params()
+  path = "encoder/layer_0/mlp/mlp_in/kernel"
+  spec = prune.Sparsity("movement", target=0.5, begin=1, end=4, every=1, scope="kernel",
+                        rules=((path, "prune"),))
+  lr = 0.1
+  tx = prune.sparsify(optax.sgd(lr), spec)
+  state = tx.init(params)
+  rng = np.random.default_rng(0)
+  w = _flat(params)[path].astype(np.float64)
+  ref_dense, ref_score, ref_mask = w.copy(), np.zeros_like(w), np.ones(w.shape, bool)
+  revived = 0
+  for t in range(6):
+    g = rng.normal(size=w.shape)   # dL/d(W * M) at this step
+    grads = jax.tree.map(jnp.zeros_like, params)
+    grads = traverse_util.unflatten_dict(dict(_flat(grads), **{path: g.astype(np.float32)}),
+                                         sep="/")
+    upd, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, upd)
+    ref_score -= g * ref_dense
+    if 1 <= t <= 4:
+      frac = 0.5 - 0.5 * (1 - (t - 1) / 3) ** 3
+      k = int(np.floor(np.float32(frac) * w.size))
+      new_mask = ref_score >= np.sort(ref_score.ravel())[min(k, w.size - 1)] if k else \
+          np.ones(w.shape, bool)
+      revived += int((new_mask & ~ref_mask).sum())
+      ref_mask = new_mask
+    ref_dense = np.where(ref_mask, ref_dense - lr * g, ref_dense)
+    got = _flat(params)[path]
+    np.testing.assert_array_equal(got == 0, ~ref_mask)
+    np.testing.assert_allclose(got, np.where(ref_mask, ref_dense, 0), rtol=1e-5, atol=1e-6)
+  assert revived > 0 and (~ref_mask).mean() == pytest.approx(0.5, abs=1e-3)
+
+
 def test_sparsity_rules_matching_nothing_raise():
   import optax
   _, params = _tiny_params()
