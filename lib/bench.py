@@ -1,4 +1,5 @@
-"""Train-step benchmark core: our jitted token-classification step vs Hugging Face PyTorch, timed interleaved."""
+"""Train-step benchmark core: our jitted step (token classification, MLM or causal LM) vs Hugging
+Face PyTorch on the same device, timed interleaved; FLOPs and the device's peak for MFU."""
 
 import dataclasses
 import time
@@ -8,7 +9,7 @@ import jax
 import numpy as np
 
 from lib import flops, models, optim, peft, sharding, train
-from lib.tasks import ner
+from lib.tasks import clm, mlm, ner
 
 COLUMNS = ("model", "dtype", "batch", "seq_len", "ours_ex_s", "hf_ex_s", "ratio", "compile_s",
            "model_gflop", "xla_gflop", "ours_gflop_s", "peak_gflop_s", "peak_frac")
@@ -17,12 +18,48 @@ HF_IGNORE = -100   # CrossEntropyLoss ignore_index in transformers; ours is any 
 
 @dataclasses.dataclass
 class ModelSpec:
-  """One benchmarked model: our args/params and a factory for the matching HF torch model."""
+  """One benchmarked model: our args/params and a factory for the matching HF torch model.
+
+  `head` is 'token_cls' (NER loss), 'mlm' (BERT, the loss on `prediction_slots` positions per
+  row as pretraining runs it) or 'lm' (GPT-2 next-token loss); the HF model must be the same
+  (BertForTokenClassification, BertForMaskedLM, GPT2LMHeadModel).
+  """
   name: str
   args: models.ModelArgs
   params: Optional[dict]          # None = random init (seed 0)
-  hf_factory: Callable            # () -> transformers.BertForTokenClassification
+  hf_factory: Callable            # () -> the transformers torch model
   num_labels: int = 9
+  head: str = "token_cls"
+
+  def loss_fn(self, module, seq_len: int):
+    if self.head == "mlm":
+      return mlm.make_loss_fn(module, mlm.prediction_slots(seq_len, MLM_RATE, False))
+    return (clm if self.head == "lm" else ner).make_loss_fn(module)
+
+  def head_fraction(self, seq_len: int) -> Optional[float]:
+    """Share of positions the tied output layer runs on (lib/flops), None without one."""
+    if self.head == "mlm":
+      return mlm.prediction_slots(seq_len, MLM_RATE, False) / seq_len
+    return 1.0 if self.head == "lm" else None
+
+
+MLM_RATE = 0.15
+# Dense bf16 peak FLOP/s of accelerators by device_kind (datasheets; first match wins). Other
+# devices (CPUs) get a measured jnp.dot peak.
+DATASHEET_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+                  ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("TPU v6", 918e12),
+                  ("TPU v5p", 459e12), ("TPU v5", 197e12), ("TPU v4", 275e12))
+
+
+def device_peak(dtype: str = "bfloat16", n: int = 2048) -> tuple:
+  """(peak FLOP/s, where it comes from) of jax's first device: the datasheet's dense bf16 peak
+  for known accelerators (bf16 rows), else a jitted (n, n) matmul measured now."""
+  kind = jax.devices()[0].device_kind
+  if dtype == "bfloat16":
+    for key, peak in DATASHEET_BF16:
+      if key in kind:
+        return peak, f"datasheet dense bf16 ({kind})"
+  return flops.matmul_peak(n, dtype), f"measured {n}^2 {dtype} jnp.dot ({kind})"
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -61,23 +98,47 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int, num_labels: int, pad_f
   return dict(input_ids=ids, input_mask=mask, token_type_ids=np.zeros_like(ids), labels=labels)
 
 
+def synthetic_lm_batch(head: str, batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
+  """A full (unpadded) batch of random tokens for 'mlm' (15% of positions labelled with their
+  token, as pretraining's masking: the input id there is [MASK]) or 'lm' (labels = the next
+  token, -1 at the last position)."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(1000, vocab, (batch, seq_len), dtype=np.int32)
+  mask = np.ones_like(ids)
+  if head == "lm":
+    labels = np.concatenate([ids[:, 1:], np.full((batch, 1), -1, np.int32)], 1)
+    return dict(input_ids=ids, input_mask=mask, labels=labels)
+  labels = np.full_like(ids, -1)
+  picked = rng.random((batch, seq_len)) < MLM_RATE
+  labels[picked] = ids[picked]
+  ids = np.where(picked, 103, ids).astype(np.int32)
+  return dict(input_ids=ids, input_mask=mask, token_type_ids=np.zeros_like(ids), labels=labels)
+
+
+def spec_batch(spec: ModelSpec, batch: int, seq_len: int, pad_frac: float = 0.0) -> dict:
+  """The synthetic batch of `spec`'s head."""
+  if spec.head == "token_cls":
+    return synthetic_batch(batch, seq_len, spec.args.vocab_size, spec.num_labels, pad_frac)
+  return synthetic_lm_batch(spec.head, batch, seq_len, spec.args.vocab_size)
+
+
 # ----------------------------------------------------------------------------- the two steps
 
 def build_ours(spec: ModelSpec, batch_np: dict, dtype: str = "float32", lr: float = 2e-5,
                seed: int = 0, peft_rules=peft.FULL_FINETUNE, cost: Optional[dict] = None):
-  """Our fine-tuning step as `lib.train` runs it (NER loss, `lib.optim` AdamW chain, 1 device),
-  training what `peft_rules` say (LoRA factors added as the run skeleton adds them).
+  """Our training step as `lib.train` runs it (`spec`'s head and loss, `lib.optim` AdamW chain,
+  1 device), training what `peft_rules` say (LoRA factors added as the run skeleton adds them).
 
   Returns (run, compile_s, xla_flops, args): `run()` takes one blocking step. `cost`, if given,
   receives XLA's cost analysis of the compiled step ('flops', 'bytes accessed', ...).
   """
   base = dataclasses.replace(spec.args, dtype=dtype)
   args = peft.configure(base, peft.parse_spec(peft_rules))
-  module = models.build(args, "token_cls", spec.num_labels)
+  module = models.build(args, spec.head, spec.num_labels)
   shapes, specs = models.abstract_params(module)
   params = spec.params
   if params is None:
-    params = models.init_params(models.build(base, "token_cls", spec.num_labels),
+    params = models.init_params(models.build(base, spec.head, spec.num_labels),
                                 jax.random.key(seed))[0]
   if args != base:
     params = peft.add_params(params, module, jax.random.key(seed + 1))
@@ -88,8 +149,9 @@ def build_ours(spec: ModelSpec, batch_np: dict, dtype: str = "float32", lr: floa
   mesh = sharding.make_mesh(sharding.default_mesh_config(), jax.devices()[:1])
   rules = sharding.DEFAULT_RULES
   state = train.train_state_from_params(params, tx, mesh, rules, specs, labels)
-  step = train.make_train_step(ner.make_loss_fn(module), tx, labels=labels, schedule=schedule,
-                               seed=seed)
+  seq_len = batch_np["input_ids"].shape[1]
+  step = train.make_train_step(spec.loss_fn(module, seq_len), tx, labels=labels,
+                               schedule=schedule, seed=seed)
   bsh = sharding.batch_sharding(mesh, rules)
   batch = sharding.shard_batch(batch_np, bsh)
   t0 = time.perf_counter()
@@ -116,30 +178,42 @@ def _torch_param_groups(model, weight_decay: float):
   return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_hf(spec: ModelSpec, batch_np: dict, dtype: str = "float32", lr: float = 2e-5):
-  """The Hugging Face PyTorch step: BertForTokenClassification in train mode (dropout on),
-  loss.backward(), clip_grad_norm_(1.0), torch.optim.AdamW; bf16 via torch.autocast.
+def _hf_inputs(spec: ModelSpec, batch_np: dict) -> dict:
+  """Our batch in HF's terms (ignored labels -100; GPT-2 shifts its labels itself)."""
+  if spec.head == "lm":
+    labels = np.where(batch_np["input_mask"] > 0, batch_np["input_ids"], HF_IGNORE)
+    return dict(input_ids=batch_np["input_ids"], attention_mask=batch_np["input_mask"],
+                labels=labels)
+  labels = np.where(batch_np["labels"] < 0, HF_IGNORE, batch_np["labels"])
+  return dict(input_ids=batch_np["input_ids"], attention_mask=batch_np["input_mask"],
+              token_type_ids=batch_np["token_type_ids"], labels=labels)
 
-  Returns `run()`, which takes one step.
+
+def build_hf(spec: ModelSpec, batch_np: dict, dtype: str = "float32", lr: float = 2e-5,
+             device: str = "cpu", compile_model: bool = False):
+  """The Hugging Face PyTorch step: `spec.hf_factory()` in train mode (dropout on) on torch
+  `device`, loss.backward(), clip_grad_norm_(1.0), torch.optim.AdamW; bf16 via torch.autocast;
+  `compile_model`: the model through torch.compile (default inductor) first.
+
+  Returns `run()`, which takes one step (synchronised: it reads the loss).
   """
   import contextlib  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
-  model = spec.hf_factory()
+  model = spec.hf_factory().to(device)
   model.train()
   opt = torch.optim.AdamW(_torch_param_groups(model, 0.01), lr=lr, betas=(0.9, 0.999), eps=1e-8)
-  labels = np.where(batch_np["labels"] < 0, HF_IGNORE, batch_np["labels"])
-  inputs = dict(input_ids=batch_np["input_ids"], attention_mask=batch_np["input_mask"],
-                token_type_ids=batch_np["token_type_ids"], labels=labels)
-  inputs = {k: torch.from_numpy(np.asarray(v, np.int64)) for k, v in inputs.items()}
+  inputs = {k: torch.from_numpy(np.asarray(v, np.int64)).to(device)
+            for k, v in _hf_inputs(spec, batch_np).items()}
+  forward = torch.compile(model) if compile_model else model
   if dtype == "float32":
     autocast = contextlib.nullcontext
   else:
-    autocast = lambda: torch.autocast("cpu", dtype=getattr(torch, dtype))
+    autocast = lambda: torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype))
 
   def run():
     with autocast():
-      loss = model(**inputs).loss
+      loss = forward(**inputs).loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -166,7 +240,7 @@ def benchmark_row(spec: ModelSpec, batch: int, seq_len: int, *, steps: int, warm
     pad_frac: fraction of each row that is padding.
     peak_n: size of the square matmul whose FLOP/s is the peak (in `dtype`).
   """
-  data = synthetic_batch(batch, seq_len, spec.args.vocab_size, spec.num_labels, pad_frac)
+  data = spec_batch(spec, batch, seq_len, pad_frac)
   ours, compile_s, xla_fl, args = build_ours(spec, data, dtype)
   hf = build_hf(spec, data, hf_dtype or dtype)
   for _ in range(warmup):
@@ -174,8 +248,7 @@ def benchmark_row(spec: ModelSpec, batch: int, seq_len: int, *, steps: int, warm
   times = time_interleaved({"ours": ours, "hf": hf}, steps, block)
   peak = flops.matmul_peak(peak_n, dtype)
   med = {k: float(np.median(v)) for k, v in times.items()}
-  shapes = models.abstract_params(models.build(args, "token_cls", spec.num_labels))[0]
-  fl = batch * seq_len * flops.model_flops_per_token(args, shapes, seq_len)
+  fl = step_flops(spec, args, batch, seq_len)
   dt = dtype if hf_dtype in (None, dtype) else f"{dtype}/hf:{hf_dtype}"
   return dict(model=spec.name, dtype=dt, batch=batch, seq_len=seq_len,
               ours_ex_s=batch / med["ours"], hf_ex_s=batch / med["hf"],
@@ -185,6 +258,50 @@ def benchmark_row(spec: ModelSpec, batch: int, seq_len: int, *, steps: int, warm
               ours_step_s=times["ours"], hf_step_s=times["hf"])
 
 
+def step_flops(spec: ModelSpec, args, batch: int, seq_len: int) -> float:
+  """Model FLOPs of one training step of `spec` (lib/flops: every parameter trained)."""
+  shapes = models.abstract_params(models.build(args, spec.head, spec.num_labels))[0]
+  return batch * seq_len * flops.model_flops_per_token(args, shapes, seq_len,
+                                                       head_fraction=spec.head_fraction(seq_len))
+
+
+ACCEL_COLUMNS = ("model", "head", "batch", "seq_len", "side", "step_ms", "tokens_s",
+                 "vs_ours", "mfu", "compile_s")
+
+
+def accelerator_rows(spec: ModelSpec, batch: int, seq_len: int, *, steps: int, warmup: int,
+                     hf_sides=("eager", "compile"), device: str = "cuda") -> list:
+  """Our bf16 step vs HF PyTorch bf16 autocast (eager and/or torch.compile) on one accelerator,
+  interleaved; one row per side with its MFU against `device_peak` (the datasheet's dense bf16
+  peak where the device is known). A side that fails to build gets a row with its error."""
+  data = spec_batch(spec, batch, seq_len)
+  ours, compile_s, _, args = build_ours(spec, data, "bfloat16")
+  fns, built = {"ours": ours}, {"ours": compile_s}
+  errors_ = {}
+  for side in hf_sides:
+    t0 = time.perf_counter()
+    try:
+      fn = build_hf(spec, data, "bfloat16", device=device, compile_model=side == "compile")
+      fn()                                     # torch.compile compiles on the first call
+      fns[f"hf_{side}"], built[f"hf_{side}"] = fn, time.perf_counter() - t0
+    except Exception as e:  # pylint: disable=broad-except  # a row says why; the others still run
+      errors_[f"hf_{side}"] = f"{type(e).__name__}: {e}"[:300]
+  for _ in range(warmup):
+    for fn in fns.values():
+      fn()
+  times = time_interleaved(fns, steps)
+  peak, peak_src = device_peak("bfloat16")
+  fl = step_flops(spec, args, batch, seq_len)
+  med = {k: float(np.median(v)) for k, v in times.items()}
+  rows = [dict(model=spec.name, head=spec.head, batch=batch, seq_len=seq_len, side=k,
+               step_ms=1e3 * m, tokens_s=batch * seq_len / m, vs_ours=m / med["ours"],
+               mfu=fl / m / peak, compile_s=built[k], peak_flops=peak, peak_source=peak_src,
+               step_s=times[k]) for k, m in med.items()]
+  rows += [dict(model=spec.name, head=spec.head, batch=batch, seq_len=seq_len, side=k,
+                error=e) for k, e in errors_.items()]
+  return rows
+
+
 def format_table(rows: list, columns: Sequence[str] = COLUMNS) -> str:
   """Markdown table of `columns` for benchmark rows."""
   def cell(v):
@@ -192,7 +309,7 @@ def format_table(rows: list, columns: Sequence[str] = COLUMNS) -> str:
       return f"{v:.3f}" if abs(v) < 10 else f"{v:,.1f}"
     return str(v)
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-  lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+  lines += ["| " + " | ".join(cell(r.get(c, "-")) for c in columns) + " |" for r in rows]
   return "\n".join(lines)
 
 
@@ -225,7 +342,7 @@ def peft_rows(spec: ModelSpec, batch: int, seq_len: int, settings: Sequence[str]
   if unknown:
     raise ValueError(f"unknown PEFT settings {unknown}; valid: {sorted(PEFT_SETTINGS)}")
   names = ["full"] + [n for n in settings if n != "full"]
-  data = synthetic_batch(batch, seq_len, spec.args.vocab_size, spec.num_labels)
+  data = spec_batch(spec, batch, seq_len)
   runs, costs = {}, {}
   for name in names:
     costs[name] = {}

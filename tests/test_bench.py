@@ -115,3 +115,41 @@ def test_peft_rows_tiny():
   assert "| tiny | lora_all | float32 | 4 | 8 |" in bench.format_table(rows, bench.PEFT_COLUMNS)
   with pytest.raises(ValueError, match="unknown PEFT settings"):
     bench.peft_rows(spec, 4, 8, ["lora_everything"], steps=1, warmup=0)
+
+
+@pytest.mark.parametrize("head,arch", [("lm", "gpt2"), ("mlm", "bert")])
+def test_lm_benchmark_sides_compute_the_same_loss(head, arch):
+  """The accelerator benchmark compares like with like: on its synthetic batch, our loss and the
+  HF model's loss (same weights, dropout off) agree to float32 rounding (1e-5 relative)."""
+  import numpy as np
+  import torch
+  extra = dict(type_vocab_size=0) if arch == "gpt2" else {}
+  args = models.ModelArgs(arch=arch, vocab_size=1200, hidden_size=16, num_layers=1, num_heads=2,
+                          mlp_dim=32, max_len=32, **extra)
+  cls = transformers.GPT2LMHeadModel if head == "lm" else transformers.BertForMaskedLM
+  spec = bench.ModelSpec("tiny", args, None, lambda: cls(hf.hf_config(args, head)),
+                         num_labels=0, head=head)
+  data = bench.spec_batch(spec, batch=3, seq_len=24)
+  module = models.build(args, head)
+  params = models.init_params(module, __import__("jax").random.key(0))[0]
+  ours = float(spec.loss_fn(module, 24)(params, data, None, False)[0])
+  model = spec.hf_factory()
+  state = hf.params_to_hf(params, args, head)
+  model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
+  model.eval()
+  inputs = {k: torch.from_numpy(np.asarray(v, np.int64))
+            for k, v in bench._hf_inputs(spec, data).items()}  # pylint: disable=protected-access
+  with torch.no_grad():
+    theirs = float(model(**inputs).loss)
+  assert ours == pytest.approx(theirs, rel=1e-5)
+  if head == "mlm":   # ~15% of the positions scored, the rest ignored
+    assert 0.05 < (data["labels"] >= 0).mean() < 0.3
+
+
+def test_device_peak_reads_the_datasheet_for_known_accelerators(monkeypatch):
+  class Dev:
+    device_kind = "NVIDIA H100 80GB HBM3"
+  monkeypatch.setattr(bench.jax, "devices", lambda: [Dev()])
+  assert bench.device_peak("bfloat16") == (989e12, "datasheet dense bf16 (NVIDIA H100 80GB HBM3)")
+  Dev.device_kind = "NVIDIA H100 PCIe"
+  assert bench.device_peak("bfloat16")[0] == 756e12
