@@ -35,7 +35,8 @@ flags.DEFINE_enum("method", "", ["", "int8_w8a8", "int8_weight_only", "int8_stat
                                  "neurons", "structured", "sparse", "qat"],
                   "overrides config.method")
 flags.DEFINE_bool("overwrite", False, "replace a non-empty --out")
-flags.mark_flags_as_required(["model", "out"])
+flags.DEFINE_string("workdir", None, "the same as --out (the flag declared tables pass)")
+flags.mark_flags_as_required(["model"])
 
 
 def main(argv):
@@ -45,6 +46,9 @@ def main(argv):
   from lib import compress, models
   cfg = FLAGS.config
   method = FLAGS.method or cfg.method
+  if bool(FLAGS.out) == bool(FLAGS.workdir):
+    raise errors.ConfigError("give one of --out and --workdir (the output directory)")
+  FLAGS.out = FLAGS.out or FLAGS.workdir
   if os.path.abspath(FLAGS.out) == os.path.abspath(FLAGS.model.split("@")[0]):
     raise errors.ConfigError(f"--out={FLAGS.out}: the same directory as --model")
   if method == "sparse":
