@@ -39,6 +39,10 @@ def default_config() -> ml_collections.ConfigDict:
   Total loss = hard * task loss (the task's own, on the labels) + soft * T^2 KL(teacher || student
   at temperature T) + hidden * hidden-state loss + attention * MiniLM attention KL + value *
   MiniLM value-relation KL. A weight of 0 skips its term (and the teacher outputs it needs).
+
+  A student of another width (`student`) compares hidden states through learned projections
+  (`projection`); attention distributions and value relations are (B, heads, T, T) maps over
+  tokens, compared head by head: they need the teacher's head count, not its width or head size.
   """
   return ml_collections.ConfigDict(dict(
       teacher="",               # model source: a fine-tuning workdir, our model dir, a HF dir
@@ -724,8 +728,9 @@ def run(cfg, workdir: str, task, *, preset_args=None) -> Optional[dict]:
   layers = student_layer_map(d.layers, s_args, teacher.args.num_layers)
   if s_args is not None:    # refused before anything is written
     check_compatible(d, s_args, teacher, task.HEAD, teacher.label_names)
-  source = write_student_init(os.path.join(workdir, "student_init"), teacher, layers, s_args,
-                              cfg.seed)
+  # Absolute: orbax writes the init's parameters and refuses a relative path.
+  source = write_student_init(os.path.abspath(os.path.join(workdir, "student_init")), teacher,
+                              layers, s_args, cfg.seed)
   r = experiment.setup(cfg, workdir, task, source=source)
   check_compatible(d, r.args, teacher, task.HEAD, r.data.label_names)
   projection = init_projection(d, r.args, teacher.args, layers, cfg.seed)

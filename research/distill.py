@@ -13,7 +13,8 @@ sizes: hidden_size, num_layers, num_heads, mlp_dim) it is a random init of that 
 hidden-state terms go through learned projections that train with it but are not exported
 (`:narrow`). Re-running with the same --workdir resumes. Outputs: those of research/finetune.py,
 plus a `distill` block in metrics.json (teacher and student parameters, dev/test metric,
-inference examples/s on the test set at batch 32, student_over_teacher, speedup). Export: ./run.sh convert --to=hf --src=<workdir> --dst=<hf dir>.
+inference examples/s on the test set at batch 32, student_over_teacher, speedup).
+Export: ./run.sh convert --to=hf --src=<workdir> --dst=<hf dir> (the student alone).
 """
 
 import os

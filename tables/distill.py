@@ -11,7 +11,10 @@ A CPU budget, not the paper setting: SST-2 rows train on the first 4,000 trainin
 1e-4, one epoch = 125 steps) and evaluate on the first 400 dev/test sentences; NER rows train on
 the first 4,000 CoNLL-2003 training sentences (configs/ner.py otherwise: 3 epochs) with the full
 dev and test sets. `general` is task-agnostic distillation (configs/distill_general.py, 1,000
-steps of plain text); `*_general` fine-tune its student with the task's plain config. Claims:
+steps of plain text); `*_general` fine-tune its student with the task's plain config.
+`sst2_narrow*`: a random-init student of another width (configs/distill_sst2.py:narrow, 3 layers
+x 256, 4 heads; lr 5e-4, 2 epochs of the same 4,000 sentences), hidden states through learned
+projections; the hidden row is compared with soft KL alone, soft KL with hard only. Claims:
 each distilled student vs the same student without distillation (`*_hard`: same init and steps),
 Δ with Welch's interval over 3 seeds. The `distill` block of a
 student's metrics.json holds the teacher's score and the measured inference speedup.
@@ -44,6 +47,21 @@ def _rows(task: str) -> tuple:
   return tuple(out)
 
 
+NARROW = (("narrow+hard", "hard only (no distillation)"), ("narrow+soft", "+ soft KL (T=2)"),
+          ("narrow", "+ hidden MSE through learned projections"))
+
+
+def _narrow_rows() -> tuple:
+  """A random-init student of another width (3 layers x 256, 4 heads): lr 5e-4, 2 epochs."""
+  args = SUB["sst2"][:2] + ("--config.train.epochs=2",
+                            "--config.distill.teacher={workdir:sst2_teacher}")
+  return tuple(tables.Row(
+      f"sst2_{v.replace('+', '_')}", f"sst2: random 3 x 256 student, {label}",
+      f"configs/distill_sst2.py:{v}", script="research/distill.py", args=args, seeds=SEEDS,
+      claim=v in ("narrow+soft", "narrow"), vs="" if v == "narrow+hard" else (
+          "sst2_narrow_hard" if v == "narrow+soft" else "sst2_narrow_soft")) for v, label in NARROW)
+
+
 GENERAL = tables.Row("general", "general distillation of MiniLM on plain text (no labels)",
                      "configs/distill_general.py", script="research/distill.py", seeds=SEEDS)
 TEST = "test.accuracy|test.f1"
@@ -55,7 +73,7 @@ TABLE = tables.Table(
              tables.Column("distill.student_over_teacher", "student / teacher", digits=3),
              tables.Column("distill.speedup", "speedup", digits=2),
              tables.Column("dev.accuracy|dev.f1", "dev acc / F1")),
-    rows=(GENERAL,) + _rows("sst2") + _rows("ner"),
+    rows=(GENERAL,) + _rows("sst2") + _narrow_rows() + _rows("ner"),
     setting="MiniLM-L6 teacher (DistilBERT used BERT-base); subsampled training data (see the "
             "declaration); loss weights hard 1, soft 1, hidden 1, attention 1, value 1, T = 2.",
 )

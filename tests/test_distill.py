@@ -362,7 +362,7 @@ def test_narrow_student_hidden_loss_goes_through_the_learned_projection():
   assert layers == (1, 3)
   s_module = models.build(s_args, "seq_cls", 2)
   s_params = models.init_params(s_module, jax.random.key(1))[0]
-  cfg = _cfg(soft=0.0, attention=0.0, value=0.0)
+  cfg = _cfg(soft=0.0)     # attention and value relations too: same heads, other head size
   proj = distill.init_projection(cfg.distill, s_args, TEACHER, layers)
   assert sorted(proj) == ["hidden_0", "hidden_1", "hidden_2"]
   assert proj["hidden_1"]["kernel"].shape == (16, 32)
@@ -382,6 +382,7 @@ def test_narrow_student_hidden_loss_goes_through_the_learned_projection():
   want = np.mean([_np_hidden_cosine(np.asarray(hs[i]) @ proj[f"hidden_{i}"]["kernel"], ht[j],
                                     b["input_mask"]) for i, j in ((0, 0), (1, 2), (2, 4))])
   assert float(m["distill_hidden"]) == pytest.approx(want, rel=1e-4)
+  assert 0 < float(m["distill_attention"]) < 10 and 0 < float(m["distill_value"]) < 10
   # The projection gets gradients (every compared layer's kernel).
   for i in range(3):
     assert float(jnp.abs(grads[distill.PROJECTION][f"hidden_{i}"]["kernel"]).max()) > 0
