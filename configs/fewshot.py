@@ -44,6 +44,20 @@ def get_config(variant: str = ""):
       full_data_accuracy=0.8962,                 # configs/sst2.py, seed 0, whole training set
   ))
   c.setfit = ml_collections.ConfigDict(dict(iterations=20, max_pairs=1280, c=1.0, normalize=True))
+  # Prompt-based (cloze) methods: the MLM head of mlm_source (any model source with one; MiniLM
+  # has none: continue it with research/pretrain_mlm.py first, see the docstring).
+  c.cloze = ml_collections.ConfigDict(dict(
+      mlm_source="workdirs/mlm_minilm_sst2",
+      # '{sentence}' and exactly one '{mask}'; pattern 0 is the single-pattern methods' (LM-BFF's
+      # manual SST-2 template), all of them form the _pet ensembles (LM-BFF's best automatic
+      # templates for SST-2).
+      patterns=("{sentence} It was {mask}.", "{sentence} A {mask} one.",
+                "{sentence} All in all {mask}."),
+      verbalizer=(("negative", "terrible"), ("positive", "great")),   # (label, one-token word)
+      grid=((1e-5, 8), ),                        # prompt-based fine-tuning: (lr, batch size)
+      # 'block.key' -> value over the fine-tuning settings above (the pattern adds tokens).
+      overrides=(("data.max_len", 128),),
+  ))
   return common.apply_variant(c, variant, {
       "curve": lambda c: setattr(c.fewshot, "ks", (8, 16, 32, 64)),
       "quick": _quick,
@@ -52,6 +66,8 @@ def get_config(variant: str = ""):
       "setfit": lambda c: setattr(c.fewshot, "methods", ("setfit",)),
       "finetune": lambda c: setattr(c.fewshot, "methods", ("finetune",)),
       "frozen": lambda c: setattr(c.fewshot, "methods", ("frozen",)),
+      "cloze": lambda c: setattr(c.fewshot, "methods", ("cloze_zeroshot", "cloze_zeroshot_pet",
+                                                        "cloze_finetune", "cloze_finetune_pet")),
   })
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lib import atomic, data
+from lib import atomic, data, errors
 
 
 # ----------------------------------------------------------------------------- K-shot splits
@@ -158,6 +158,13 @@ def verbalizer_log_probs(logits, mask_positions, verbalizer_ids):
   return jax.nn.log_softmax(words, axis=-1)
 
 
+def label_word_log_probs(mask_logits, label_token_ids):
+  """(B, V) MLM logits at each row's mask and (B, C) label-word ids per row -> (B, C) float32
+  log-softmax over those C words only (the cloze task's class scores)."""
+  words = jnp.take_along_axis(mask_logits, label_token_ids, axis=1).astype(jnp.float32)
+  return jax.nn.log_softmax(words, axis=-1)
+
+
 def ensemble_patterns(log_probs: Sequence, weights=None):
   """PET's ensemble of patterns: the (weighted) mean of per-pattern (B, C) label log-probs."""
   stacked = jnp.stack([jnp.asarray(lp) for lp in log_probs])             # (P, B, C)
@@ -253,7 +260,8 @@ def run_once(cfg, workdir: str) -> dict:
           "steps": out["train"]["steps"], "wall_s": out["train"]["wall_s"]}
 
 
-METHODS = ("setfit", "frozen", "finetune")
+METHODS = ("setfit", "frozen", "finetune", "cloze_zeroshot", "cloze_zeroshot_pet",
+           "cloze_finetune", "cloze_finetune_pet")
 
 
 def setfit_config(cfg, paths: dict, frozen: bool = False):
@@ -261,26 +269,46 @@ def setfit_config(cfg, paths: dict, frozen: bool = False):
   parameter frozen and one step, so the head is fitted on the untouched encoder's embeddings."""
   overrides = dict(cfg.fewshot.setfit_overrides)
   if frozen:
-    overrides.update({"peft.rules": ((".*", "freeze"),), "train.num_steps": 1})
+    overrides.update(_FROZEN)
   return kshot_config(cfg, paths, "contrastive", **overrides)
 
 
-def run_method(cfg, method: str, paths: dict, workdir: str) -> dict:
-  """One method on one K-shot sample: 'setfit'; 'frozen' (SetFit's head on the untouched encoder:
-  every parameter frozen, one step; the baseline contrastive training must beat); or 'finetune'
-  (standard fine-tuning: each (lr, batch size) of cfg.fewshot.grid, the best dev accuracy
-  reported, LM-BFF's protocol)."""
-  if method in ("setfit", "frozen"):
-    return run_once(setfit_config(cfg, paths, frozen=method == "frozen"), workdir)
-  if method != "finetune":
-    raise ValueError(f"config.fewshot.methods: unknown method {method!r}; valid: {METHODS}")
+# Every parameter frozen and one step: the run only evaluates its starting model.
+_FROZEN = {"peft.rules": ((".*", "freeze"),), "train.num_steps": 1}
+
+
+def _grid(cfg, paths: dict, task: str, workdir: str, grid, **overrides) -> dict:
+  """LM-BFF's protocol: one run per (lr, batch size) of `grid`, the best K-shot dev accuracy."""
   best = None
-  for lr, bs in cfg.fewshot.grid:
-    c = kshot_config(cfg, paths, "classification", **{"optim.lr": lr, "data.batch_size": bs})
-    out = dict(run_once(c, os.path.join(workdir, f"lr{lr:g}_bs{bs}")), lr=lr, batch_size=bs)
+  for lr, bs in grid:
+    c = kshot_config(cfg, paths, task, **{"optim.lr": lr, "data.batch_size": bs, **overrides})
+    wd = os.path.join(workdir, f"lr{lr:g}_bs{bs}")
+    out = dict(run_once(c, wd), lr=lr, batch_size=bs, workdir=wd)
     if best is None or out["dev"] > best["dev"]:
       best = out
   return best
+
+
+def run_method(cfg, method: str, paths: dict, runs_dir: str, sample: str) -> dict:
+  """One method on one K-shot sample (`paths`, named `sample`, e.g. 'k16_seed0'); its runs go to
+  <runs_dir>/<method>/<sample> (cloze: see run_cloze).
+
+  'setfit'; 'frozen' (SetFit's head on the untouched encoder: every parameter frozen, one step;
+  the baseline contrastive training must beat); 'finetune' (standard fine-tuning: each (lr,
+  batch size) of cfg.fewshot.grid, the best dev accuracy reported, LM-BFF's protocol); the
+  cloze methods of run_cloze.
+
+  Raises:
+    errors.ConfigError: an unknown method.
+  """
+  workdir = os.path.join(runs_dir, method, sample)
+  if method in ("setfit", "frozen"):
+    return run_once(setfit_config(cfg, paths, frozen=method == "frozen"), workdir)
+  if method == "finetune":
+    return _grid(cfg, paths, "classification", workdir, cfg.fewshot.grid)
+  if method in METHODS:
+    return run_cloze(cfg, method, paths, runs_dir, sample)
+  raise errors.ConfigError(f"config.fewshot.methods: unknown method {method!r}; valid: {METHODS}")
 
 
 def summarize(results: list) -> list:
@@ -374,3 +402,118 @@ def cloze_log_probs(module, params, tokenizer, sentences, template: str, words,
     logits = apply(params, ids, enc["attention_mask"].astype(np.int32))
     out.append(np.asarray(verbalizer_log_probs(logits, jnp.argmax(is_mask, 1), verb)))
   return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------- cloze protocol
+
+def check_cloze_config(cloze_cfg, label_names: Sequence[str], key: str = "config.cloze") -> None:
+  """Checks the cloze block before any run: patterns, verbalizer and the MLM model source.
+
+  Raises:
+    errors.ConfigError: no pattern, a pattern without exactly one '{mask}' or without
+      '{sentence}' (its index named), a verbalizer that does not map every label (and only
+      those) to one word, or an mlm_source that is no model source.
+  """
+  from lib import config_check   # pylint: disable=g-import-not-at-top  # imports jax lazily
+  if not cloze_cfg.patterns:
+    raise errors.ConfigError(f"{key}.patterns is empty: expected at least one pattern such as "
+                             "'{sentence} It was {mask}.'")
+  for i, template in enumerate(cloze_cfg.patterns):
+    try:
+      cloze_texts(template, ["x"], "[MASK]")
+    except ValueError:
+      raise errors.ConfigError(f"{key}.patterns[{i}]={template!r}: expected exactly one "
+                               "'{mask}' and a '{sentence}'") from None
+  words = dict(tuple(p) for p in cloze_cfg.verbalizer)
+  if sorted(words) != sorted(label_names) or len(words) != len(cloze_cfg.verbalizer):
+    raise errors.ConfigError(f"{key}.verbalizer={tuple(map(tuple, cloze_cfg.verbalizer))}: "
+                             f"expected one (label, word) pair per label of {list(label_names)}")
+  why = config_check.source_problem(cloze_cfg.mlm_source, f"{key}.mlm_source")
+  if why:
+    raise errors.ConfigError(why + " with an MLM head (e.g. a research/pretrain_mlm.py workdir)")
+
+
+def label_words(verbalizer, label_names: Sequence[str]) -> list:
+  """The verbalizer's word of each label, in label order (check_cloze_config's pairs).
+
+  Raises:
+    errors.ConfigError: a label without a word.
+  """
+  words = dict(tuple(p) for p in verbalizer)
+  missing = [l for l in label_names if l not in words]
+  if missing:
+    raise errors.ConfigError(f"config.cloze.verbalizer: no word for the labels {missing} "
+                             f"(labels: {list(label_names)})")
+  return [words[l] for l in label_names]
+
+
+def write_cloze_data(paths: dict, template: str, mask_token: str, out_dir: str) -> dict:
+  """The K-shot TSVs (write_kshot_data) with the pattern applied to every sentence (kept when
+  present). Returns {'train': path, 'validation': path, 'test': path}."""
+  out = {s: os.path.join(out_dir, f"{s}.tsv") for s in paths}
+  if all(os.path.exists(p) for p in out.values()):
+    return out
+  os.makedirs(out_dir, exist_ok=True)
+  for split, path in paths.items():
+    with open(path, encoding="utf-8") as f:
+      rows = [line.rstrip("\n").split("\t") for line in f]
+    texts = cloze_texts(template, [r[0] for r in rows[1:]], mask_token)
+    lines = ["\t".join(rows[0])] + [f"{t}\t{r[1]}" for t, r in zip(texts, rows[1:])]
+    atomic.write_bytes(out[split], ("\n".join(lines) + "\n").encode("utf-8"))
+  return out
+
+
+def cloze_overrides(cfg, train: bool = True) -> dict:
+  """The cloze task's run settings over the fine-tuning ones: the model is cfg.cloze.mlm_source
+  (with its MLM head), cfg.cloze.overrides; train=False: everything frozen, one step (zero-shot)."""
+  out = dict(cfg.cloze.overrides, **{"model.init_from": cfg.cloze.mlm_source})
+  return out if train else dict(out, **_FROZEN)
+
+
+def _mask_token(cfg) -> str:
+  from lib import model_io   # pylint: disable=g-import-not-at-top
+  return model_io.load_tokenizer(cfg.cloze.mlm_source, "bert", cfg.data.dir)[0].mask_token
+
+
+def run_cloze(cfg, method: str, paths: dict, runs_dir: str, sample: str) -> dict:
+  """Prompt-based classification with the MLM head of cfg.cloze.mlm_source (lib/tasks/cloze).
+
+  'cloze_zeroshot': pattern 0 on the model as it is (every parameter frozen, one step). Its runs
+  (<runs_dir>/cloze_zeroshot/p<i>) are shared by every sample: the test result cannot depend on
+  the sample (its dev is the first sample's). 'cloze_finetune': LM-BFF's prompt-based fine-
+  tuning of pattern 0: encoder and MLM head trained with cross-entropy over the label words at
+  the mask, each (lr, batch size) of cfg.cloze.grid, the best K-shot dev accuracy
+  (<runs_dir>/cloze_finetune/<sample>/p<i>/lr<lr>_bs<b>). '_pet': every pattern of
+  cfg.cloze.patterns run so, then PET's ensemble, the mean of their label log-probabilities
+  (pattern 0's runs are the single-pattern method's).
+  """
+  kind = method.replace("cloze_", "").replace("_pet", "")
+  patterns = range(len(cfg.cloze.patterns)) if method.endswith("_pet") else [0]
+  mask, outs = _mask_token(cfg), []
+  for i in patterns:
+    ppaths = write_cloze_data(paths, cfg.cloze.patterns[i], mask,
+                              os.path.join(os.path.dirname(paths["train"]), f"cloze_p{i}"))
+    if kind == "zeroshot":
+      wd = os.path.join(runs_dir, "cloze_zeroshot", f"p{i}")
+      c = kshot_config(cfg, ppaths, "cloze", **cloze_overrides(cfg, train=False))
+      outs.append(dict(run_once(c, wd), workdir=wd))
+    else:
+      wd = os.path.join(runs_dir, "cloze_finetune", sample, f"p{i}")
+      outs.append(_grid(cfg, ppaths, "cloze", wd, cfg.cloze.grid, **cloze_overrides(cfg)))
+  return outs[0] if len(outs) == 1 else ensemble_runs(outs)
+
+
+def ensemble_runs(outs: Sequence[dict]) -> dict:
+  """PET's ensemble of cloze runs (their log_probs.npz): dev and test accuracy of the mean label
+  log-probabilities; steps and wall time summed; each run's own result under 'patterns'."""
+  saved = [np.load(os.path.join(o["workdir"], "log_probs.npz")) for o in outs]
+  res = {}
+  for split, key in (("validation", "dev"), ("test", "test")):
+    gold = saved[0][f"{split}_gold"]
+    if any(not np.array_equal(s[f"{split}_gold"], gold) for s in saved):
+      raise RuntimeError(f"cloze ensemble: the {split} examples of the runs differ: "
+                         f"{[o['workdir'] for o in outs]}")
+    mean = np.asarray(ensemble_patterns([s[split] for s in saved]))
+    res[key] = float((mean.argmax(1) == gold).mean())
+  return dict(res, steps=sum(o["steps"] for o in outs), wall_s=sum(o["wall_s"] for o in outs),
+              patterns=[{k: o[k] for k in ("dev", "test", "workdir")} for o in outs])

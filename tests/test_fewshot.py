@@ -216,3 +216,166 @@ def test_frozen_method_keeps_the_encoder_and_fits_the_head_on_its_embeddings(tmp
   (x, y), (xt, yt) = embed("train"), embed("test")
   head = fewshot.fit_logistic_regression(x, y, 2, c.setfit.c)
   assert out["test"]["accuracy"] == pytest.approx(np.mean(fewshot.predict_linear(xt, head) == yt))
+
+
+# ----------------------------------------------------------------------------- cloze (prompt-based)
+
+def _tiny_mlm(seed=0):
+  from lib import model_io, models
+  tok, _ = model_io.load_tokenizer("minilm", "bert", "")
+  args = models.ModelArgs(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, max_len=32,
+                          vocab_size=len(tok))
+  module = models.build(args, "mlm")
+  params, _ = models.init_params(module, jax.random.key(seed))
+  return tok, args, module, params
+
+
+def _cloze_batch(tok, texts, labels, words, example_ids=None):
+  from lib.tasks import cloze
+
+  class Inner:   # one batch, as a seq_cls evaluation iterator yields it
+    info = {}
+    def __init__(self):
+      enc = tok(texts, padding=True, return_tensors="np")
+      self.batch = dict(input_ids=enc["input_ids"].astype(np.int32),
+                        input_mask=enc["attention_mask"].astype(np.int32),
+                        token_type_ids=np.zeros_like(enc["input_ids"], np.int32),
+                        label=np.asarray(labels, np.int32))
+      if example_ids is not None:
+        self.batch["example_ids"] = np.asarray(example_ids, np.int32)
+    def __len__(self):
+      return 1
+    def __iter__(self):
+      return self
+    def __next__(self):
+      return self.batch
+  ids = fewshot.verbalizer_token_ids(tok, words)
+  return next(cloze.ClozeBatches(Inner(), tok.mask_token_id, ids)), ids
+
+
+def test_cloze_batches_locate_the_mask_and_refuse_a_lost_one():
+  from lib import model_io
+  tok, _ = model_io.load_tokenizer("minilm", "bert", "")
+  texts = ["good . it was [MASK] .", "[MASK] movie", "padding row"]
+  batch, ids = _cloze_batch(tok, texts, [1, 0, 0], ["terrible", "great"], [0, 1, -1])
+  for r, text in enumerate(texts[:2]):
+    row = tok(text)["input_ids"]
+    assert batch["mask_pos"][r] == row.index(tok.mask_token_id)
+  np.testing.assert_array_equal(batch["label_token_ids"],
+                                [[tok.convert_tokens_to_ids(w) for w in ("terrible", "great")]] * 3)
+  with pytest.raises(ValueError, match=r"1 texts of a batch hold \[0\] mask tokens"):
+    _cloze_batch(tok, ["no mask here", "[MASK] x"], [0, 1], ["terrible", "great"])
+
+
+def test_prompt_finetuning_loss_and_gradient_by_hand():
+  from lib.tasks import cloze
+  tok, _, module, params = _tiny_mlm()
+  texts = ["a fine film . it was [MASK] .", "dull [MASK] .", "it was [MASK] and long", "pad"]
+  batch, ids = _cloze_batch(tok, texts, [1, 0, 0, 1], ["terrible", "great"], [0, 1, 2, -1])
+  loss_fn = cloze.make_loss(module)
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, None, False)
+  # Independent: the head on every position (the model's own 'mlm' output), numpy from there.
+  logits = np.asarray(module.apply({"params": params}, batch["input_ids"],
+                                   batch["input_mask"])[0]["logits"], np.float64)
+  nll, probs = [], []
+  for r in range(3):                       # row 3 is padding: no loss
+    pos = list(batch["input_ids"][r]).index(tok.mask_token_id)
+    words = logits[r, pos, ids]
+    p = np.exp(words - words.max())
+    p /= p.sum()
+    probs.append(p)
+    nll.append(-np.log(p[batch["label"][r]]))
+  np.testing.assert_allclose(loss, np.mean(nll), rtol=1e-5)
+  assert metrics["accuracy"] == pytest.approx(np.mean([p.argmax() == y for p, y in
+                                                       zip(probs, batch["label"][:3])]))
+  # d loss / d (MLM output bias): (p - onehot) / 3 on the two label words, exactly 0 elsewhere.
+  g = np.asarray(grads["mlm"]["bias"])
+  expect = np.mean([p - np.eye(2)[y] for p, y in zip(probs, batch["label"][:3])], axis=0)
+  np.testing.assert_allclose(g[ids], expect, rtol=1e-4, atol=1e-7)
+  assert np.count_nonzero(np.delete(g, ids)) == 0
+
+
+def test_cloze_config_errors_name_the_entry(tmp_path):
+  import ml_collections
+  from lib import errors
+  good = dict(mlm_source="minilm", patterns=("{sentence} It was {mask}.",),
+              verbalizer=(("negative", "terrible"), ("positive", "great")))
+  check = lambda **kw: fewshot.check_cloze_config(ml_collections.ConfigDict(dict(good, **kw)),
+                                                  ["negative", "positive"])
+  check()
+  with pytest.raises(errors.ConfigError, match=r"config.cloze.patterns\[1\]=.*one '\{mask\}'"):
+    check(patterns=("{sentence} It was {mask}.", "{sentence} It was great."))
+  with pytest.raises(errors.ConfigError, match=r"patterns\[0\]"):
+    check(patterns=("{mask} {sentence} {mask}",))
+  with pytest.raises(errors.ConfigError, match="one \\(label, word\\) pair per label"):
+    check(verbalizer=(("negative", "terrible"),))
+  with pytest.raises(errors.ConfigError, match="config.cloze.mlm_source="):
+    check(mlm_source=str(tmp_path / "nothing"))
+
+
+def test_cloze_files_and_pet_ensemble(tmp_path):
+  d = tmp_path / "k"
+  d.mkdir()
+  paths = {}
+  for s in ("train", "validation", "test"):
+    (d / f"{s}.tsv").write_text("sentence\tlabel\nfine film .\tpositive\ndull\tnegative\n")
+    paths[s] = str(d / f"{s}.tsv")
+  out = fewshot.write_cloze_data(paths, "{sentence} It was {mask}.", "[MASK]", str(d / "p0"))
+  assert open(out["test"]).read() == ("sentence\tlabel\nfine film . It was [MASK].\tpositive\n"
+                                      "dull It was [MASK].\tnegative\n")
+  # Two runs' saved log-probs, each right on 2 of 3; the mean of the log-probs on 3 of 3.
+  gold = np.array([0, 1, 1])
+  a = np.log([[0.7, 0.3], [0.3, 0.7], [0.55, 0.45]])
+  b = np.log([[0.4, 0.6], [0.45, 0.55], [0.1, 0.9]])
+  runs = []
+  for name, lp in (("a", a), ("b", b)):
+    (tmp_path / name).mkdir()
+    np.savez(tmp_path / name / "log_probs.npz", validation=lp, validation_gold=gold, test=lp,
+             test_gold=gold)
+    runs.append(dict(workdir=str(tmp_path / name), dev=0.0, test=0.0, steps=10, wall_s=1.0))
+  res = fewshot.ensemble_runs(runs)
+  assert res["test"] == pytest.approx(1.0) and res["dev"] == pytest.approx(1.0)
+  assert res["steps"] == 20 and len(res["patterns"]) == 2
+
+
+@pytest.mark.slow
+def test_cloze_runs_carry_the_mlm_head_over_zero_shot_and_fine_tuned(tmp_path):
+  from configs import fewshot as fewshot_config
+  from lib import model_io
+  tok, args, module, params = _tiny_mlm(seed=1)
+  great, terrible = (tok.convert_tokens_to_ids(w) for w in ("great", "terrible"))
+  params = jax.tree.map(np.asarray, params)
+  params["mlm"]["bias"] = params["mlm"]["bias"].copy()
+  params["mlm"]["bias"][great] += 3.0      # a head that is not a fresh init's (bias 0)
+  src = model_io.save_model_dir(str(tmp_path / "mlm"), args, params, head="mlm")
+  d = tmp_path / "toy"
+  d.mkdir()
+  for name, n in (("train", 16), ("dev", 4), ("test", 6)):
+    (d / f"{name}.tsv").write_text("sentence\tlabel\n" + "".join(
+        f"{'great' if i % 2 else 'awful'} film {name}{i}\t{'positive' if i % 2 else 'negative'}\n"
+        for i in range(n)))
+  cfg = fewshot_config.get_config()
+  cfg.data.dataset, cfg.data.cache_dir = f"tsv:{d}", str(tmp_path / "cache")
+  cfg.data.eval_batch_size, cfg.cloze.mlm_source = 8, src
+  cfg.cloze.overrides = (("data.max_len", 32), ("train.eval_every", 2))
+  cfg.cloze.grid = ((1e-3, 8),)
+  paths = fewshot.write_kshot_data(cfg.data, 4, seed=0, out_dir=str(tmp_path / "k4"))
+  cfg.train.num_steps = 4
+  zero = fewshot.run_method(cfg, "cloze_zeroshot", paths, str(tmp_path / "runs"), "k4_seed0")
+  saved = np.load(tmp_path / "runs" / "cloze_zeroshot" / "p0" / "log_probs.npz")
+  # Independent: the saved model's full MLM logits on each pattern-applied test text.
+  texts = [l.split("\t")[0] for l in open(tmp_path / "k4" / "cloze_p0" / "test.tsv")][1:]
+  for i, text in enumerate(texts):
+    ids = np.asarray(tok(text)["input_ids"], np.int32)[None]
+    logits = np.asarray(module.apply({"params": params}, ids, np.ones_like(ids))[0]["logits"])
+    words = logits[0, list(ids[0]).index(tok.mask_token_id), [terrible, great]]
+    np.testing.assert_allclose(saved["test"][i], words - np.log(np.exp(words).sum()), rtol=1e-4,
+                               atol=1e-5)
+  assert zero["test"] == pytest.approx(np.mean(saved["test"].argmax(1) == saved["test_gold"]))
+  tuned = fewshot.run_method(cfg, "cloze_finetune", paths, str(tmp_path / "runs"), "k4_seed0")
+  assert tuned["steps"] == 4 and tuned["lr"] == 1e-3
+  final = model_io.load_model(tuned["workdir"], "mlm", 0).params
+  assert not np.allclose(final["mlm"]["bias"], params["mlm"]["bias"])   # the head was trained
+  assert final["mlm"]["bias"][great] > 1.0                             # ... from the saved one
+  pet = fewshot.run_method(cfg, "cloze_zeroshot_pet", paths, str(tmp_path / "runs"), "k4_seed0")
+  assert len(pet["patterns"]) == 3 and pet["patterns"][0]["test"] == zero["test"]

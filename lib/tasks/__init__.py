@@ -23,10 +23,10 @@ task's name.
 """
 
 from lib import errors
-from lib.tasks import classification, clm, contrastive, mlm, ner
+from lib.tasks import classification, clm, cloze, contrastive, mlm, ner
 
 TASKS = {"ner": ner, "classification": classification, "mlm": mlm, "clm": clm,
-         "contrastive": contrastive}
+         "contrastive": contrastive, "cloze": cloze}
 
 
 def register(name: str, task) -> None:
