@@ -20,10 +20,11 @@ Variants (`--config=configs/distill_sst2.py:<variant>`, '+'-joined):
   cache      teacher logits computed once and cached (soft loss only: use with `soft` or `hard`).
   bf16_teacher  the teacher computes in bfloat16.
   layers024  the student from teacher layers (0, 2, 4) instead of (1, 3, 5).
-  narrow     a random-init student of another width: 3 layers, hidden 256, 4 heads, FFN 1024,
-             lr 5e-4, hidden loss MSE through learned 256 -> 384 projections (TinyBERT); with
-             `soft` (no hidden term) or `hard` for the ablation. Attention/value transfer (`minilm`)
-             needs the teacher's 12 heads: --config.distill.student.num_heads=12.
+  narrow     a student of another width: 3 random layers, hidden 256, 4 heads, FFN 1024, the
+             teacher's embeddings on their top 256 principal directions, lr 5e-4, hidden loss MSE
+             through learned 256 -> 384 projections (TinyBERT); with `soft` (no hidden term) or
+             `hard` for the ablation. Attention/value transfer (`minilm`) needs the teacher's 12
+             heads: --config.distill.student.num_heads=12.
 
 Measured on this machine (2 shared cores of an AMD EPYC, heavily loaded), SUBSAMPLED: teacher =
 configs/sst2.py on the first 4,000 training sentences, lr 1e-4, 125 steps (dev 0.8175, test
@@ -68,9 +69,12 @@ def student_preset(c):
 
 def _narrow(c):
   """A random-init student of 3 layers, width 256, 4 heads, FFN 1024 (10.4M parameters, 7.8M of
-  them word embeddings; MiniLM: 22.7M); its hidden states reach the teacher's through learned
-  projections and MSE (TinyBERT); a higher lr than fine-tuning (nothing is pretrained)."""
-  c.distill.student.update(dict(hidden_size=256, num_layers=3, num_heads=4, mlp_dim=1024))
+  them word embeddings; MiniLM: 22.7M). Its embedding tables are the teacher's on their top 256
+  principal directions, the rest is random; its hidden states reach the teacher's through learned
+  projections (initialised as the PCA's way back) and MSE (TinyBERT); a higher lr than
+  fine-tuning (the layers are not pretrained)."""
+  c.distill.student.update(dict(hidden_size=256, num_layers=3, num_heads=4, mlp_dim=1024,
+                                embeddings="pca"))
   c.distill.hidden_loss = "mse"
   c.optim.lr = 5e-4
 

@@ -16,11 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-
 from jax.sharding import PartitionSpec as P
 
 from lib import (atomic, data, errors, experiment, model_io, models, optim, peft, sharding, tasks,
-                 train)
+                 train, tree)
 from lib.tasks import common, lm, supervised
 
 HIDDEN_LOSSES = ("cosine", "mse")
@@ -53,7 +52,10 @@ def default_config() -> ml_collections.ConfigDict:
       # A random-init student of another size instead of teacher layers: a configs/common.py
       # preset and/or nonzero sizes replacing the preset's (or, without one, the teacher's).
       student=ml_collections.ConfigDict(dict(preset="", hidden_size=0, num_layers=0, num_heads=0,
-                                             mlp_dim=0)),
+                                             mlp_dim=0, embeddings="random")),
+                                # embeddings: random | pca = the teacher's embedding tables on
+                                # their top principal directions (and the projections start as
+                                # the way back: `pca_basis`)
       projection="auto",        # hidden terms across widths: auto = a learned linear map student
                                 # -> teacher width per compared layer when the widths differ
                                 # (TinyBERT); linear = also at equal width (identity init); none
@@ -146,6 +148,43 @@ def random_student_args(student_cfg, teacher_args: models.ModelArgs,
 
 # ----------------------------------------------------------------------------- student init
 
+EMBEDDINGS = ("random", "pca")
+
+
+def _embedding_tables(params, arch: str) -> dict:
+  """{path: table} of the backbone's embedding tables (leaves named 'embedding' outside the
+  layers: word, position, token type)."""
+  enc = params[model_io.BACKBONE[arch]]
+  flat = {p: v for k, sub in enc.items() if not k.startswith("layer_")
+          for p, v in tree.flatten({k: sub}).items()}
+  return {p: v for p, v in flat.items() if p.endswith("embedding")}
+
+
+def pca_basis(teacher: "Teacher", width: int) -> np.ndarray:
+  """(teacher width, `width`): the top principal directions of the teacher's word embeddings (SVD
+  of the centred table; signs fixed so that each direction's largest entry is positive)."""
+  words = [v for p, v in _embedding_tables(teacher.params, teacher.args.arch).items()
+           if "word" in p or "wte" in p]
+  if len(words) != 1:
+    raise errors.ConfigError("config.distill.student.embeddings='pca': no single word embedding "
+                             f"table in the teacher {teacher.source}")
+  table = np.asarray(words[0], np.float64)
+  _, _, vt = np.linalg.svd(table - table.mean(0), full_matrices=False)
+  basis = vt[:width].T                                                # (D_t, width)
+  sign = np.sign(basis[np.abs(basis).argmax(0), np.arange(basis.shape[1])])
+  return (basis * sign).astype(np.float32)
+
+
+def with_teacher_embeddings(params: dict, teacher: "Teacher", basis: np.ndarray) -> dict:
+  """`params` of a random student whose embedding tables are the teacher's times `basis`."""
+  flat = tree.flatten(params)
+  backbone = model_io.BACKBONE[teacher.args.arch]
+  for path, table in _embedding_tables(teacher.params, teacher.args.arch).items():
+    flat[f"{backbone}/{path}"] = np.asarray(table, np.float32) @ basis
+  return tree.unflatten(flat)
+
+
+
 def student_from_layers(args: models.ModelArgs, params: dict, layers) -> tuple:
   """(ModelArgs, params) of a student whose layer i is a copy of the teacher's layer layers[i];
   the embeddings, pooler and head are the teacher's (DistilBERT's initialisation)."""
@@ -190,14 +229,17 @@ def load_teacher(source: str, data_dir: str, dtype: str = "float32") -> Teacher:
 
 
 def write_student_init(out_dir: str, teacher: Teacher, layers, student_args=None,
-                       seed: int = 0) -> str:
+                       seed: int = 0, basis: Optional[np.ndarray] = None) -> str:
   """The student's initial model dir (our format, the teacher's head and tokenizer): made from
-  `layers` of the teacher, or a random init (seed `seed`) of `student_args`. An existing one is
-  reused if it was made the same way from the same teacher checkpoint, else refused."""
+  `layers` of the teacher, or a random init (seed `seed`) of `student_args` (its embeddings the
+  teacher's times `basis` when given). An existing one is reused if it was made the same way
+  from the same teacher checkpoint, else refused."""
   layers = student_layer_map(layers, student_args, teacher.args.num_layers)
   made_from = dict(teacher=model_io.pinned(teacher.source, teacher.step), layers=list(layers))
   if student_args is not None:
     made_from.update(random_init={k: getattr(student_args, k) for k in STUDENT_SIZES}, seed=seed)
+    if basis is not None:
+      made_from["embeddings"] = "pca"
   if os.path.exists(os.path.join(out_dir, model_io.MODEL_JSON)):
     old = model_io.read_model_json(out_dir).get("distilled_from")
     if old != made_from:
@@ -211,6 +253,8 @@ def write_student_init(out_dir: str, teacher: Teacher, layers, student_args=None
     args = student_args
     module = models.build(args, teacher.head, len(teacher.label_names))
     params = jax.tree.map(np.asarray, models.init_params(module, jax.random.key(seed))[0])
+    if basis is not None:
+      params = with_teacher_embeddings(params, teacher, basis)
   return model_io.save_model_dir(out_dir, args, params, teacher.head, len(teacher.label_names),
                                  teacher.label_names, tokenizer=teacher.tokenizer,
                                  distilled_from=made_from)
@@ -350,12 +394,14 @@ def _pairs(dcfg, student_layers: int, teacher_layers: int, layers):
   return hidden, minilm
 
 
-def init_projection(dcfg, student_args, teacher_args, layers, seed: int = 0) -> Optional[dict]:
+def init_projection(dcfg, student_args, teacher_args, layers, seed: int = 0,
+                    basis: Optional[np.ndarray] = None) -> Optional[dict]:
   """Host parameters of the learned hidden-state projections, or None when none is needed.
 
   One kernel (student width, teacher width) per compared hidden state, no bias (TinyBERT's W_h;
   a bias could map every token to the teacher's mean direction, which cosine rewards):
-  {'hidden_<student hidden index>': {'kernel': ...}}. Identity at equal widths (`linear`), else
+  {'hidden_<student hidden index>': {'kernel': ...}}. Identity at equal widths (`linear`); with
+  `basis` (the student's PCA embeddings) its transpose, the way back to the teacher's space; else
   normal with std 1/sqrt(student width) (a projected state keeps its scale).
   """
   if dcfg.projection not in PROJECTIONS:
@@ -369,8 +415,12 @@ def init_projection(dcfg, student_args, teacher_args, layers, seed: int = 0) -> 
   key = jax.random.fold_in(jax.random.key(seed), 2)
   out = {}
   for i, _ in pairs:
-    kernel = np.eye(ds, dtype=np.float32) if ds == dt else np.asarray(
-        jax.random.normal(jax.random.fold_in(key, i), (ds, dt), jnp.float32)) / np.sqrt(ds)
+    if ds == dt:
+      kernel = np.eye(ds, dtype=np.float32)
+    elif basis is not None:
+      kernel = np.array(basis.T, np.float32)
+    else:
+      kernel = np.asarray(jax.random.normal(jax.random.fold_in(key, i), (ds, dt))) / np.sqrt(ds)
     out[f"hidden_{i}"] = {"kernel": kernel}
   return out
 
@@ -729,11 +779,12 @@ def run(cfg, workdir: str, task, *, preset_args=None) -> Optional[dict]:
   if s_args is not None:    # refused before anything is written
     check_compatible(d, s_args, teacher, task.HEAD, teacher.label_names)
   # Absolute: orbax writes the init's parameters and refuses a relative path.
+  basis = student_basis(d.get("student", {}), s_args, teacher)
   source = write_student_init(os.path.abspath(os.path.join(workdir, "student_init")), teacher,
-                              layers, s_args, cfg.seed)
+                              layers, s_args, cfg.seed, basis)
   r = experiment.setup(cfg, workdir, task, source=source)
   check_compatible(d, r.args, teacher, task.HEAD, r.data.label_names)
-  projection = init_projection(d, r.args, teacher.args, layers, cfg.seed)
+  projection = init_projection(d, r.args, teacher.args, layers, cfg.seed, basis)
   if projection is not None:
     add_projection(r, projection)
   t_params = place_params(teacher.module, teacher.params, r.mesh, r.rules)
@@ -749,6 +800,21 @@ def run(cfg, workdir: str, task, *, preset_args=None) -> Optional[dict]:
   if fitted is None:
     return None
   return experiment.finish(r, evaluator, fitted)
+
+
+def student_basis(student_cfg, student_args, teacher: Teacher) -> Optional[np.ndarray]:
+  """`pca_basis` of a random student narrower than the teacher with config.distill.student.
+  embeddings 'pca'; None for 'random' (or a student from teacher layers)."""
+  how = student_cfg.get("embeddings", "random")
+  if how not in EMBEDDINGS:
+    raise errors.ConfigError(f"config.distill.student.embeddings={how!r}: valid: {EMBEDDINGS}")
+  if how == "random" or student_args is None:
+    return None
+  if student_args.hidden_size > teacher.args.hidden_size:
+    raise errors.ConfigError(f"config.distill.student.embeddings='pca': the student width "
+                             f"{student_args.hidden_size} exceeds the teacher's "
+                             f"{teacher.args.hidden_size}")
+  return pca_basis(teacher, student_args.hidden_size)
 
 
 def _adapter_hook(r) -> train.Hook:

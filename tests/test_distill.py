@@ -453,8 +453,10 @@ def test_narrow_variant_end_to_end_trains_the_projection_and_exports_the_student
   n_proj = 4 * 16 * 32
   assert 8 * (n_student + n_proj) <= out["train"]["optimizer_state_bytes"] < (
       8 * (n_student + n_proj) + 1024)
-  init = distill.init_projection(cfg.distill, s_args, distill.load_teacher(
-      cfg.distill.teacher, cfg.data.dir).args, (0, 1, 3), cfg.seed)
+  teacher = distill.load_teacher(cfg.distill.teacher, cfg.data.dir)
+  basis = distill.student_basis(cfg.distill.student, s_args, teacher)     # embeddings 'pca'
+  init = distill.init_projection(cfg.distill, s_args, teacher.args, (0, 1, 3), cfg.seed, basis)
+  assert all(np.array_equal(p["kernel"], basis.T) for p in init.values())
   step = out["train"]["steps"]
   saved = checkpoint.restore_params(
       os.path.join(workdir, "checkpoints", str(step)),
@@ -472,3 +474,28 @@ def test_narrow_variant_end_to_end_trains_the_projection_and_exports_the_student
   # A rerun resumes the finished state (projections included) and trains no further.
   again = distill.run(cfg, workdir, tasks.get("classification"))
   assert again["train"]["steps"] == step and again["test"] == out["test"]
+
+
+def test_pca_embeddings_are_the_teachers_on_its_top_principal_directions(tmp_path):
+  t_module, t_params = _teacher()
+  teacher = distill.Teacher(t_module, t_params, TEACHER, "seq_cls", ["neg", "pos"], "t", "minilm")
+  basis = distill.pca_basis(teacher, 16)
+  np.testing.assert_allclose(basis.T @ basis, np.eye(16), atol=1e-5)
+  # Reference: the top eigenvectors of the word embeddings' covariance span the same subspace.
+  words = np.asarray(t_params["encoder"]["embeddings"]["word"]["embedding"], np.float64)
+  _, vecs = np.linalg.eigh(np.cov(words.T))
+  top = vecs[:, ::-1][:, :16]
+  np.testing.assert_allclose(np.abs(np.linalg.svd(top.T @ basis)[1]), np.ones(16), atol=1e-4)
+  cfg = ml_collections.ConfigDict(dict(NARROW, embeddings="pca"))
+  s_args = distill.random_student_args(cfg, TEACHER)
+  assert distill.student_basis(cfg, s_args, teacher).shape == (32, 16)
+  out = distill.write_student_init(str(tmp_path / "init"), teacher, (), s_args, 0, basis)
+  s = model_io.load_model(out, "seq_cls", 2).params["encoder"]["embeddings"]
+  for name in ("word", "position", "token_type"):
+    np.testing.assert_allclose(
+        s[name]["embedding"], np.asarray(t_params["encoder"]["embeddings"][name]["embedding"])
+        @ basis, atol=1e-5)
+  proj = distill.init_projection(_cfg().distill, s_args, TEACHER, (1, 3), 0, basis)
+  assert all(np.array_equal(p["kernel"], basis.T) for p in proj.values())
+  with pytest.raises(errors.ConfigError, match="embeddings='nope': valid"):
+    distill.student_basis(ml_collections.ConfigDict(dict(embeddings="nope")), s_args, teacher)
