@@ -1,13 +1,15 @@
-"""Few-shot SST-2 with MiniLM: SetFit-style contrastive fine-tuning vs standard fine-tuning on K
-examples per class (LM-BFF's protocol: per seed a K-shot train and a K-shot dev set of the same
-size from the training split, the grid point with the best K-shot dev accuracy, the full test set).
+"""Few-shot SST-2 with MiniLM: SetFit-style contrastive fine-tuning, standard fine-tuning and
+prompt-based cloze methods on K examples per class (LM-BFF's protocol: per seed a K-shot train
+and a K-shot dev set of the same size from the training split, the grid point with the best K-shot
+dev accuracy, the full test set).
 
   ./run.sh fewshot --config=configs/fewshot.py --workdir=workdirs/fewshot
   .venv/bin/python research/fewshot.py --config=configs/fewshot.py:curve --workdir=/tmp/fewshot
 
-Variants: (none) K = 16, seeds 0-4, all three methods; curve: K in 8, 16, 32, 64; quick: seed 0,
-K = 16, one grid point (smoke test); setfit / frozen / finetune: that method alone; sentences:
-sample from full sentences only (LM-BFF's pool; the test set is sentences).
+Variants: (none) K = 16, seeds 0-4, setfit, frozen and finetune; curve: K in 8, 16, 32, 64;
+quick: seed 0, K = 16, one grid point (smoke test); setfit / frozen / finetune: that method alone;
+cloze: the four cloze methods alone; sentences: sample from full sentences only (LM-BFF's pool;
+the test set is sentences).
 SetFit: pairs of the K-shot set (20 iterations: one positive and one negative partner per example
 each; at most 1,280 pairs), cosine-similarity loss on mean-pooled embeddings, 1 epoch, batch 16,
 lr 2e-5 (SetFit's default; 1e-4 collapses the pairs (cosine gap 0.97) and tested 1.9-3.4 points
@@ -17,6 +19,18 @@ Frozen: the same head on the untouched encoder (the baseline the contrastive ste
 Standard fine-tuning: pooler + classifier, 100 steps, dev evaluation every 25, lr 5e-5, batch 8
 (variant grid: lr in {1e-5, 2e-5, 5e-5}; LM-BFF: 1,000 steps, lr in {1e-5, 2e-5, 5e-5} x batch
 {2, 4, 8}: cut for the CPU).
+Cloze (lib/fewshot.run_cloze, lib/tasks/cloze): pattern + verbalizer (great / terrible) scored
+by the MLM head of cloze.mlm_source at the mask, over the label words only. cloze_zeroshot:
+pattern 0 as is; cloze_finetune: LM-BFF's prompt-based fine-tuning of encoder and MLM head
+(cross-entropy over the label words; the standard fine-tuning's 100 steps, lr 5e-5, batch 8,
+dev every 25); _pet: every pattern, the mean of their log-probabilities. MiniLM has no MLM head:
+make one first (a new head tied to the word embeddings, ~11 CPU-minutes; step 100 used):
+  .venv/bin/python research/pretrain_mlm.py --config=configs/mlm.py:minilm \
+      --config.data.dataset=text:sst2 --config.train.num_steps=150 --config.train.eval_every=50 \
+      --config.train.checkpoint_every=50 --config.data.eval_batches=4 \
+      --workdir=workdirs/mlm_minilm_sst2
+  .venv/bin/python research/fewshot.py --config=configs/fewshot.py:sentences+cloze \
+      --config.cloze.mlm_source=workdirs/mlm_minilm_sst2@100 --workdir=workdirs/fewshot_cloze
 Measured: see research/fewshot.py's table.md in the workdir and the README.
 """
 
@@ -47,14 +61,14 @@ def get_config(variant: str = ""):
   # Prompt-based (cloze) methods: the MLM head of mlm_source (any model source with one; MiniLM
   # has none: continue it with research/pretrain_mlm.py first, see the docstring).
   c.cloze = ml_collections.ConfigDict(dict(
-      mlm_source="workdirs/mlm_minilm_sst2",
+      mlm_source="workdirs/mlm_minilm_sst2@100",
       # '{sentence}' and exactly one '{mask}'; pattern 0 is the single-pattern methods' (LM-BFF's
       # manual SST-2 template), all of them form the _pet ensembles (LM-BFF's best automatic
       # templates for SST-2).
       patterns=("{sentence} It was {mask}.", "{sentence} A {mask} one.",
                 "{sentence} All in all {mask}."),
       verbalizer=(("negative", "terrible"), ("positive", "great")),   # (label, one-token word)
-      grid=((1e-5, 8), ),                        # prompt-based fine-tuning: (lr, batch size)
+      grid=((5e-5, 8),),                         # prompt-based fine-tuning: (lr, batch size)
       # 'block.key' -> value over the fine-tuning settings above (the pattern adds tokens).
       overrides=(("data.max_len", 128),),
   ))
