@@ -106,7 +106,7 @@ def _sparse(compress, cfg):
     return   # preempted: rerun to resume
   head, num_labels, _ = compress.model_io.head_of(FLAGS.model)
   src = compress.model_io.load_model(FLAGS.model, head, num_labels)
-  metric = "accuracy" if head == "seq_cls" else "f1"
+  metric = "f1" if cfg.eval.task == "ner" else "accuracy"   # --model may have no head (minilm)
   base = compress.evaluate(cfg.eval, FLAGS.model) if cfg.evaluate else None
   sb = out["sparse_bytes"]
   n = compress.models.param_count(src.params)
