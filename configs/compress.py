@@ -52,6 +52,17 @@ Same source and machine, issue 14 second round (each row's float32 timed in the 
   dense control     the source + 1 more float epoch (research/finetune.py, no compression): dev
                     0.7878, test 0.8199: the fair reference for qat and heads30 + recovery (2
                     epochs in all); the 1-epoch source is for the post-training rows
+Issue 14 third round (same source and machine, load average ~9, float32 timed in each process):
+  neurons30         20.59M params (-9.4%), 75.6 MB, b1 61.2 -> 49.2 ms, 6.2 -> 6.8 seq/s (1.10x);
+                    kept (1221, 1083, 743, 1062, 1315, 1027) of 1536 per layer; dev 0.7477, test
+                    0.7705 (+0.44, no recovery); after 1 recovery epoch (research/finetune.py
+                    --config.model.init_from=<out>, 2,000 sentences) dev 0.7844, test 0.8138
+                    (dense control: -0.34 / -0.61)
+  heads30+neurons30 19.50M params (-14.1%), 71.6 MB, b1 92.0 -> 68.9 ms, 8.9 -> 11.5 seq/s
+                    (1.29x); the same heads and neurons as heads30 and neurons30; dev 0.7397,
+                    test 0.7507 (-1.54); after 1 recovery epoch dev 0.7959, test 0.8160 (dense
+                    control: +0.81 / -0.39); HF export: transformers loads it (intermediate_size
+                    1536, removed neurons and heads zero), logits within 9e-8
 """
 
 import ml_collections
