@@ -496,7 +496,8 @@ def run_cloze(cfg, method: str, paths: dict, runs_dir: str, sample: str) -> dict
     if kind == "zeroshot":
       wd = os.path.join(runs_dir, "cloze_zeroshot", f"p{i}")
       c = kshot_config(cfg, ppaths, "cloze", **cloze_overrides(cfg, train=False))
-      outs.append(dict(run_once(c, wd), workdir=wd))
+      outs.append(dict(run_once(c, wd), workdir=wd, note="one run for every sample: its dev is "
+                       "the first sample's"))
     else:
       wd = os.path.join(runs_dir, "cloze_finetune", sample, f"p{i}")
       outs.append(_grid(cfg, ppaths, "cloze", wd, cfg.cloze.grid, **cloze_overrides(cfg)))

@@ -1,6 +1,8 @@
 """lib/fewshot.py: K-shot splits, contrastive pairs and loss, the logistic-regression head, the
 cloze scorer; checked against hand computations and independent numpy references."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,12 +112,7 @@ def test_pattern_ensemble_and_template():
 
 
 def test_cloze_log_probs_reads_the_mask_position_of_an_mlm_model():
-  from lib import model_io, models
-  tok, _ = model_io.load_tokenizer("minilm", "bert", "")
-  args = models.ModelArgs(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, max_len=32,
-                          vocab_size=len(tok))
-  module = models.build(args, "mlm")
-  params, _ = models.init_params(module, jax.random.key(0))
+  tok, _, module, params = _tiny_mlm()
   sentences = ["a fine film", "dull"]
   got = fewshot.cloze_log_probs(module, params, tok, sentences, "{sentence} it was {mask} .",
                                 ["great", "terrible"], max_len=16)
@@ -220,7 +217,9 @@ def test_frozen_method_keeps_the_encoder_and_fits_the_head_on_its_embeddings(tmp
 
 # ----------------------------------------------------------------------------- cloze (prompt-based)
 
+@functools.lru_cache(maxsize=2)   # one init per seed for the whole file (seconds each)
 def _tiny_mlm(seed=0):
+  """(minilm tokenizer, args, module, params) of a 1-layer BERT with the 'mlm' head."""
   from lib import model_io, models
   tok, _ = model_io.load_tokenizer("minilm", "bert", "")
   args = models.ModelArgs(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, max_len=32,
@@ -273,7 +272,8 @@ def test_prompt_finetuning_loss_and_gradient_by_hand():
   texts = ["a fine film . it was [MASK] .", "dull [MASK] .", "it was [MASK] and long", "pad"]
   batch, ids = _cloze_batch(tok, texts, [1, 0, 0, 1], ["terrible", "great"], [0, 1, 2, -1])
   loss_fn = cloze.make_loss(module)
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, None, False)
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=3)(
+      params, batch, None, False)
   # Independent: the head on every position (the model's own 'mlm' output), numpy from there.
   logits = np.asarray(module.apply({"params": params}, batch["input_ids"],
                                    batch["input_mask"])[0]["logits"], np.float64)
