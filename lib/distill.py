@@ -1,6 +1,7 @@
-"""Knowledge distillation: the student made from chosen teacher layers, the distillation losses
-(soft-target KL, hidden states, MiniLM attention and value relations), the frozen teacher inside
-the train step or its cached logits, and the teacher/student comparison of metrics.json; and
+"""Knowledge distillation: the student made from chosen teacher layers or a random init of another
+size (hidden states compared through learned projections trained beside it), the distillation
+losses (soft-target KL, hidden states, MiniLM attention and value relations), the frozen teacher
+inside the train step or its cached logits, and the teacher/student comparison of metrics.json; and
 task-agnostic (general) distillation on plain text, the task `distill_general` registered here."""
 
 import dataclasses
