@@ -14,7 +14,9 @@ Variants: (none) 1,000 steps of 32 x 128 tokens from Brown, Shakespeare, CoNLL-2
 training text (mixed by size; held-out = their validation splits, 10 batches each), AdamW lr 1e-4
 with 6% warmup then linear decay, dropout 0.1 (the teacher's), weights attention 1, value 1,
 hidden 1 (hard and soft are 0: there are no labels); `minilm` attention + value only (the
-paper's); `quick` 20 steps (smoke test); `bf16`, `bf16_teacher`.
+paper's); `quick` 20 steps (smoke test); `bf16`, `bf16_teacher`; `narrow` a student of another
+width (3 x 192, the teacher's 12 heads, PCA embeddings; hidden states through learned
+projections, which are not part of the exported student).
 Not measured yet on this machine.
 """
 
@@ -40,4 +42,13 @@ def get_config(variant: str = ""):
       "quick": mlm.efficiency_variants()["quick"],
       "bf16": common.bf16,
       "bf16_teacher": shared["bf16_teacher"],
+      "narrow": _narrow,
   })
+
+
+def _narrow(c):
+  """A student of another width that keeps the teacher's 12 heads (attention and value relations
+  are compared head by head): 3 layers x 192 (head size 16), FFN 768, the teacher's embeddings
+  on their top 192 principal directions, hidden states through learned projections."""
+  c.distill.student.update(dict(hidden_size=192, num_layers=3, num_heads=12, mlp_dim=768,
+                                embeddings="pca"))

@@ -185,6 +185,20 @@ def with_teacher_embeddings(params: dict, teacher: "Teacher", basis: np.ndarray)
   return tree.unflatten(flat)
 
 
+def student_basis(student_cfg, student_args, teacher: "Teacher") -> Optional[np.ndarray]:
+  """`pca_basis` of a random student narrower than the teacher with config.distill.student.
+  embeddings 'pca'; None for 'random' (or a student from teacher layers)."""
+  how = student_cfg.get("embeddings", "random")
+  if how not in EMBEDDINGS:
+    raise errors.ConfigError(f"config.distill.student.embeddings={how!r}: valid: {EMBEDDINGS}")
+  if how == "random" or student_args is None:
+    return None
+  if student_args.hidden_size > teacher.args.hidden_size:
+    raise errors.ConfigError(f"config.distill.student.embeddings='pca': the student width "
+                             f"{student_args.hidden_size} exceeds the teacher's "
+                             f"{teacher.args.hidden_size}")
+  return pca_basis(teacher, student_args.hidden_size)
+
 
 def student_from_layers(args: models.ModelArgs, params: dict, layers) -> tuple:
   """(ModelArgs, params) of a student whose layer i is a copy of the teacher's layer layers[i];
@@ -779,8 +793,8 @@ def run(cfg, workdir: str, task, *, preset_args=None) -> Optional[dict]:
   layers = student_layer_map(d.layers, s_args, teacher.args.num_layers)
   if s_args is not None:    # refused before anything is written
     check_compatible(d, s_args, teacher, task.HEAD, teacher.label_names)
-  # Absolute: orbax writes the init's parameters and refuses a relative path.
   basis = student_basis(d.get("student", {}), s_args, teacher)
+  # Absolute: orbax writes the init's parameters and refuses a relative path.
   source = write_student_init(os.path.abspath(os.path.join(workdir, "student_init")), teacher,
                               layers, s_args, cfg.seed, basis)
   r = experiment.setup(cfg, workdir, task, source=source)
@@ -801,21 +815,6 @@ def run(cfg, workdir: str, task, *, preset_args=None) -> Optional[dict]:
   if fitted is None:
     return None
   return experiment.finish(r, evaluator, fitted)
-
-
-def student_basis(student_cfg, student_args, teacher: Teacher) -> Optional[np.ndarray]:
-  """`pca_basis` of a random student narrower than the teacher with config.distill.student.
-  embeddings 'pca'; None for 'random' (or a student from teacher layers)."""
-  how = student_cfg.get("embeddings", "random")
-  if how not in EMBEDDINGS:
-    raise errors.ConfigError(f"config.distill.student.embeddings={how!r}: valid: {EMBEDDINGS}")
-  if how == "random" or student_args is None:
-    return None
-  if student_args.hidden_size > teacher.args.hidden_size:
-    raise errors.ConfigError(f"config.distill.student.embeddings='pca': the student width "
-                             f"{student_args.hidden_size} exceeds the teacher's "
-                             f"{teacher.args.hidden_size}")
-  return pca_basis(teacher, student_args.hidden_size)
 
 
 def _adapter_hook(r) -> train.Hook:

@@ -293,7 +293,7 @@ def test_token_logit_cache_returns_each_rows_logits_at_its_real_tokens(tmp_path)
 
 # ----------------------------------------------------------------------------- general distillation
 
-def _general_config(tmp_path, teacher_head=None):
+def _general_config(tmp_path, teacher_head=None, variant="quick"):
   from configs import distill_general  # pylint: disable=g-import-not-at-top
   args = models.ModelArgs(hidden_size=32, num_layers=4, num_heads=2, mlp_dim=64, max_len=32)
   params = models.init_params(models.build(args, teacher_head, 2 if teacher_head else 0),
@@ -301,7 +301,7 @@ def _general_config(tmp_path, teacher_head=None):
   teacher = model_io.save_model_dir(str(tmp_path / "teacher"), args, params, teacher_head,
                                     2 if teacher_head else 0,
                                     ["neg", "pos"] if teacher_head else [], tokenizer="minilm")
-  cfg = distill_general.get_config("quick")
+  cfg = distill_general.get_config(variant)
   cache = os.environ.get("WORKBENCH_TEST_DATA_CACHE",   # shared with tests/test_pretrain.py
                          os.path.join(tempfile.gettempdir(), "workbench_data_test"))
   cfg.data.update(dataset="text:shakespeare", cache_dir=cache, max_len=32, batch_size=8,
@@ -499,3 +499,17 @@ def test_pca_embeddings_are_the_teachers_on_its_top_principal_directions(tmp_pat
   assert all(np.array_equal(p["kernel"], basis.T) for p in proj.values())
   with pytest.raises(errors.ConfigError, match="embeddings='nope': valid"):
     distill.student_basis(ml_collections.ConfigDict(dict(embeddings="nope")), s_args, teacher)
+
+
+@pytest.mark.slow
+def test_general_distillation_into_a_narrow_student_with_the_teachers_heads(tmp_path):
+  from lib import tasks  # pylint: disable=g-import-not-at-top
+  cfg = _general_config(tmp_path, variant="quick+narrow")
+  assert cfg.distill.student.num_heads == 12 and cfg.distill.student.embeddings == "pca"
+  cfg.distill.student.update(dict(hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32))
+  workdir = str(tmp_path / "general")
+  held = distill.run(cfg, workdir, tasks.get("distill_general"))["held_out"]
+  for term in ("attention", "value", "hidden"):     # across widths: 16 vs 32, head size 8 vs 16
+    assert 0 < held[f"distill_{term}"] < 10, held
+  student = model_io.load_model(workdir, "seq_cls", 2)   # what fine-tuning starts from
+  assert student.args.hidden_size == 16 and distill.PROJECTION not in student.params
