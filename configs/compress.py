@@ -45,7 +45,7 @@ Same source and machine, issue 14 second round (each row's float32 timed in the 
                     test 0.7743; sparse.npz 14.1 MB for the 42.5 MB of pruned kernels (62.5 MB
                     with the other parameters); no speedup (dense matmuls)
   movement-70%      global or per-kernel threshold: dev 0.5092, test 0.4964 (one class: collapsed;
-                    scores from 10 steps decide the first 25% cut, large weights included)
+                    see the third round for the cause)
   heads30 HF export transformers 5.23 loads it (no missing/unexpected keys), logits within 7e-8
   qat               1 epoch with int8_fake, then w8a8: 53.7 MB, 1.16x (load varied), dev 0.7867,
                     test 0.8199 (fake-quant eval before PTQ: dev 0.7878, test 0.8199)
@@ -63,6 +63,18 @@ Issue 14 third round (same source and machine, load average ~9, float32 timed in
                     test 0.7507 (-1.54); after 1 recovery epoch dev 0.7959, test 0.8160 (dense
                     control: +0.81 / -0.39); HF export: transformers loads it (intermediate_size
                     1536, removed neurons and heads zero), logits within 9e-8
+  movement-70%      straight-through (the mask in the forward, dense weights in the optimizer
+                    state, masked weights' scores moving and able to return): still one class
+                    (dev 0.5092, test 0.4964), from this source and from the pretrained MiniLM
+                    (--model=minilm, same 125 steps: dev 0.5092, test 0.4964); magnitude-70% from
+                    this source: test 0.7743. Cause, at the source's weights with no training
+                    (/tmp/c14/diag2.py, first 200 dev, dense 0.720): scores -sum g W from 62 train
+                    batches (1 epoch) cut 24% of every kernel -> 0.495 (one class; global
+                    threshold the same), a random 24% -> 0.54, the 24% smallest |W| -> 0.70. The
+                    scores are minibatch noise whose spread grows with |W| (std 7.3e-4 for the
+                    largest 10% of weights vs 1.6e-4 below the median), so the lowest scores are
+                    rich in large weights (mean |W| 0.061 vs 0.046). Sanh et al. score over 10
+                    epochs of MNLI; here even a full epoch of scores before the first cut is noise.
 """
 
 import ml_collections

@@ -256,7 +256,8 @@ def prune_neurons(params, args: ModelArgs, keep: Sequence):
 # so S_ij = -sum_t grad_t,ij W_ij keeps moving for a masked weight too: it is the first-order loss
 # decrease of restoring it, and a masked weight whose score climbs back into the top-k returns
 # with its old value. (Scoring the zeroed parameters instead froze a masked weight's score at its
-# first ~10 steps, which decided every later cut: 70% collapsed to one class.)
+# first steps.) Movement needs many steps: over a few hundred, -g W is minibatch noise whose spread
+# grows with |W|, so the low tail that top-k cuts is rich in large weights (configs/compress.py).
 
 @dataclasses.dataclass(frozen=True)
 class Sparsity:
