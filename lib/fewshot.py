@@ -448,11 +448,27 @@ def label_words(verbalizer, label_names: Sequence[str]) -> list:
 
 
 def write_cloze_data(paths: dict, template: str, mask_token: str, out_dir: str) -> dict:
-  """The K-shot TSVs (write_kshot_data) with the pattern applied to every sentence (kept when
-  present). Returns {'train': path, 'validation': path, 'test': path}."""
+  """The K-shot TSVs (write_kshot_data) with the pattern applied to every sentence, and
+  pattern.txt (template and mask token); kept when present and made with the same pattern.
+
+  Returns:
+    {'train': path, 'validation': path, 'test': path}.
+
+  Raises:
+    errors.ConfigError: `out_dir` holds the files of another pattern (the runs on them would be
+      reused): a new --workdir is needed.
+  """
   out = {s: os.path.join(out_dir, f"{s}.tsv") for s in paths}
-  if all(os.path.exists(p) for p in out.values()):
-    return out
+  record, made = os.path.join(out_dir, "pattern.txt"), f"{template}\n{mask_token}\n"
+  if os.path.exists(record):
+    with open(record, encoding="utf-8") as f:
+      old = f.read()
+    if old != made:
+      raise errors.ConfigError(f"{out_dir} was made with the pattern {old.splitlines()[0]!r}, the "
+                               f"config has {template!r}: use a new --workdir (finished runs on "
+                               "the old files would be reused)")
+    if all(os.path.exists(p) for p in out.values()):
+      return out
   os.makedirs(out_dir, exist_ok=True)
   for split, path in paths.items():
     with open(path, encoding="utf-8") as f:
@@ -460,6 +476,7 @@ def write_cloze_data(paths: dict, template: str, mask_token: str, out_dir: str) 
     texts = cloze_texts(template, [r[0] for r in rows[1:]], mask_token)
     lines = ["\t".join(rows[0])] + [f"{t}\t{r[1]}" for t, r in zip(texts, rows[1:])]
     atomic.write_bytes(out[split], ("\n".join(lines) + "\n").encode("utf-8"))
+  atomic.write_bytes(record, made.encode("utf-8"))
   return out
 
 

@@ -323,6 +323,11 @@ def test_cloze_files_and_pet_ensemble(tmp_path):
   out = fewshot.write_cloze_data(paths, "{sentence} It was {mask}.", "[MASK]", str(d / "p0"))
   assert open(out["test"]).read() == ("sentence\tlabel\nfine film . It was [MASK].\tpositive\n"
                                       "dull It was [MASK].\tnegative\n")
+  assert fewshot.write_cloze_data(paths, "{sentence} It was {mask}.", "[MASK]",
+                                  str(d / "p0")) == out
+  from lib import errors
+  with pytest.raises(errors.ConfigError, match="made with the pattern '{sentence} It was"):
+    fewshot.write_cloze_data(paths, "{sentence} A {mask} one.", "[MASK]", str(d / "p0"))
   # Two runs' saved log-probs, each right on 2 of 3; the mean of the log-probs on 3 of 3.
   gold = np.array([0, 1, 1])
   a = np.log([[0.7, 0.3], [0.3, 0.7], [0.55, 0.45]])
