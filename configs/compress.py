@@ -67,10 +67,11 @@ Issue 14 third round (same source and machine, load average ~9, float32 timed in
                     state, masked weights' scores moving and able to return): still one class
                     (dev 0.5092, test 0.4964), from this source and from the pretrained MiniLM
                     (--model=minilm, same 125 steps: dev 0.5092, test 0.4964); magnitude-70%:
-                    test 0.7743 from this source, 0.7617 (dev 0.7523) from MiniLM. Cause, at the source's weights with no training
-                    (/tmp/c14/diag2.py, first 200 dev, dense 0.720): scores -sum g W from 62 train
-                    batches (1 epoch) cut 24% of every kernel -> 0.495 (one class; global
-                    threshold the same), a random 24% -> 0.54, the 24% smallest |W| -> 0.70. The
+                    test 0.7743 from this source, 0.7617 (dev 0.7523) from MiniLM. Cause, at the
+                    source's weights with no training (a one-off check; first 200 dev, dense
+                    0.720): scores -sum g W from 62 train batches (1 epoch) cutting 24% of every
+                    kernel -> 0.495 (one class; a global threshold the same), a random 24% ->
+                    0.54, the 24% smallest |W| -> 0.70. The
                     scores are minibatch noise whose spread grows with |W| (std 7.3e-4 for the
                     largest 10% of weights vs 1.6e-4 below the median), so the lowest scores are
                     rich in large weights (mean |W| 0.061 vs 0.046). Sanh et al. score over 10
