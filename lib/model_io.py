@@ -86,7 +86,7 @@ def save_model_dir(out_dir: str, args: ModelArgs, params, head=None, num_labels:
   with atomic.directory(out_dir, ".tmp-model-", overwrite=overwrite, sources=sources) as tmp:
     host = jax.tree.map(np.asarray, params)
     with ocp.PyTreeCheckpointer() as ckptr:
-      ckptr.save(os.path.join(tmp, PARAMS_DIR), host)
+      ckptr.save(os.path.abspath(os.path.join(tmp, PARAMS_DIR)), host)  # orbax: absolute only
     write_model_json(tmp, args, head, num_labels, label_names, **extra)
   return out_dir
 
@@ -185,7 +185,7 @@ def _restore_tree(directory: str, abstract, subtree: str, step=None):
     args = ocp.args.PyTreeRestore(item=target, partial_restore=True,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(target))
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
-      out = reader.restore(os.path.join(directory, PARAMS_DIR), args=args)
+      out = reader.restore(os.path.abspath(os.path.join(directory, PARAMS_DIR)), args=args)
     for key in keys:
       out = out[key]
   else:

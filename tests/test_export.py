@@ -126,3 +126,19 @@ def test_onnx_and_int8_match_the_module(tmp_path):
     np.testing.assert_allclose(got["logits"], logits, atol=1e-5)
     np.testing.assert_allclose(got["embedding"], emb, atol=1e-5)
     assert np.abs(q8(ids, mask)["logits"] - logits).max() < 0.05
+
+
+def test_model_dir_under_a_relative_path(tmp_path, monkeypatch):
+  """orbax takes absolute paths only; a model dir given relative to the working directory (as a
+  user types --out=students/s1) saves and loads with the same parameters."""
+  import jax   # pylint: disable=g-import-not-at-top
+  from lib import model_io, models, tree   # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  args = models.ModelArgs(hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32, max_len=16)
+  params, _ = models.init_params(models.build(args, "seq_cls", 2), jax.random.key(3))
+  model_io.save_model_dir(os.path.join("models", "m"), args, params, "seq_cls", 2)
+  loaded = model_io.load_model(os.path.join("models", "m"), "seq_cls", 2)
+  want, got = tree.flatten(params), tree.flatten(loaded.params)
+  assert sorted(want) == sorted(got)
+  for k in want:
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
