@@ -8,7 +8,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from lib import flops, models, optim, peft, sharding, train
+from lib import adversarial, flops, models, optim, peft, sharding, train
 from lib.tasks import clm, mlm, ner
 
 COLUMNS = ("model", "dtype", "batch", "seq_len", "ours_ex_s", "hf_ex_s", "ratio", "compile_s",
@@ -125,9 +125,11 @@ def spec_batch(spec: ModelSpec, batch: int, seq_len: int, pad_frac: float = 0.0)
 # ----------------------------------------------------------------------------- the two steps
 
 def build_ours(spec: ModelSpec, batch_np: dict, dtype: str = "float32", lr: float = 2e-5,
-               seed: int = 0, peft_rules=peft.FULL_FINETUNE, cost: Optional[dict] = None):
+               seed: int = 0, peft_rules=peft.FULL_FINETUNE, cost: Optional[dict] = None,
+               adversarial_cfg=None):
   """Our training step as `lib.train` runs it (`spec`'s head and loss, `lib.optim` AdamW chain,
-  1 device), training what `peft_rules` say (LoRA factors added as the run skeleton adds them).
+  1 device), training what `peft_rules` say (LoRA factors added as the run skeleton adds them),
+  with the loss wrapped by `adversarial_cfg` (a `config.adversarial` block) when given.
 
   Returns (run, compile_s, xla_flops, args): `run()` takes one blocking step. `cost`, if given,
   receives XLA's cost analysis of the compiled step ('flops', 'bytes accessed', ...).
@@ -150,8 +152,10 @@ def build_ours(spec: ModelSpec, batch_np: dict, dtype: str = "float32", lr: floa
   rules = sharding.DEFAULT_RULES
   state = train.train_state_from_params(params, tx, mesh, rules, specs, labels)
   seq_len = batch_np["input_ids"].shape[1]
-  step = train.make_train_step(spec.loss_fn(module, seq_len), tx, labels=labels,
-                               schedule=schedule, seed=seed)
+  loss_fn = spec.loss_fn(module, seq_len)
+  if adversarial_cfg is not None:
+    loss_fn = adversarial.wrap(loss_fn, adversarial_cfg, args.hidden_size, labels)
+  step = train.make_train_step(loss_fn, tx, labels=labels, schedule=schedule, seed=seed)
   bsh = sharding.batch_sharding(mesh, rules)
   batch = sharding.shard_batch(batch_np, bsh)
   t0 = time.perf_counter()
@@ -357,3 +361,29 @@ def peft_rows(spec: ModelSpec, batch: int, seq_len: int, settings: Sequence[str]
                step_s=med[n], vs_full=med[n] / med["full"], xla_gflop=fl[n] / 1e9,
                flop_vs_full=fl[n] / max(fl["full"], 1.0), gb_accessed=by[n] / 1e9,
                bytes_vs_full=by[n] / max(by["full"], 1.0)) for n in names]
+
+
+# ----------------------------------------------------------------------------- adversarial steps
+
+ADVERSARIAL_COLUMNS = ("model", "setting", "dtype", "batch", "seq_len", "step_s", "vs_plain",
+                       "xla_gflop", "flop_vs_plain")
+
+
+def adversarial_rows(spec: ModelSpec, batch: int, seq_len: int, settings: dict, *, steps: int,
+                     warmup: int, dtype: str = "float32") -> list:
+  """Our full fine-tuning step plain and under each adversarial setting ({name: a
+  `config.adversarial` block}), timed interleaved in one process, with XLA's FLOPs of each
+  compiled step; ratios against the plain step (the training-time overhead of each method)."""
+  data = spec_batch(spec, batch, seq_len)
+  runs, costs = {}, {}
+  for name, acfg in [("plain", None)] + list(settings.items()):
+    costs[name] = {}
+    runs[name] = build_ours(spec, data, dtype, cost=costs[name], adversarial_cfg=acfg)[0]
+  for _ in range(warmup):
+    for run in runs.values():
+      run()
+  med = {k: float(np.median(v)) for k, v in time_interleaved(runs, steps).items()}
+  fl = {k: float(c.get("flops", 0.0)) for k, c in costs.items()}
+  return [dict(model=spec.name, setting=n, dtype=dtype, batch=batch, seq_len=seq_len,
+               step_s=med[n], vs_plain=med[n] / med["plain"], xla_gflop=fl[n] / 1e9,
+               flop_vs_plain=fl[n] / max(fl["plain"], 1.0)) for n in runs]

@@ -18,6 +18,11 @@ has median examples/s, their ratio (ours / HF), our compile time, our achieved F
 --peft: our step only, under each PEFT setting, interleaved: median step time, XLA's FLOPs and
 bytes accessed of the compiled step, each as a ratio to full fine-tuning (why a LoRA step costs
 what it does: the FLOPs it saves vs the memory traffic it keeps).
+  .venv/bin/python research/benchmark.py --models=minilm --dtype=float32 --seq_len=64 \
+      --adversarial=fgm,pgd,freelb
+
+--adversarial: our full fine-tuning step plain and under each adversarial variant of
+configs/common.py, interleaved: median step time and XLA's FLOPs, as ratios to the plain step.
 The process pins itself to --threads cores (XLA sizes its pool from the affinity; torch gets
 set_num_threads) and re-executes itself once under glibc malloc settings (--tune_malloc).
 """
@@ -55,6 +60,9 @@ flags.DEFINE_string("xla_flags", "", "extra XLA_FLAGS")
 flags.DEFINE_list("peft", [], "instead of the HF comparison: our step under these PEFT settings "
                   "(lib/bench.PEFT_SETTINGS: full, lora_attention, lora_all, lora_all_nodropout, "
                   "head_only), interleaved, with XLA's FLOPs and bytes accessed per step")
+flags.DEFINE_list("adversarial", [], "instead of the HF comparison: our full fine-tuning step "
+                  "plain and under these adversarial variants of configs/common.py (fgm, pgd, "
+                  "freelb), interleaved: the training-time overhead of each method")
 flags.DEFINE_string("workdir", "", "also write the rows to <workdir>/metrics.json as {'rows': "
                     "[...]} (a cell of research/reproduce.py)")
 flags.DEFINE_enum("omp_wait_policy", "PASSIVE", ["PASSIVE", "ACTIVE", "default"],
@@ -117,6 +125,8 @@ def main(argv):
   rows = []
   if FLAGS.peft:
     return _peft_table(bench)
+  if FLAGS.adversarial:
+    return _adversarial_table(bench)
   for name in FLAGS.models:
     spec = _spec(name)
     for t in FLAGS.seq_len:
@@ -144,6 +154,32 @@ def _peft_table(bench):
   if FLAGS.workdir:
     from lib import reporting  # pylint: disable=g-import-not-at-top
     reporting.write_json_atomic(os.path.join(FLAGS.workdir, "metrics.json"), {"peft_rows": rows})
+
+
+def _adversarial_table(bench):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from lib import adversarial, errors  # pylint: disable=g-import-not-at-top
+  variants = common.adversarial_variants()
+  unknown = sorted(set(FLAGS.adversarial) - set(variants))
+  if unknown:
+    raise errors.UserError(f"--adversarial: unknown {unknown}; valid: {sorted(variants)}")
+  settings = {}
+  for name in FLAGS.adversarial:
+    holder = ml_collections.ConfigDict({"adversarial": adversarial.default_config()})
+    variants[name](holder)
+    settings[name] = holder.adversarial
+  rows = []
+  for name in FLAGS.models:
+    for t in FLAGS.seq_len:
+      for dtype in FLAGS.dtype:
+        rows += bench.adversarial_rows(_spec(name), FLAGS.batch, int(t), settings,
+                                       steps=FLAGS.steps, warmup=FLAGS.warmup, dtype=dtype)
+  print(bench.format_table(rows, bench.ADVERSARIAL_COLUMNS))
+  if FLAGS.workdir:
+    from lib import reporting  # pylint: disable=g-import-not-at-top
+    reporting.write_json_atomic(os.path.join(FLAGS.workdir, "metrics.json"),
+                                {"adversarial_rows": rows})
 
 
 if __name__ == "__main__":

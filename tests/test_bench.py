@@ -153,3 +153,23 @@ def test_device_peak_reads_the_datasheet_for_known_accelerators(monkeypatch):
   assert bench.device_peak("bfloat16") == (989e12, "datasheet dense bf16 (NVIDIA H100 80GB HBM3)")
   Dev.device_kind = "NVIDIA H100 PCIe"
   assert bench.device_peak("bfloat16")[0] == 756e12
+
+
+@pytest.mark.slow
+def test_adversarial_rows_tiny():
+  """The overhead table: plain first, each method's FLOPs above plain (FGM: 2 forward/backward
+  passes; PGD-3 and FreeLB-3: more)."""
+  from lib import adversarial
+  args = models.ModelArgs(vocab_size=1200, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32,
+                          max_len=16)
+  spec = bench.ModelSpec(
+      "tiny", args, None,
+      lambda: transformers.BertForTokenClassification(hf.hf_config(args, "token_cls", 3)),
+      num_labels=3)
+  fgm, pgd = adversarial.default_config(), adversarial.default_config()
+  fgm.method, pgd.method, pgd.steps = "fgm", "pgd", 3
+  rows = bench.adversarial_rows(spec, 2, 8, {"fgm": fgm, "pgd": pgd}, steps=2, warmup=0)
+  assert [r["setting"] for r in rows] == ["plain", "fgm", "pgd"]
+  assert rows[0]["vs_plain"] == 1.0 and rows[0]["flop_vs_plain"] == 1.0
+  assert 1.5 < rows[1]["flop_vs_plain"] < rows[2]["flop_vs_plain"], rows
+  assert all(r["step_s"] > 0 for r in rows)
