@@ -2,6 +2,7 @@
 place of a source or a run's outputs."""
 
 import contextlib
+import io
 import os
 import shutil
 import tempfile
@@ -53,6 +54,14 @@ def write_bytes(path: str, data: bytes) -> None:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def write_npz(path: str, **arrays) -> None:
+  """`np.savez(path, **arrays)`, atomically (write_bytes)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top  # the rest of this module needs none
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  write_bytes(path, buf.getvalue())
 
 
 def _run_outputs(path: str) -> Optional[str]:

@@ -6,7 +6,6 @@ task-agnostic (general) distillation on plain text, the task `distill_general` r
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import time
@@ -611,9 +610,9 @@ class LogitCache:
     keys = list(table)
     offs = np.cumsum([0] + [len(table[k]) for k in keys])
     os.makedirs(directory, exist_ok=True)
-    atomic.write_bytes(path, _npz_bytes(keys=np.array(keys, dtype="S16"), offsets=offs,
-                                        logits=np.concatenate([table[k] for k in keys]),
-                                        token_level=np.array(token_level)))
+    atomic.write_npz(path, keys=np.array(keys, dtype="S16"), offsets=offs,
+                     logits=np.concatenate([table[k] for k in keys]),
+                     token_level=np.array(token_level))
     logging.info("teacher logits: %d rows computed in %.1f s -> %s", len(keys),
                  time.perf_counter() - t0, path)
     return cls(table, token_level, path)
@@ -638,12 +637,6 @@ class LogitCache:
       else:
         out[b] = self.table[k][0]
     return out
-
-
-def _npz_bytes(**arrays) -> bytes:
-  buf = io.BytesIO()
-  np.savez(buf, **arrays)
-  return buf.getvalue()
 
 
 class WithTeacherLogits:

@@ -16,7 +16,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from lib import data, fewshot, reporting, train
+from lib import atomic, data, fewshot, reporting, train
 from lib.tasks import common, mlm, supervised
 
 HEAD = "mlm"
@@ -161,20 +161,16 @@ class Evaluator:
                      f"accuracy {self.results[s][0]['accuracy']:.4f}"
                      for s in ("test", "validation"))
     reporting.write_text_atomic(os.path.join(workdir, "report.txt"), text + "\n")
-    tmp = os.path.join(workdir, f".log_probs.{os.getpid()}.npz")
-    np.savez(tmp, classes=np.array(self.classes), words=np.array(self.run.data.words),
-             **{k: self.results[s][i] for s in ("validation", "test")
-                for k, i in ((s, 1), (f"{s}_gold", 2))})
-    os.replace(tmp, os.path.join(workdir, "log_probs.npz"))
+    atomic.write_npz(os.path.join(workdir, "log_probs.npz"), classes=np.array(self.classes),
+                     words=np.array(self.run.data.words),
+                     **{k: self.results[s][i] for s in ("validation", "test")
+                        for k, i in ((s, 1), (f"{s}_gold", 2))})
 
   def summary(self, out: dict) -> str:
-    return f"dev accuracy {out['dev']['accuracy']:.4f}  test accuracy {out['test']['accuracy']:.4f}"
+    return supervised.accuracy_summary(out)
 
   def curves(self, rows: list) -> dict:
-    return {"train_loss": [(r["step"], r["loss"]) for r in rows
-                           if r["kind"] == "train" and "loss" in r],
-            "dev_accuracy": [(r["step"], r["accuracy"]) for r in rows
-                             if r["kind"] == "eval" and "accuracy" in r]}
+    return supervised.metric_curves(rows, "accuracy")
 
 
 make_evaluator = Evaluator

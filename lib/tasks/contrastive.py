@@ -14,7 +14,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from lib import data, fewshot, reporting, train
+from lib import atomic, data, fewshot, reporting, train
 from lib.data import pipeline
 from lib.tasks import common, supervised
 
@@ -181,18 +181,14 @@ class Evaluator:
                      f"accuracy {self.results[s][0]['accuracy']:.4f}" for s in ("test",
                                                                                 "validation"))
     reporting.write_text_atomic(os.path.join(workdir, "report.txt"), text + "\n")
-    tmp = os.path.join(workdir, f".head.{os.getpid()}.npz")
-    np.savez(tmp, kernel=self.head[0], bias=self.head[1], label_names=np.array(self.label_names))
-    os.replace(tmp, os.path.join(workdir, "head.npz"))
+    atomic.write_npz(os.path.join(workdir, "head.npz"), kernel=self.head[0], bias=self.head[1],
+                     label_names=np.array(self.label_names))
 
   def summary(self, out: dict) -> str:
-    return f"dev accuracy {out['dev']['accuracy']:.4f}  test accuracy {out['test']['accuracy']:.4f}"
+    return supervised.accuracy_summary(out)
 
   def curves(self, rows: list) -> dict:
-    return {"train_loss": [(r["step"], r["loss"]) for r in rows
-                           if r["kind"] == "train" and "loss" in r],
-            "dev_accuracy": [(r["step"], r["accuracy"]) for r in rows
-                             if r["kind"] == "eval" and "accuracy" in r]}
+    return supervised.metric_curves(rows, "accuracy")
 
 
 make_evaluator = Evaluator

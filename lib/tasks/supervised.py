@@ -148,11 +148,20 @@ class Evaluator:
     return f"dev {m} {out['dev'][m]:.4f}  test {m} {out['test'][m]:.4f}"
 
   def curves(self, rows: list) -> dict:
-    metric = self.ops.summary_metric
-    train_rows = [r for r in rows if r["kind"] == "train" and "loss" in r]
-    eval_rows = [r for r in rows if r["kind"] == "eval" and metric in r]
-    return {"train_loss": [(r["step"], r["loss"]) for r in train_rows],
-            f"dev_{metric}": [(r["step"], r[metric]) for r in eval_rows]}
+    return metric_curves(rows, self.ops.summary_metric)
+
+
+def metric_curves(rows: list, metric: str) -> dict:
+  """curves.png's series of a run: the training loss and the dev `metric` by step."""
+  train_rows = [r for r in rows if r["kind"] == "train" and "loss" in r]
+  eval_rows = [r for r in rows if r["kind"] == "eval" and metric in r]
+  return {"train_loss": [(r["step"], r["loss"]) for r in train_rows],
+          f"dev_{metric}": [(r["step"], r[metric]) for r in eval_rows]}
+
+
+def accuracy_summary(out: dict) -> str:
+  """The one-line result of a run reporting dev and test accuracy."""
+  return f"dev accuracy {out['dev']['accuracy']:.4f}  test accuracy {out['test']['accuracy']:.4f}"
 
 
 def evaluator_factory(ops: TaskOps, make_predict_fn: Callable) -> Callable:
