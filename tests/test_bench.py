@@ -10,13 +10,17 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("torch")
 
 
-def test_benchmark_row_tiny():
+def _tiny_spec():
   args = models.ModelArgs(vocab_size=1200, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32,
                           max_len=16)
-  spec = bench.ModelSpec(
+  return bench.ModelSpec(
       "tiny", args, None,
       lambda: transformers.BertForTokenClassification(hf.hf_config(args, "token_cls", 3)),
       num_labels=3)
+
+
+def test_benchmark_row_tiny():
+  spec = _tiny_spec()
   row = bench.benchmark_row(spec, batch=2, seq_len=8, steps=2, warmup=0, peak_n=64, pad_frac=0.25)
   assert set(bench.COLUMNS) <= set(row)
   numeric = [c for c in bench.COLUMNS if c not in ("model", "dtype")]
@@ -160,12 +164,7 @@ def test_adversarial_rows_tiny():
   """The overhead table: plain first, each method's FLOPs above plain (FGM: 2 forward/backward
   passes; PGD-3 and FreeLB-3: more)."""
   from lib import adversarial
-  args = models.ModelArgs(vocab_size=1200, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32,
-                          max_len=16)
-  spec = bench.ModelSpec(
-      "tiny", args, None,
-      lambda: transformers.BertForTokenClassification(hf.hf_config(args, "token_cls", 3)),
-      num_labels=3)
+  spec = _tiny_spec()
   fgm, pgd = adversarial.default_config(), adversarial.default_config()
   fgm.method, pgd.method, pgd.steps = "fgm", "pgd", 3
   rows = bench.adversarial_rows(spec, 2, 8, {"fgm": fgm, "pgd": pgd}, steps=2, warmup=0)
