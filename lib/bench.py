@@ -369,6 +369,22 @@ ADVERSARIAL_COLUMNS = ("model", "setting", "dtype", "batch", "seq_len", "step_s"
                        "xla_gflop", "flop_vs_plain")
 
 
+def adversarial_settings(names: Sequence[str], variants: dict) -> dict:
+  """{name: its `config.adversarial` block} for variant names of `variants` (configs/common.
+  adversarial_variants: name -> fn(config)); an unknown name is a UserError."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from lib import errors  # pylint: disable=g-import-not-at-top
+  unknown = sorted(set(names) - set(variants))
+  if unknown:
+    raise errors.UserError(f"--adversarial: unknown {unknown}; valid: {sorted(variants)}")
+  settings = {}
+  for name in names:
+    holder = ml_collections.ConfigDict({"adversarial": adversarial.default_config()})
+    variants[name](holder)
+    settings[name] = holder.adversarial
+  return settings
+
+
 def adversarial_rows(spec: ModelSpec, batch: int, seq_len: int, settings: dict, *, steps: int,
                      warmup: int, dtype: str = "float32") -> list:
   """Our full fine-tuning step plain and under each adversarial setting ({name: a

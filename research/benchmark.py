@@ -143,43 +143,31 @@ def main(argv):
     reporting.write_json_atomic(os.path.join(FLAGS.workdir, "metrics.json"), {"rows": rows})
 
 
-def _peft_table(bench):
+def _setting_table(bench, rows_fn, columns, key: str):
+  """Rows of `rows_fn(spec, batch, seq_len, dtype)` for every model x length x dtype."""
   rows = []
   for name in FLAGS.models:
     for t in FLAGS.seq_len:
       for dtype in FLAGS.dtype:
-        rows += bench.peft_rows(_spec(name), FLAGS.batch, int(t), FLAGS.peft, steps=FLAGS.steps,
-                                warmup=FLAGS.warmup, dtype=dtype)
-  print(bench.format_table(rows, bench.PEFT_COLUMNS))
+        rows += rows_fn(_spec(name), FLAGS.batch, int(t), dtype)
+  print(bench.format_table(rows, columns))
   if FLAGS.workdir:
     from lib import reporting  # pylint: disable=g-import-not-at-top
-    reporting.write_json_atomic(os.path.join(FLAGS.workdir, "metrics.json"), {"peft_rows": rows})
+    reporting.write_json_atomic(os.path.join(FLAGS.workdir, "metrics.json"), {key: rows})
+
+
+def _peft_table(bench):
+  _setting_table(bench, lambda spec, b, t, dt: bench.peft_rows(
+      spec, b, t, FLAGS.peft, steps=FLAGS.steps, warmup=FLAGS.warmup, dtype=dt),
+                 bench.PEFT_COLUMNS, "peft_rows")
 
 
 def _adversarial_table(bench):
-  import ml_collections  # pylint: disable=g-import-not-at-top
   from configs import common  # pylint: disable=g-import-not-at-top
-  from lib import adversarial, errors  # pylint: disable=g-import-not-at-top
-  variants = common.adversarial_variants()
-  unknown = sorted(set(FLAGS.adversarial) - set(variants))
-  if unknown:
-    raise errors.UserError(f"--adversarial: unknown {unknown}; valid: {sorted(variants)}")
-  settings = {}
-  for name in FLAGS.adversarial:
-    holder = ml_collections.ConfigDict({"adversarial": adversarial.default_config()})
-    variants[name](holder)
-    settings[name] = holder.adversarial
-  rows = []
-  for name in FLAGS.models:
-    for t in FLAGS.seq_len:
-      for dtype in FLAGS.dtype:
-        rows += bench.adversarial_rows(_spec(name), FLAGS.batch, int(t), settings,
-                                       steps=FLAGS.steps, warmup=FLAGS.warmup, dtype=dtype)
-  print(bench.format_table(rows, bench.ADVERSARIAL_COLUMNS))
-  if FLAGS.workdir:
-    from lib import reporting  # pylint: disable=g-import-not-at-top
-    reporting.write_json_atomic(os.path.join(FLAGS.workdir, "metrics.json"),
-                                {"adversarial_rows": rows})
+  settings = bench.adversarial_settings(FLAGS.adversarial, common.adversarial_variants())
+  _setting_table(bench, lambda spec, b, t, dt: bench.adversarial_rows(
+      spec, b, t, settings, steps=FLAGS.steps, warmup=FLAGS.warmup, dtype=dt),
+                 bench.ADVERSARIAL_COLUMNS, "adversarial_rows")
 
 
 if __name__ == "__main__":
