@@ -82,6 +82,8 @@ class Row:
     seeds: the seeds; each is one cell.
     script: the research script, relative to the repository root.
     seed_flag: the flag that takes the seed ('' when the script has none: seeds are repeats).
+    workdir_flag: the flag that takes the cell's workdir (a script whose output directory is
+      '--out'); the cell is finished when that directory holds metrics.json.
     claim: the row makes a claim (ours vs a reference, method A vs B): its cells run first.
     reported: the value to compare the table's primary metric with.
     vs: or the id of another row to compare with (Welch's two-sample interval).
@@ -95,6 +97,7 @@ class Row:
   seeds: Sequence[int] = (0,)
   script: str = "research/finetune.py"
   seed_flag: str = "--config.seed"
+  workdir_flag: str = "--workdir"
   claim: bool = False
   reported: Optional[Reported] = None
   vs: str = ""
@@ -208,7 +211,9 @@ def _dep_seed(dep: Row, seed: int) -> int:
 
 
 def make_cell(table: Table, row: Row, seed: int, root: str, python: str) -> Cell:
-  """The cell's workdir and argv: `python script --config=... args --workdir=... <seed_flag>=s`."""
+  """The cell's workdir and argv: `python script --config=... args --workdir=... <seed_flag>=s`
+  (`row.workdir_flag` instead of --workdir where set; not part of the cells' hash: it names where
+  the script writes, not what it runs)."""
   by_id = {r.id: r for r in table.rows}
 
   def sub(arg):
@@ -219,7 +224,7 @@ def make_cell(table: Table, row: Row, seed: int, root: str, python: str) -> Cell
   deps = tuple(cell_workdir(table, by_id[d], _dep_seed(by_id[d], seed), root)
                for a in row.args for d in _PLACEHOLDER.findall(a))
   argv = [python, row.script] + ([f"--config={row.config}"] if row.config else [])
-  argv += [sub(a) for a in row.args] + [f"--workdir={workdir}"]
+  argv += [sub(a) for a in row.args] + [f"{row.workdir_flag}={workdir}"]
   if row.seed_flag:
     argv.append(f"{row.seed_flag}={seed}")
   return Cell(row, seed, workdir, tuple(argv), deps)

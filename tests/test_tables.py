@@ -119,6 +119,25 @@ def test_cells_order_placeholders_and_workdirs(tmp_path):
   assert len({c.workdir for c in cells}) == len(cells)
 
 
+
+def test_workdir_flag_names_the_output_flag_and_keeps_the_cells(tmp_path):
+  # A script whose output directory is --out (research/causal_probe.py): the cell's workdir goes
+  # there, the workdir is the one the same command with --workdir would get, and the cell is done
+  # once the script wrote metrics.json into it.
+  script = tmp_path / "out_script.py"
+  script.write_text(FAKE_SCRIPT.replace('args["workdir"]', 'args["out"]'))
+  rows = [tables.Row("a", "A", script=str(script), seed_flag="--seed", **kw)
+          for kw in ({}, {"workdir_flag": "--out"})]
+  plain, out = (tables.Table("t", "t", (tables.Column("dev.f1", "F1"),), (r,)) for r in rows)
+  cell = tables.cells(out, str(tmp_path / "w"), python=sys.executable)[0]
+  assert cell.workdir == tables.cells(plain, str(tmp_path / "w"))[0].workdir
+  assert cell.argv[-2:] == (f"--out={cell.workdir}", "--seed=0")
+  assert not any(a.startswith("--workdir") for a in cell.argv)
+  env = dict(os.environ, FAKE_CALLS=str(tmp_path / "calls"))
+  assert tables.run_cell(cell, cwd=str(tmp_path), env=env) == 0
+  assert tables.status(cell, cwd=str(tmp_path)) == "done"
+  assert tables.read_metrics(str(tmp_path / cell.workdir))["dev"]["f1"] == 0.5
+
 def test_declaration_errors(tmp_path):
   bad = _declaration(tmp_path, """\
       TABLE = tables.Table(name="bad", title="t", columns=(tables.Column("dev.f1", "F1"),),
