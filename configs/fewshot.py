@@ -7,9 +7,11 @@ dev accuracy, the full test set).
   .venv/bin/python research/fewshot.py --config=configs/fewshot.py:curve --workdir=/tmp/fewshot
 
 Variants: (none) K = 16, seeds 0-4, setfit, frozen and finetune; curve: K in 8, 16, 32, 64;
-quick: seed 0, K = 16, one grid point (smoke test); setfit / frozen / finetune: that method alone;
-cloze: the four cloze methods alone; sentences: sample from full sentences only (LM-BFF's pool;
-the test set is sentences).
+curve_new: K in 8, 32, 64 (the curve without the measured K = 16); quick: seed 0, K = 16, one
+grid point (smoke test); setfit / frozen / finetune: that method alone;
+cloze: the four cloze methods alone (cloze_zeroshot, cloze_finetune, ..._pet: one of them);
+k8 / k16 / k32 / k64: that K alone (a row of tables/fewshot.py); sentences: sample from full
+sentences only (LM-BFF's pool; the test set is sentences).
 SetFit: pairs of the K-shot set (20 iterations: one positive and one negative partner per example
 each; at most 1,280 pairs), cosine-similarity loss on mean-pooled embeddings, 1 epoch, batch 16,
 lr 2e-5 (SetFit's default; 1e-4 collapses the pairs (cosine gap 0.97) and tested 1.9-3.4 points
@@ -34,6 +36,8 @@ make one first (a new head tied to the word embeddings, ~11 CPU-minutes; step 10
 Measured: see research/fewshot.py's table.md in the workdir and the README.
 """
 
+import functools
+
 import ml_collections
 
 from configs import common
@@ -48,6 +52,7 @@ def get_config(variant: str = ""):
   c.data.batch_size = 8
   c.data.eval_batch_size = 128
   c.fewshot = ml_collections.ConfigDict(dict(
+      kind="classification",                     # K examples per class (lib/fewshot)
       ks=(16,), seeds=(0, 1, 2, 3, 4), methods=("setfit", "frozen", "finetune"),
       dev_k=-1,                                  # dev examples per class (< 0: K)
       pool="all",                                # all | sentences (lib/fewshot.sentence_like)
@@ -55,7 +60,9 @@ def get_config(variant: str = ""):
       # SetFit's run: 'block.key' -> value over the fine-tuning settings above.
       setfit_overrides=(("optim.lr", 2e-5), ("data.batch_size", 16), ("train.num_steps", 0),
                         ("train.epochs", 1), ("train.eval_every", 0)),
-      full_data_accuracy=0.8962,                 # configs/sst2.py, seed 0, whole training set
+      metric="accuracy",
+      full_data=0.8962,                          # configs/sst2.py, seed 0, whole training set
+      full_data_source="configs/sst2.py, seed 0",
   ))
   c.setfit = ml_collections.ConfigDict(dict(iterations=20, max_pairs=1280, c=1.0, normalize=True))
   # Prompt-based (cloze) methods: the MLM head of mlm_source (any model source with one; MiniLM
@@ -74,6 +81,7 @@ def get_config(variant: str = ""):
   ))
   return common.apply_variant(c, variant, {
       "curve": lambda c: setattr(c.fewshot, "ks", (8, 16, 32, 64)),
+      "curve_new": lambda c: setattr(c.fewshot, "ks", (8, 32, 64)),   # K = 16 measured apart
       "quick": _quick,
       "sentences": lambda c: setattr(c.fewshot, "pool", "sentences"),
       "grid": lambda c: setattr(c.fewshot, "grid", ((1e-5, 8), (2e-5, 8), (5e-5, 8))),
@@ -82,7 +90,18 @@ def get_config(variant: str = ""):
       "frozen": lambda c: setattr(c.fewshot, "methods", ("frozen",)),
       "cloze": lambda c: setattr(c.fewshot, "methods", ("cloze_zeroshot", "cloze_zeroshot_pet",
                                                         "cloze_finetune", "cloze_finetune_pet")),
+      **{m: functools.partial(_method, m=m) for m in ("cloze_zeroshot", "cloze_zeroshot_pet",
+                                                      "cloze_finetune", "cloze_finetune_pet")},
+      **{f"k{k}": functools.partial(_k, k=k) for k in (8, 16, 32, 64)},
   })
+
+
+def _method(c, m):
+  c.fewshot.methods = (m,)
+
+
+def _k(c, k):
+  c.fewshot.ks = (k,)
 
 
 def _quick(c):

@@ -235,11 +235,11 @@ def write_kshot_data(data_cfg, k: int, seed: int, out_dir: str, dev_k: int = -1,
   return paths
 
 
-def kshot_config(cfg, paths: dict, task: str, **overrides):
-  """A copy of `cfg` on the K-shot files (own TSV data), for `task`, with `overrides` as
-  'block.key' -> value."""
+def kshot_config(cfg, paths: dict, task: str, dataset: str = "tsv:", **overrides):
+  """A copy of `cfg` on the K-shot files (own data of kind `dataset`, e.g. 'tsv:' or 'conll:'),
+  for `task`, with `overrides` as 'block.key' -> value."""
   c = cfg.copy_and_resolve_references()
-  c.data.dataset, c.data.max_train_examples, c.task = "tsv:", 0, task
+  c.data.dataset, c.data.max_train_examples, c.task = dataset, 0, task
   c.data.train, c.data.validation, c.data.test = paths["train"], paths["validation"], paths["test"]
   for key, value in overrides.items():
     block, name = key.split(".")
@@ -247,8 +247,9 @@ def kshot_config(cfg, paths: dict, task: str, **overrides):
   return c
 
 
-def run_once(cfg, workdir: str) -> dict:
-  """One run through the skeleton (a finished workdir's metrics.json is read, not rerun)."""
+def run_once(cfg, workdir: str, metric: str = "accuracy") -> dict:
+  """One run through the skeleton (a finished workdir's metrics.json is read, not rerun); its
+  dev and test `metric`, steps and training wall time."""
   from lib import experiment, tasks   # here: lib/tasks/contrastive imports this module
   done = os.path.join(workdir, "metrics.json")
   if not os.path.exists(done):
@@ -256,7 +257,7 @@ def run_once(cfg, workdir: str) -> dict:
       raise RuntimeError(f"{workdir}: the run was preempted; rerun to resume")
   with open(done, encoding="utf-8") as f:
     out = json.load(f)
-  return {"dev": out["dev"]["accuracy"], "test": out["test"]["accuracy"],
+  return {"dev": out["dev"][metric], "test": out["test"][metric],
           "steps": out["train"]["steps"], "wall_s": out["train"]["wall_s"]}
 
 
@@ -269,21 +270,23 @@ def setfit_config(cfg, paths: dict, frozen: bool = False):
   parameter frozen and one step, so the head is fitted on the untouched encoder's embeddings."""
   overrides = dict(cfg.fewshot.setfit_overrides)
   if frozen:
-    overrides.update(_FROZEN)
+    overrides.update(FROZEN)
   return kshot_config(cfg, paths, "contrastive", **overrides)
 
 
 # Every parameter frozen and one step: the run only evaluates its starting model.
-_FROZEN = {"peft.rules": ((".*", "freeze"),), "train.num_steps": 1}
+FROZEN = {"peft.rules": ((".*", "freeze"),), "train.num_steps": 1}
 
 
-def _grid(cfg, paths: dict, task: str, workdir: str, grid, **overrides) -> dict:
-  """LM-BFF's protocol: one run per (lr, batch size) of `grid`, the best K-shot dev accuracy."""
+def grid_search(cfg, paths: dict, task: str, workdir: str, grid, metric: str = "accuracy",
+                dataset: str = "tsv:", **overrides) -> dict:
+  """LM-BFF's protocol: one run per (lr, batch size) of `grid`, the best K-shot dev `metric`."""
   best = None
   for lr, bs in grid:
-    c = kshot_config(cfg, paths, task, **{"optim.lr": lr, "data.batch_size": bs, **overrides})
+    c = kshot_config(cfg, paths, task, dataset,
+                     **{"optim.lr": lr, "data.batch_size": bs, **overrides})
     wd = os.path.join(workdir, f"lr{lr:g}_bs{bs}")
-    out = dict(run_once(c, wd), lr=lr, batch_size=bs, workdir=wd)
+    out = dict(run_once(c, wd, metric), lr=lr, batch_size=bs, workdir=wd)
     if best is None or out["dev"] > best["dev"]:
       best = out
   return best
@@ -305,7 +308,7 @@ def run_method(cfg, method: str, paths: dict, runs_dir: str, sample: str) -> dic
   if method in ("setfit", "frozen"):
     return run_once(setfit_config(cfg, paths, frozen=method == "frozen"), workdir)
   if method == "finetune":
-    return _grid(cfg, paths, "classification", workdir, cfg.fewshot.grid)
+    return grid_search(cfg, paths, "classification", workdir, cfg.fewshot.grid)
   if method in METHODS:
     return run_cloze(cfg, method, paths, runs_dir, sample)
   raise errors.ConfigError(f"config.fewshot.methods: unknown method {method!r}; valid: {METHODS}")
@@ -324,21 +327,23 @@ def summarize(results: list) -> list:
   return rows
 
 
-def table_markdown(rows: list, full_data: float = 0.0) -> str:
-  """The summary as a markdown table (test accuracy mean (std) over seeds)."""
-  lines = ["| method | K per class | seeds | test accuracy mean (std) | K-shot dev mean |",
+def table_markdown(rows: list, full_data: float = 0.0, metric: str = "accuracy",
+                   k_unit: str = "per class", full_source: str = "configs/sst2.py") -> str:
+  """The summary as a markdown table (test `metric` mean (std) over seeds, in %)."""
+  lines = [f"| method | K {k_unit} | seeds | test {metric} mean (std) | K-shot dev mean |",
            "|---|---|---|---|---|"]
   std = lambda r: f"{100 * r['test_std']:.1f}" if r["n"] > 1 else "n/a: one seed"
   lines += [f"| {r['method']} | {r['k']} | {r['n']} | {100 * r['test_mean']:.1f} "
             f"({std(r)}) | {100 * r['dev_mean']:.1f} |" for r in rows]
   if full_data:
-    lines.append(f"| finetune, full training set (configs/sst2.py) | all | 1 | "
+    lines.append(f"| finetune, full training set ({full_source}) | all | | "
                  f"{100 * full_data:.1f} | |")
   return "\n".join(lines) + "\n"
 
 
-def plot_learning_curve(path: str, rows: list, full_data: float = 0.0) -> None:
-  """Test accuracy (mean, std band) against K per method; the full-data result as a line."""
+def plot_learning_curve(path: str, rows: list, full_data: float = 0.0, metric: str = "accuracy",
+                        k_unit: str = "examples per class") -> None:
+  """Test `metric` (mean, std bars) against K per method; the full-data result as a line."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -350,7 +355,7 @@ def plot_learning_curve(path: str, rows: list, full_data: float = 0.0) -> None:
     ax.errorbar(k, m, yerr=s, marker="o", capsize=3, label=method)
   if full_data:
     ax.axhline(full_data, color="gray", ls="--", label="finetune, full data")
-  ax.set(xscale="log", xlabel="K (examples per class)", ylabel="test accuracy")
+  ax.set(xscale="log", xlabel=f"K ({k_unit})", ylabel=f"test {metric}")
   ax.legend()
   fig.tight_layout()
   tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.png")
@@ -484,7 +489,7 @@ def cloze_overrides(cfg, train: bool = True) -> dict:
   """The cloze task's run settings over the fine-tuning ones: the model is cfg.cloze.mlm_source
   (with its MLM head), cfg.cloze.overrides; train=False: everything frozen, one step (zero-shot)."""
   out = dict(cfg.cloze.overrides, **{"model.init_from": cfg.cloze.mlm_source})
-  return out if train else dict(out, **_FROZEN)
+  return out if train else dict(out, **FROZEN)
 
 
 def _mask_token(cfg) -> str:
@@ -517,7 +522,7 @@ def run_cloze(cfg, method: str, paths: dict, runs_dir: str, sample: str) -> dict
                        "the first sample's"))
     else:
       wd = os.path.join(runs_dir, "cloze_finetune", sample, f"p{i}")
-      outs.append(_grid(cfg, ppaths, "cloze", wd, cfg.cloze.grid, **cloze_overrides(cfg)))
+      outs.append(grid_search(cfg, ppaths, "cloze", wd, cfg.cloze.grid, **cloze_overrides(cfg)))
   return outs[0] if len(outs) == 1 else ensemble_runs(outs)
 
 

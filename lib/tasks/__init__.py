@@ -23,10 +23,10 @@ task's name.
 """
 
 from lib import errors
-from lib.tasks import classification, clm, cloze, contrastive, mlm, ner
+from lib.tasks import classification, clm, cloze, contrastive, mlm, ner, token_contrastive
 
 TASKS = {"ner": ner, "classification": classification, "mlm": mlm, "clm": clm,
-         "contrastive": contrastive, "cloze": cloze}
+         "contrastive": contrastive, "cloze": cloze, "token_contrastive": token_contrastive}
 
 
 def register(name: str, task) -> None:
