@@ -272,6 +272,15 @@ def row(name: str, params: int, file_bytes: int, timing: tuple, base_timing: tup
               drop=None if test is None or base is None else round(100 * (base - test), 2))
 
 
+def metrics(rows: list, metric: str) -> dict:
+  """metrics.json of a compressed model (what tables/compress.py reads): its dev/test metric at
+  the top level, as a fine-tuning run's, and `compress`: its `row` (size, speed, drop) with the
+  float32 source's row as `compress.float32`. `rows`: [float32 row, compressed row]."""
+  base, ours = rows
+  return dict(dev={metric: ours["dev"]}, test={metric: ours["test"]},
+              compress=dict(ours, float32=base, metric=metric))
+
+
 def format_rows(rows: list) -> str:
   """A Markdown table of `row` dicts."""
   def cell(col, v):

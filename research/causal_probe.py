@@ -5,8 +5,10 @@
   .venv/bin/python research/causal_probe.py --config=configs/probe.py --config.mode=patch \
       --out=workdirs/patch
 
-The modes and what they write: configs/probe.py. The output directory is written atomically
-(a half-finished run leaves nothing); an existing non-empty one is refused without --overwrite.
+The modes and what they write: configs/probe.py; every mode also writes metrics.json (its
+headline numbers, lib/probe/experiments.metrics: what tables/probe*.py read). The output directory
+is written atomically (a half-finished run leaves nothing); an existing non-empty one is refused
+without --overwrite.
 """
 
 import os
@@ -59,11 +61,14 @@ def main(argv):
   t0 = time.perf_counter()
   with atomic.directory(FLAGS.out, overwrite=FLAGS.overwrite) as tmp:
     summary = getattr(experiments, f"run_{cfg.mode}")(cfg, tmp, log)
-    log(f"{cfg.mode}: {time.perf_counter() - t0:.0f} s")
+    wall_s = time.perf_counter() - t0
+    log(f"{cfg.mode}: {wall_s:.0f} s")
     reporting.write_text_atomic(os.path.join(tmp, "log.txt"), "\n".join(lines) + "\n")
     reporting.write_json_atomic(os.path.join(tmp, "summary.json"),
-                                dict(mode=cfg.mode, env=env, wall_s=time.perf_counter() - t0,
-                                     summary=summary))
+                                dict(mode=cfg.mode, env=env, wall_s=wall_s, summary=summary))
+    # Last: a declared table's cell (tables/probe*.py) is finished when this file exists.
+    reporting.write_json_atomic(os.path.join(tmp, "metrics.json"),
+                                experiments.metrics(cfg.mode, summary, wall_s))
   print(f"-> {FLAGS.out}")
 
 

@@ -11,8 +11,9 @@ source (size, CPU speed, dev/test metric).
 `kernel_scale`s, or smaller attention / FFN matrices and `heads_per_layer` / `mlp_per_layer`);
 any research script loads it like another model dir (e.g. research/finetune.py
 --config.model.init_from=<out> to recover a pruned model by fine-tuning). Also written there:
-compress.json (the table rows). qat: the fine-tuning run is <out>_qat_run; sparse: --out is the
-fine-tuning run. The table is printed as Markdown.
+compress.json (the table rows) and metrics.json (the compressed model's dev/test and its row:
+lib/compress.metrics; a sparse run's metrics.json gains that row). qat: the fine-tuning run is
+<out>_qat_run; sparse: --out is the fine-tuning run. The table is printed as Markdown.
 """
 
 import json
@@ -95,7 +96,18 @@ def main(argv):
                      json.dumps(dict(rows=rows, metric=metric, source=FLAGS.model,
                                      eval_examples=cfg.eval.data.max_eval_examples,
                                      speed=cfg.speed.to_dict()), indent=1).encode())
+  _write_metrics(compress.metrics(rows, metric))
   print(compress.format_rows(rows))
+
+
+def _write_metrics(out: dict) -> None:
+  """<out>/metrics.json, last (a declared table's cell is finished when it exists); a sparse
+  run's own metrics.json (the fine-tuning run's) keeps its fields and gains `compress`."""
+  path = os.path.join(FLAGS.out, "metrics.json")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      out = dict(json.load(f), compress=out["compress"])
+  atomic.write_bytes(path, json.dumps(out, indent=1).encode())
 
 
 def _sparse(compress, cfg):
@@ -118,6 +130,7 @@ def _sparse(compress, cfg):
   atomic.write_bytes(os.path.join(FLAGS.out, "compress.json"),
                      json.dumps(dict(rows=rows, metric=metric, source=FLAGS.model,
                                      sparsity=out["sparsity"], sparse_bytes=sb), indent=1).encode())
+  _write_metrics(compress.metrics(rows, metric))
   print(compress.format_rows(rows))
 
 

@@ -6,7 +6,8 @@ and forgetting of each method (naive, replay, EWC, per-task LoRA), a table and h
 
 Outputs in --workdir: <method>/<i>_<task>/ (one skeleton run per stage: model.json, checkpoints,
 metrics.json with the stage's row of test accuracies), <method>/heatmap.png, results.json (the
-matrices and metrics), table.md. A rerun reads finished stages back.
+matrices and metrics), table.md, and metrics.json (each method's average accuracy, backward
+transfer, forgetting: `metrics`), written last. A rerun reads finished stages back.
 """
 
 import os
@@ -61,7 +62,19 @@ def main(argv):
                               dict(results=results, config=cfg.to_dict()))
   table = _table(results)
   reporting.write_text_atomic(os.path.join(root, "table.md"), table)
+  # Last: a declared table's cell (tables/continual.py) is finished when this file exists.
+  reporting.write_json_atomic(os.path.join(root, "metrics.json"), metrics(results))
   print(table)
+
+
+def metrics(results) -> dict:
+  """metrics.json: one entry per method in run order (what tables/continual.py reads as
+  `methods.0.<key>`), the final accuracy on each task and the largest trainable count."""
+  keep = ("method", "average_accuracy", "backward_transfer", "forgetting")
+  return dict(methods=[dict({k: r[k] for k in keep},
+                            final={t: v for t, v in zip(r["tasks"], r["matrix"][-1])},
+                            trainable_params_per_task=max(r["trainable_params_per_stage"]))
+                       for r in results])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ pipeline behind the same HTTP API (--backend=torch). Loopback only; bounded in r
   ./run.sh loadtest --model=workdirs/sst2                       # /v1/classify, SST-2 dev texts
   ./run.sh loadtest --model=workdirs/ner --servers=batched,unbatched --requests=300
   ./run.sh loadtest --model=/tmp/sst2 --concurrency=1,8,32 --out=/tmp/loadtest.json
+  ./run.sh loadtest --model=workdirs/sst2 --servers=batched --workdir=/tmp/lt  # metrics.json
 
 Each server is started alone (a subprocess on a free 127.0.0.1 port), warmed up, then loaded at
 each --concurrency with closed-loop clients (each sends its next request when answered) for at
@@ -45,6 +46,8 @@ flags.DEFINE_bool("model_only", False, "also time the model alone (no HTTP) on 5
                   "per call vs batches of --max_batch split by length vs padded batches (the "
                   "most batching can gain here)")
 flags.DEFINE_string("out", "", "write the results as JSON here too (atomically)")
+flags.DEFINE_string("workdir", "", "a directory for the results as metrics.json (the same JSON as "
+                    "--out: what tables/serving.py reads) and the servers' logs")
 flags.DEFINE_string("data_dir", common.DATA_DIR, "shared data folder")
 flags.mark_flags_as_required(["model"])
 
@@ -73,7 +76,8 @@ def _bodies(dataset: str) -> list:
 def _measure(kind: str, path: str, bodies: list, levels: list) -> list:
   import httpx  # pylint: disable=g-import-not-at-top
   from lib.serving import loadtest as L  # pylint: disable=g-import-not-at-top
-  log = os.path.join(FLAGS.server_logs, f"loadtest_{kind}.log")
+  logs = FLAGS.workdir if FLAGS.workdir and not FLAGS["server_logs"].present else FLAGS.server_logs
+  log = os.path.join(logs, f"loadtest_{kind}.log")
   with L.ServerProcess(_server_flags(kind), log) as srv:
     logging.info("%s server ready after %.0f s (log %s)", kind, srv.ready_s, log)
     L.run_level(srv.url, path, bodies, 8, FLAGS.warmup_requests, FLAGS.max_seconds)
@@ -132,6 +136,8 @@ def main(argv):
   except ValueError:
     raise errors.ConfigError(f"--concurrency={FLAGS.concurrency}: expected integers") from None
   endpoint, dataset = ENDPOINTS[head]
+  if FLAGS.workdir:
+    os.makedirs(FLAGS.workdir, exist_ok=True)   # the servers' logs go there
   bodies = _bodies(FLAGS.texts or dataset)
   rows = []
   for kind in FLAGS.servers:
@@ -144,10 +150,11 @@ def main(argv):
   if bound:
     print("\nmodel alone, texts/s: " + ", ".join(f"{k} {v:.1f} ({v / bound['one_per_call']:.2f}x)"
                                                  for k, v in bound.items()))
-  if FLAGS.out:
-    atomic.write_bytes(FLAGS.out, json.dumps(dict(model=FLAGS.model, endpoint=endpoint, cpu=cpu,
-                                                  flags=sys.argv[1:], rows=rows,
-                                                  model_only=bound), indent=2).encode())
+  results = json.dumps(dict(model=FLAGS.model, endpoint=endpoint, cpu=cpu, flags=sys.argv[1:],
+                            rows=rows, model_only=bound), indent=2).encode()
+  for path in ([FLAGS.out] if FLAGS.out else []) + (
+      [os.path.join(FLAGS.workdir, "metrics.json")] if FLAGS.workdir else []):
+    atomic.write_bytes(path, results)
 
 
 def _model_only(bodies: list) -> dict:

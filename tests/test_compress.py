@@ -1,6 +1,10 @@
-"""lib/compress.py: PTQ of a saved model into a model directory, its real size, the table row."""
+"""lib/compress.py: PTQ of a saved model into a model directory, its real size, the table row;
+research/compress.py's metrics.json."""
 
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -9,6 +13,7 @@ from flax import traverse_util
 
 from lib import compress, errors, model_io, models, quant
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = dict(vocab_size=50, hidden_size=64, num_layers=2, num_heads=2, mlp_dim=128, max_len=32)
 
 
@@ -183,3 +188,33 @@ def test_qat_finetune_trains_through_the_fake_seat_then_quantises(tmp_path, monk
   assert model_io.read_model_json(run)["args"].dot_general == ()   # float weights saved
   compress.quantize_source(run, str(tmp_path / "int8"), "int8_w8a8", r"encoder/layer_\d+/.*")
   assert model_io.read_model_json(str(tmp_path / "int8"))["args"].dot_general
+
+
+@pytest.mark.slow
+def test_script_metrics_json_holds_the_printed_row(tmp_path):
+  # research/compress.py on a tiny model (no evaluation, minimal timing): metrics.json (what
+  # tables/compress.py reads) holds the compressed model's printed row and the float32 one.
+  args = models.ModelArgs(**dict(BASE, vocab_size=1100))   # the timing batch draws ids >= 1000
+  params, _ = models.init_params(models.build(args, "seq_cls", 2), jax.random.key(0))
+  source = str(tmp_path / "float")
+  model_io.save_model_dir(source, args, params, "seq_cls", 2, ["neg", "pos"], tokenizer="minilm")
+  out = tmp_path / "cell"
+  cmd = [sys.executable, "research/compress.py", "--config=configs/compress.py:quick",
+         "--config.evaluate=False", "--config.speed.steps=1", "--config.speed.latency_steps=2",
+         "--config.speed.batch=2", "--config.speed.seq_len=16", f"--model={source}",
+         f"--workdir={out}"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  printed = {line.split(" | ")[0][2:]: line.strip("| ").split(" | ")
+             for line in proc.stdout.splitlines() if line.startswith("| ")}
+  with open(out / "metrics.json", encoding="utf-8") as f:
+    m = json.load(f)
+  c = m["compress"]
+  assert m["dev"] == {"accuracy": None} and m["test"] == {"accuracy": None}
+  for row in (c, c["float32"]):
+    assert printed[row["model"]] == [row["model"]] + [
+        "-" if row[k] is None else str(row[k]) for k in compress.COLUMNS[1:]]
+  assert c["model"] == "int8_w8a8" and c["metric"] == "accuracy"
+  assert c["file_MB"] == round(compress.dir_bytes(str(out / "params")) / 1e6, 2)
+  assert c["speedup"] == round(c["b32x128_seq_s"] / c["float32"]["b32x128_seq_s"], 2)

@@ -1,5 +1,12 @@
 """lib/continual.py: the accuracy-matrix metrics, EWC's diagonal Fisher and penalty against hand
-computations, the shared label space, replay rows and the per-task logit mask."""
+computations, the shared label space, replay rows and the per-task logit mask; the script's
+metrics.json."""
+
+import json
+import os
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -87,3 +94,47 @@ def test_mask_logits_keeps_only_the_rows_block():
   masked = np.asarray(continual.mask_logits(logits, jnp.array([0, 2]), jnp.array([2, 5])))
   assert (masked[0, 0, :2] == 0).all() and (masked[0, 0, 2:] < -1e8).all()
   assert (masked[1, 0, :2] < -1e8).all() and (masked[1, 0, 2:] == 0).all()
+
+
+# research/continual.py with run_sequence replaced by a hand-made matrix per method (the script's
+# own code computes the metrics from it and prints them): metrics.json must hold what it printed.
+_DRIVER = """
+import runpy, sys
+from lib import continual
+MATRICES = {"naive": [[0.8, 0.1, 0.2], [0.6, 0.7, 0.1], [0.5, 0.6, 0.9]],
+            "lora": [[0.8, None, None], [0.8, 0.7, None], [0.8, 0.7, 0.9]]}
+def fake(cfg, method, workdir):
+  r = [[float("nan") if v is None else v for v in row] for row in MATRICES[method]]
+  return dict(method=method, tasks=["sst2", "ner", "pos"], matrix=r,
+              average_accuracy=continual.average_accuracy(r),
+              backward_transfer=continual.backward_transfer(r),
+              forgetting=continual.forgetting(r), trainable_params_per_stage=[10, 30, 20])
+continual.run_sequence = fake
+continual.plot_heatmap = lambda *args, **kwargs: None
+sys.argv = ["research/continual.py", "--config=configs/continual.py:quick",
+            "--workdir=" + sys.argv[1]]
+runpy.run_path("research/continual.py", run_name="__main__")
+"""
+
+
+def test_script_metrics_json_holds_what_it_printed(tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", _DRIVER, str(tmp_path)], cwd=repo, timeout=300,
+                        capture_output=True, text=True, check=False,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  printed = re.findall(r"^(\w+): average accuracy ([\d.]+)  BWT ([+-][\d.]+)  forgetting ([\d.]+)",
+                       proc.stdout, re.M)
+  with open(tmp_path / "metrics.json", encoding="utf-8") as f:
+    methods = json.load(f)["methods"]
+  assert [p[0] for p in printed] == [m["method"] for m in methods] == ["naive", "lora"]
+  for (_, avg, bwt, forget), m in zip(printed, methods):
+    assert (f"{m['average_accuracy']:.4f}", f"{m['backward_transfer']:+.4f}",
+            f"{m['forgetting']:.4f}") == (avg, bwt, forget)
+  # By hand: naive's last row (0.5, 0.6, 0.9); forgetting ((0.8-0.5) + (0.7-0.6)) / 2.
+  naive, lora = methods
+  assert naive["average_accuracy"] == pytest.approx(2 / 3)
+  assert naive["forgetting"] == pytest.approx(0.2)
+  assert naive["backward_transfer"] == pytest.approx(-0.2)
+  assert naive["final"] == pytest.approx({"sst2": 0.5, "ner": 0.6, "pos": 0.9})
+  assert lora["forgetting"] == 0 and lora["trainable_params_per_task"] == 30

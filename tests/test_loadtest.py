@@ -1,6 +1,11 @@
-"""Tests of lib/serving/loadtest.py: counting, concurrency, bounds, percentiles, loopback only."""
+"""Tests of lib/serving/loadtest.py: counting, concurrency, bounds, percentiles, loopback only;
+research/loadtest.py's metrics.json."""
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -102,3 +107,48 @@ def test_model_only_plans_and_rates():
   assert set(rates) == set(L.MODEL_ONLY) and all(v > 0 for v in rates.values())
   assert shapes[:6] == [(1, 16), (1, 128), (1, 16), (1, 128), (1, 16), (1, 16)]
   assert shapes[6:9] == [(2, 16), (2, 128), (2, 16)] and shapes[9:] == [(4, 128), (2, 16)]
+
+
+# research/loadtest.py with the servers replaced by made-up measurements: --workdir's metrics.json
+# (what tables/serving.py reads) must hold the rows the script printed, as --out does.
+_DRIVER = """
+import runpy, sys
+from lib import cli, model_io
+model_io.head_of = lambda source: ("seq_cls", 2, None)
+ns = runpy.run_path("research/loadtest.py", run_name="loadtest_under_test")
+g = ns["main"].__globals__
+def measure(kind, path, bodies, levels):
+  assert path == "/v1/classify" and len(bodies) == 3
+  return [dict(server=kind, concurrency=c, ok=100 + c, throughput_rps=10.0 * c + len(kind),
+               p50_ms=5.0 * c, p95_ms=7.5 * c, p99_ms=9.0 * c, errors_5xx=0, errors_other=c % 2,
+               mean_batch=c / 2, compilations_after_warmup=0) for c in levels]
+g["_measure"] = measure
+g["_bodies"] = lambda dataset: [{"texts": ["a"]}, {"texts": ["b"]}, {"texts": ["c"]}]
+sys.argv = ["research/loadtest.py", "--model=fake", "--servers=batched,torch",
+            "--concurrency=1,8,32", "--workdir=" + sys.argv[1], "--out=" + sys.argv[2]]
+cli.run(ns["main"])
+"""
+
+
+def test_script_workdir_metrics_json_holds_the_printed_rows(tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir, out = tmp_path / "cell", tmp_path / "out.json"
+  proc = subprocess.run([sys.executable, "-c", _DRIVER, str(workdir), str(out)], cwd=repo,
+                        timeout=120, capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  printed = [line.split(" | ") for line in proc.stdout.splitlines()
+             if line.startswith("| batched") or line.startswith("| torch")]
+  with open(workdir / "metrics.json", encoding="utf-8") as f:
+    metrics = json.load(f)
+  with open(out, encoding="utf-8") as f:
+    assert json.load(f) == metrics
+  rows = metrics["rows"]
+  assert len(printed) == len(rows) == 6
+  for p, r in zip(printed, rows):   # server, concurrency, ok, req/s, p50, p95 as printed
+    assert p[0] == "| " + r["server"] and p[1:4] == [str(r["concurrency"]), str(r["ok"]),
+                                                      f"{r['throughput_rps']:.1f}"]
+    assert p[5] == f"{r['p95_ms']:.0f}"
+  # tables/serving.py's c=32 column: rows.2 is the first server's third level.
+  assert (rows[2]["server"], rows[2]["concurrency"], rows[2]["throughput_rps"]) == (
+      "batched", 32, 327.0)
+  assert metrics["endpoint"] == "classify" and "--workdir=" + str(workdir) in metrics["flags"]

@@ -370,3 +370,53 @@ def run_facts(cfg, out_dir: str, log) -> dict:
   """Synthetic facts -> small GPT -> causal traces: lib/probe/tracing.py."""
   from lib.probe import tracing   # pylint: disable=import-outside-toplevel
   return tracing.run_facts(cfg, out_dir, log)
+
+
+# ------------------------------------------------------------------------------ metrics.json
+def metrics(mode: str, summary: dict, wall_s: float) -> dict:
+  """The headline numbers of a mode's summary, as research/causal_probe.py writes them to
+  metrics.json (what a declared table reads; tables/probe*.py).
+
+  probe: `probes`, one entry per task in run order (best_layer: 0 = embeddings, i = layer i);
+  patch / facts: `grid` (prefix-reuse speedup over the per-cell loop, max |diff|, Spearman of
+  attribution vs exact patching) and, for facts, `facts` (held-out recall); inlp: `inlp`
+  (iterations, rank, property probe before/after, target probe accuracy with no / the INLP / a
+  random projection); ig: `ig` (completeness error in percent).
+  """
+  out = dict(mode=mode, wall_s=wall_s)
+  if mode == "probe":
+    out["probes"] = [_probe_metrics(task, r) for task, r in summary.items()]
+  elif mode in ("patch", "facts"):
+    if "benchmark" in summary:   # facts with no recalled fact trace nothing
+      b, rho = summary["benchmark"], summary["spearman"]
+      out["grid"] = dict(speedup=b["speedup"], max_abs_diff=b["max_abs_diff"],
+                         spearman=rho["all"], examples=summary.get("examples", summary.get(
+                             "traced")), grid_s=summary["grid_s"],
+                         **{f"spearman_{k}": v for k, v in rho.items() if k != "all"},
+                         **{f"peak_{k}": summary[k]["peak_value"] for k in ("resid", "mlp",
+                                                                             "attn")})
+    if mode == "facts":
+      out["facts"] = dict(recall=summary["recall"], held_out=summary["held_out"],
+                          recalled=round(summary["recall"] * summary["held_out"]))
+  elif mode == "inlp":
+    t = summary["target_probe"]
+    out["inlp"] = dict(
+        property=summary["property"], target=summary["target"], layer=summary["layer"],
+        iterations=len(summary["property_accuracy"]), rank=summary["rank"],
+        property_before=summary["property_accuracy"][0],
+        property_last=summary["property_accuracy"][-1],   # the probe that stopped INLP
+        property_after=summary["property_final"],         # a fresh probe after the projection
+        majority=summary["majority"], **{f"target_{k}": v["accuracy"] for k, v in t.items()},
+        **{f"target_{k}_loss": v["loss"] for k, v in t.items()})
+  elif mode == "ig":
+    out["ig"] = dict(completeness_error_max_percent=100 * summary["completeness_error_max"],
+                     completeness_error_mean_percent=100 * summary["completeness_error_mean"],
+                     sentences=summary["sentences"], steps=summary["steps"])
+  return out
+
+
+def _probe_metrics(task: str, r: dict) -> dict:
+  best = int(np.argmax(r["accuracy"]))
+  return dict(task=task, best_layer=best, best_accuracy=float(r["accuracy"][best]),
+              majority=r["majority"], expected_layer=r["expected_layer"],
+              max_selectivity=float(max(r["selectivity"])), mix_accuracy=r["mix_accuracy"])
