@@ -1,0 +1,58 @@
+"""Every declared table in tables/ loads, and each of its cells names a script and a config that
+exist, a variant the config knows and `--config.*` overrides whose keys are in that config: a
+typo in a declaration fails here, not hours into a reproduce run."""
+
+import glob
+import importlib
+import os
+
+import pytest
+
+from lib import tables
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DECLARED = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "tables", "*.py")))
+
+
+def _config(spec: str):
+  path, _, variant = spec.partition(":")
+  module = importlib.import_module(path[:-3].replace("/", "."))
+  return module.get_config(variant)
+
+
+def _has_key(cfg, dotted: str) -> bool:
+  node = cfg
+  for part in dotted.split("."):
+    try:
+      node = node[part]
+    except (KeyError, TypeError, AttributeError):
+      return False
+  return True
+
+
+def test_every_declaration_is_found():
+  assert {"finetune", "distill", "compress_ner", "quick"} <= set(DECLARED)
+
+
+@pytest.mark.parametrize("name", DECLARED)
+def test_declared_cells_name_real_scripts_configs_and_keys(name):
+  table = tables.load(os.path.join(ROOT, "tables", name + ".py"))
+  cells = tables.cells(table, root="/tmp/unused_root")
+  assert cells, name
+  for cell in cells:
+    row = cell.row
+    assert os.path.isfile(os.path.join(ROOT, row.script)), (name, row.id, row.script)
+    if not row.config:
+      continue
+    assert os.path.isfile(os.path.join(ROOT, row.config.partition(":")[0])), (name, row.id)
+    cfg = _config(row.config)
+    overrides = [a for a in cell.argv if a.startswith("--config.")]
+    for arg in overrides:
+      key = arg[len("--config."):].partition("=")[0]
+      assert _has_key(cfg, key), f"{name}: row {row.id}: {arg} names no key of {row.config}"
+
+
+def test_a_misspelt_override_is_caught():
+  cfg = _config("configs/compress.py:ner+qat")
+  assert _has_key(cfg, "eval.data.max_train_examples")
+  assert not _has_key(cfg, "eval.data.max_train_example")
