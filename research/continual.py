@@ -69,10 +69,12 @@ def main(argv):
 
 def metrics(results) -> dict:
   """metrics.json: one entry per method in run order (what tables/continual.py reads as
-  `methods.0.<key>`), the final accuracy on each task and the largest trainable count."""
+  `methods.0.<key>`), the accuracy on each task at the end (`final`) and right after learning it
+  (`learned`: R[i, i]), and the largest trainable count."""
   keep = ("method", "average_accuracy", "backward_transfer", "forgetting")
   return dict(methods=[dict({k: r[k] for k in keep},
                             final={t: v for t, v in zip(r["tasks"], r["matrix"][-1])},
+                            learned={t: r["matrix"][i][i] for i, t in enumerate(r["tasks"])},
                             trainable_params_per_task=max(r["trainable_params_per_stage"]))
                        for r in results])
 

@@ -137,4 +137,5 @@ def test_script_metrics_json_holds_what_it_printed(tmp_path):
   assert naive["forgetting"] == pytest.approx(0.2)
   assert naive["backward_transfer"] == pytest.approx(-0.2)
   assert naive["final"] == pytest.approx({"sst2": 0.5, "ner": 0.6, "pos": 0.9})
+  assert naive["learned"] == pytest.approx({"sst2": 0.8, "ner": 0.7, "pos": 0.9})
   assert lora["forgetting"] == 0 and lora["trainable_params_per_task"] == 30
