@@ -14,8 +14,8 @@ split whole; cloze_p<i>/: the same with pattern i applied), runs/<method>/k<K>_s
 bs<b>]/ (one skeleton run each: metrics.json, report, predictions; SetFit adds head.npz, cloze
 runs log_probs.npz; lib/fewshot.run_cloze says where the cloze runs go), results.json (one row
 per method, K, seed), table.md and learning_curve.png (test accuracy / F1 mean (std) over seeds
-against K), metrics.json (mean dev/test per method and K; with one method and one K also as
-'dev'/'test' blocks: a tables/fewshot.py cell, --seed=N). A rerun skips finished runs.
+against K), metrics.json (mean dev/test per method and K; at one K also 'at_k': {method:
+{dev, test}}: a tables/fewshot.py cell, --seed=N). A rerun skips finished runs.
 """
 
 import os
@@ -69,7 +69,7 @@ def main(argv):
 
 def write_outputs(cfg, root, results, seeds):
   """results.json, table.md, learning_curve.png and metrics.json (per method and K: the mean
-  dev/test metric; one method at one K also as top-level dev/test blocks, a table cell's)."""
+  dev/test metric; at one K also 'at_k': {method: {dev, test}}, a table cell's)."""
   from lib import fewshot, reporting  # pylint: disable=g-import-not-at-top
   fs, unit = cfg.fewshot, "per class" if cfg.fewshot.kind == "classification" else "per type"
   rows = fewshot.summarize(results)
@@ -84,8 +84,8 @@ def write_outputs(cfg, root, results, seeds):
   for r in rows:
     metrics["methods"].setdefault(r["method"], {})[f"k{r['k']}"] = dict(
         dev=r["dev_mean"], test=r["test_mean"], test_std=r["test_std"], n=r["n"])
-  if len(rows) == 1:
-    metrics.update(dev={fs.metric: rows[0]["dev_mean"]}, test={fs.metric: rows[0]["test_mean"]})
+  if len(fs.ks) == 1:     # a table cell: each method's dev and test at this K
+    metrics["at_k"] = {r["method"]: dict(dev=r["dev_mean"], test=r["test_mean"]) for r in rows}
   reporting.write_json_atomic(os.path.join(root, "metrics.json"), metrics)
   print(table)
 

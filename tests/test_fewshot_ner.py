@@ -140,7 +140,7 @@ def test_tiny_fewshot_ner_run_writes_the_outputs(tmp_path):
          "--config.setfit.max_pairs=32", "--config.fewshot.ks=(3,)",
          "--config.fewshot.grid=((1e-4, 4),)", f"--config.data.cache_dir={tmp_path / 'cache'}"]
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                       env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))  # one device
   assert out.returncode == 0, out.stderr[-3000:]
   for name in ("table.md", "results.json", "learning_curve.png", "metrics.json"):
     assert (wd / name).exists()
@@ -150,5 +150,8 @@ def test_tiny_fewshot_ner_run_writes_the_outputs(tmp_path):
   for r in results:   # each run's test F1 equals its own metrics.json (the full test split)
     run = json.load(open(os.path.join(r["workdir"], "metrics.json")))
     assert r["test"] == run["test"]["f1"] == metrics["methods"][r["method"]]["k3"]["test"]
+    assert r["test"] == metrics["at_k"][r["method"]]["test"]
+    if r["method"] != "finetune":     # the tagger's C: the best K-shot dev F1 of the grid
+      assert run["dev"]["c"] in (1.0, 10.0, 100.0, 1000.0)
   preds = _read(os.path.join(results[0]["workdir"], "test_predictions.conll"))
   assert len(preds) == 15 and "| finetune | 3 | 1 |" in open(wd / "table.md").read()

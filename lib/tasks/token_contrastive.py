@@ -3,7 +3,8 @@ different tag) with a cosine-similarity loss on the words' hidden states; a logi
 tagger on the training words' embeddings predicts one tag per word, scored with entity F1.
 
 Config: a token-classification data block and the `setfit` block of lib/tasks/contrastive (plus
-outside_ratio: 'O' anchors per entity-word anchor). A word is its first sub-word's last hidden
+outside_ratio: 'O' anchors per entity-word anchor; c_grid: the tagger's C values, one chosen by
+K-shot dev F1). A word is its first sub-word's last hidden
 state (as the token-classification head reads it). Single-process evaluator.
 """
 
@@ -147,25 +148,36 @@ class Evaluator:
       yield dict(batch, example_ids=np.array([pos.get(int(x), -1)
                                               for x in batch["example_ids"]])), np.asarray(e)
 
-  def fit(self, state):
-    """The tagger on the training words' embeddings (the words each window owns)."""
+  def fit(self, state) -> None:
+    """The tagger on the training words' embeddings (the words each window owns); its C is
+    setfit.c, or the best K-shot dev F1 over setfit.c_grid (LM-BFF's dev selection)."""
     x, y = [], []
     for batch, e in self._batches(state, "train"):
       own = (batch["predict_mask"] == 1) & (batch["example_ids"][:, None] >= 0) & (
           batch["labels"] >= 0)
       x.append(e[own])
       y.append(batch["labels"][own])
-    self.head = fewshot.fit_logistic_regression(np.concatenate(x), np.concatenate(y),
-                                                len(self.label_names), self.cfg.setfit.c)
+    x, y = np.concatenate(x), np.concatenate(y)
+    grid = tuple(self.cfg.setfit.get("c_grid", ())) or (self.cfg.setfit.c,)
+    dev = list(self._batches(state, "validation")) if len(grid) > 1 else None
+    best = None
+    for c in grid:
+      head = fewshot.fit_logistic_regression(x, y, len(self.label_names), c)
+      f1 = self.score(state, "validation", head, dev)[0]["f1"] if dev else 0.0
+      if best is None or f1 > best[0]:
+        best = (f1, c, head)
+    _, self.c, self.head = best
 
-  def score(self, state, split):
-    """(metrics, inputs, gold, predicted tags) of a split with the current tagger."""
-    batches, preds = [], []
-    for batch, e in self._batches(state, split):
-      batches.append(batch)
-      preds.append(np.argmax(e @ self.head[0] + self.head[1], -1))
+  def score(self, state, split, head=None, batches=None):
+    """(metrics, inputs, gold, predicted tags) of a split with `head` (default: the fitted one)
+    on `batches` (default: the split's, embedded now)."""
+    w, b = self.head if head is None else head
+    kept, preds = [], []
+    for batch, e in batches or self._batches(state, split):
+      kept.append(batch)
+      preds.append(np.argmax(e @ w + b, -1))
     it = self.run.data.evals[split]
-    pred = ner.collect_word_predictions(batches, preds, it.info["num_words"], self.label_names)
+    pred = ner.collect_word_predictions(kept, preds, it.info["num_words"], self.label_names)
     inputs, gold = data.read_gold(supervised.data_kwargs(self.cfg.data, split), split)
     return ner.evaluate(gold, pred), inputs, gold, pred
 
@@ -178,7 +190,7 @@ class Evaluator:
     self.fit(state)
     self.results = {s: self.score(state, s) for s in ("validation", "test")}
     self._step = int(state.step)
-    return {"dev": self.results["validation"][0], "test": self.results["test"][0]}
+    return {"dev": dict(self.results["validation"][0], c=self.c), "test": self.results["test"][0]}
 
   def write(self, workdir: str) -> None:
     report = "\n".join(ner.report(s, self.results[s], self.label_names, self._step)
