@@ -15,9 +15,11 @@ bs<b>]/ (one skeleton run each: metrics.json, report, predictions; SetFit adds h
 runs log_probs.npz; lib/fewshot.run_cloze says where the cloze runs go), results.json (one row
 per method, K, seed), table.md and learning_curve.png (test accuracy / F1 mean (std) over seeds
 against K), metrics.json (mean dev/test per method and K; at one K also 'at_k': {method:
-{dev, test}}: a tables/fewshot.py cell, --seed=N). A rerun skips finished runs.
+{dev, test}}: a tables/fewshot.py cell, --seed=N). A rerun skips finished runs. --merge=<dirs>
+makes the table, curve and results of finished workdirs (e.g. a table's cells) without running.
 """
 
+import json
 import os
 import sys
 
@@ -31,6 +33,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/fewshot.py[:variant]", lock_config=True)
 flags.DEFINE_string("workdir", None, "outputs (finished runs in it are reused)")
 flags.DEFINE_integer("seed", -1, "one sample seed instead of config.fewshot.seeds (a table cell)")
+flags.DEFINE_list("merge", [], "run nothing: the results.json of these workdirs (e.g. the cells of "
+                  "tables/fewshot.py) make --workdir's table, curve and results")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -38,7 +42,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # pylint: disable-next=g-import-not-at-top
-  from lib import config_check, data, errors, fewshot, fewshot_ner, reporting, tasks
+  from lib import config_check, data, errors, fewshot, fewshot_ner, tasks
   cfg, root = FLAGS.config, FLAGS.workdir
   config_check.validate_run(cfg, choices={"task": tasks.TASKS})
   kinds = {"classification": fewshot, "ner": fewshot_ner}
@@ -52,6 +56,12 @@ def main(argv):
   if any(m.startswith("cloze") for m in cfg.fewshot.methods):   # before any run starts
     fewshot.check_cloze_config(cfg.cloze, data.source_of(dict(cfg.data)).label_names)
   logging.info("config:\n%s", cfg)
+  if FLAGS.merge:
+    results = []
+    for wd in FLAGS.merge:
+      with open(os.path.join(wd, "results.json"), encoding="utf-8") as f:
+        results += json.load(f)["results"]
+    return write_outputs(cfg, root, results, sorted({r["seed"] for r in results}))
   seeds = cfg.fewshot.seeds if FLAGS.seed < 0 else (FLAGS.seed,)
   results = []
   for k in cfg.fewshot.ks:
