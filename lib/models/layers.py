@@ -211,14 +211,6 @@ dense_f32acc.defvjp(_dense_fwd, _dense_bwd)
 dot_f32acc.defvjp(_dot_fwd, _dot_bwd)
 
 
-def matmul(x, kernel, n: int, dt):
-  """x (..., K1..Kn) . kernel (K1..Kn, F...) in compute dtype `dt` (f32 accumulation if low)."""
-  x, kernel = x.astype(dt), kernel.astype(dt)
-  if _low_precision(dt):
-    return dense_f32acc(x, kernel, jnp.zeros(kernel.shape[n:], jnp.float32), n)
-  return lax.dot_general(x, kernel, _contract_trailing(x, kernel, n))
-
-
 # ------------------------------------------------------------------------ the Dense matmul seat
 # A dot_general has lax.dot_general's signature: (lhs, rhs, dimension_numbers,
 # preferred_element_type=None) -> product. Each kernel's is made by a factory from DOT_GENERALS,
@@ -386,7 +378,17 @@ def hash_dropout(x, rate: float, rng):
   keyed by 64 bits from `rng` fuse into the elementwise op that applies the mask. Masks are
   deterministic in `rng`; P(drop) = rate up to 2^-32.
   """
-  seed = jax.random.bits(rng, (2,), jnp.uint32)
+  return seeded_dropout(x, rate, dropout_seed(rng))
+
+
+def dropout_seed(rng):
+  """The 64 key bits (uint32[2]) of `hash_dropout`'s mask for `rng`."""
+  return jax.random.bits(rng, (2,), jnp.uint32)
+
+
+def seeded_dropout(x, rate: float, seed):
+  """`hash_dropout` with its key bits given: the same `seed` and shape give the same mask, so a
+  custom backward can re-apply it (its transpose) to a cotangent without saving it."""
   idx = lax.iota(jnp.uint32, x.size).reshape(x.shape)
   keep = _fmix32(_fmix32(idx ^ seed[0]) ^ seed[1]) >= jnp.uint32(round(rate * 2.0 ** 32))
   return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))

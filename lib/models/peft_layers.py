@@ -3,10 +3,12 @@
 import functools
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax import lax
 
-from lib.models.layers import (P, Dense, LoraArgs, ModelArgs, activation_fn, hash_dropout,
-                               matmul)
+from lib.models.layers import (P, Dense, LoraArgs, ModelArgs, _low_precision, activation_fn,
+                               dropout_seed, seeded_dropout)
 
 
 def low_rank(dense: Dense, x, lora: LoraArgs, deterministic: bool):
@@ -22,14 +24,66 @@ def low_rank(dense: Dense, x, lora: LoraArgs, deterministic: bool):
   b_init = nn.initializers.normal(0.02) if lora.svd else nn.initializers.zeros
   a = dense.param("lora_a", P(a_init, a_axes), x.shape[x.ndim - n:] + (r,), dense.param_dtype)
   b = dense.param("lora_b", P(b_init, b_axes), (r,) + dense.features, dense.param_dtype)
-  if not deterministic and lora.dropout > 0:
-    x = hash_dropout(x, lora.dropout, dense.make_rng("dropout"))
-  h = matmul(x, a, n, dt)                                               # (..., r)
-  if lora.svd:
+  if lora.svd:   # x . A . diag(E) = x . (A * E): E joins A before the matmuls (a K x r product)
     e = dense.param("lora_e", P(nn.initializers.zeros, (None,)), (r,), dense.param_dtype)
-    h = h * e.astype(h.dtype)
-  scale = jnp.asarray(lora.alpha / lora.rank, h.dtype)
-  return matmul(h, b, 1, dt) * scale
+    a = a * e
+  rate = lora.dropout if not deterministic else 0.0
+  seed = (dropout_seed(dense.make_rng("dropout")) if rate > 0
+          else jnp.zeros((2,), jnp.uint32))
+  return low_rank_product(x.astype(dt), a, b, seed, n, lora.alpha / lora.rank, rate)
+
+
+def _dot(x, y, contract, dt):
+  """dot_general of x and y (cast to `dt`) over `contract` ((x dims), (y dims)); bf16/f16
+  operands accumulate in float32 (the float32 product is returned)."""
+  acc = jnp.float32 if _low_precision(dt) else None
+  return lax.dot_general(x.astype(dt), y.astype(dt), (contract, ((), ())),
+                         preferred_element_type=acc)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def low_rank_product(x, a, b, seed, n: int, scale: float, rate: float):
+  """scale * dropout(x) . a . b for x (..., K1..Kn) in the compute dtype, a (K1..Kn, r),
+  b (r, F...); dropout (`seeded_dropout` with `seed`) only if rate > 0. Returns (..., F...) in
+  x's dtype.
+
+  Its backward is written out rather than left to autodiff, which on XLA:CPU made LoRA on every
+  linear layer as slow as full fine-tuning: it saved the dropped input of every adapted Dense,
+  and formed the factor gradients as products whose big operand (the activation or its
+  cotangent, (B*T, K or F)) XLA transposes in memory first. Here the mask is recomputed from
+  `seed`, and each factor gradient is a (r, B*T) . (B*T, ...) product whose transposed operand
+  is the small rank-r one.
+  """
+  return _low_rank_fwd(x, a, b, seed, n, scale, rate)[0]
+
+
+def _low_rank_fwd(x, a, b, seed, n, scale, rate):
+  dt, lead = x.dtype, x.ndim - n
+  xd = seeded_dropout(x, rate, seed) if rate > 0 else x
+  h = _dot(xd, a, (tuple(range(lead, x.ndim)), tuple(range(n))), dt).astype(dt)   # (..., r)
+  y = _dot(h, b, ((h.ndim - 1,), (0,)), dt) * jnp.asarray(scale, jnp.float32)    # (..., F...)
+  return y.astype(dt), (x, a, b, seed, h)
+
+
+def _low_rank_bwd(n, scale, rate, res, g):
+  x, a, b, seed, h = res
+  dt, lead = x.dtype, x.ndim - n
+  g = g.astype(dt)                                                      # (..., F...)
+  rows = tuple(range(lead))
+  # u = scale * g . b^T: (..., r), the cotangent of h.
+  u = (_dot(g, b, (tuple(range(lead, g.ndim)), tuple(range(1, b.ndim))), dt)
+       * jnp.asarray(scale, jnp.float32)).astype(dt)
+  dx = _dot(u, a, ((u.ndim - 1,), (a.ndim - 1,)), dt).astype(dt)       # (..., K...)
+  xd = x
+  if rate > 0:   # d dropout(x) / dx is the same mask and 1/(1-rate): dropout of the cotangent
+    dx, xd = seeded_dropout(dx, rate, seed), seeded_dropout(x, rate, seed)
+  # (r, K...) and (r, F...): the rank-r operand first; its transpose is the cheap one.
+  da = jnp.moveaxis(_dot(u, xd, (rows, rows), dt), 0, -1)               # (K..., r)
+  db = _dot(h, g, (rows, rows), dt) * jnp.asarray(scale, jnp.float32)   # (r, F...)
+  return dx, da.astype(a.dtype), db.astype(b.dtype), None
+
+
+low_rank_product.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 class PrefixMlp(nn.Module):
