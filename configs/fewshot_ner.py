@@ -10,7 +10,8 @@ Variants: (none) K in 5, 10, 20, seeds 0-2, setfit, frozen and finetune; seeds5:
 quick: K = 5, seed 0; setfit / frozen / finetune: that method alone; k5 / k10 / k20: that K alone.
 Samples (lib/fewshot_ner): per seed, Yang & Katiyar's greedy sampling over the training split:
 sentences until every type occurs in >= K of them; a K-shot dev set the same way from the rest;
-never dev/test. A K=5 sample is ~12-16 sentences, K=20 ~45-60.
+never dev/test. Seeds 0-2 train on 12-17 sentences (160-304 words) at K=5, 24-28 at K=10,
+49-51 (763-952 words) at K=20.
 Standard fine-tuning: token classifier (first sub-word), 100 steps, dev F1 every 25 (the best
 checkpoint is tested), batch 8, lr 1e-4 (configs/ner.py's lr; the SST-2 few-shot protocol
 otherwise).

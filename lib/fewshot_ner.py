@@ -178,13 +178,9 @@ def run_method(cfg, method: str, paths: dict, runs_dir: str, sample: str) -> dic
     if method == "frozen":
       over.update(fewshot.FROZEN)
     c = fewshot.kshot_config(cfg, paths, "token_contrastive", "conll:", **over)
-    return run_once_ner(c, workdir)
+    return dict(fewshot.run_once(c, workdir, "f1"), workdir=workdir)
   if method == "finetune":
     return fewshot.grid_search(cfg, paths, "ner", workdir, cfg.fewshot.grid, "f1", "conll:",
                                **fixed)
   raise errors.ConfigError(f"config.fewshot.methods: unknown NER method {method!r}; valid: "
                            f"{METHODS}")
-
-
-def run_once_ner(cfg, workdir: str) -> dict:
-  return dict(fewshot.run_once(cfg, workdir, "f1"), workdir=workdir)

@@ -139,6 +139,7 @@ class Evaluator:
     self.run, self.cfg = run, run.cfg
     self.step_fn = train.make_eval_step(make_token_embed_fn(run.module, run.cfg.setfit.normalize))
     self.label_names, self.head, self.results = run.data.label_names, None, {}
+    self._fitted = None
 
   def _batches(self, state, split):
     """(batch, (B, T, D) embeddings) of a split, example ids as positions in the split."""
@@ -150,7 +151,10 @@ class Evaluator:
 
   def fit(self, state) -> None:
     """The tagger on the training words' embeddings (the words each window owns); its C is
-    setfit.c, or the best K-shot dev F1 over setfit.c_grid (LM-BFF's dev selection)."""
+    setfit.c, or the best K-shot dev F1 over setfit.c_grid (LM-BFF's dev selection); kept for
+    the same step (the last dev evaluation is the final state's)."""
+    if self._fitted == int(state.step):
+      return
     x, y = [], []
     for batch, e in self._batches(state, "train"):
       own = (batch["predict_mask"] == 1) & (batch["example_ids"][:, None] >= 0) & (
@@ -167,6 +171,7 @@ class Evaluator:
       if best is None or f1 > best[0]:
         best = (f1, c, head)
     _, self.c, self.head = best
+    self._fitted = int(state.step)
 
   def score(self, state, split, head=None, batches=None):
     """(metrics, inputs, gold, predicted tags) of a split with `head` (default: the fitted one)
