@@ -2,13 +2,14 @@
 probe scores best, its accuracy, the Hewitt-Liang selectivity and the Tenney scalar mix's expected
 layer; one cell per task (the features and probes of a task do not depend on the other tasks).
 
-  ./run.sh reproduce --table=tables/probe                   # 5 cells, ~2-4 min each
+  ./run.sh reproduce --table=tables/probe                   # 9 cells, ~2-4 min each
   ./run.sh reproduce --table=tables/probe --emit=commands
 
 Setting (configs/probe.py's measured run): the first 1,000 training / 300 validation sentences
 of CoNLL-2003 (POS, chunk, NER: the word's first sub-word) and Brown POS, 1,000 / 300 SST-2
 sentences (mean-pooled), 600 probe steps. Claim: NER sits higher than POS (Tenney et al. for
-BERT): Δ of the expected layer, NER - POS.
+BERT): Δ of the expected layer, NER - POS, over 3 seeds (the seed sets the probes' init and the
+control tasks; the features are fixed).
 """
 
 from lib import tables
@@ -36,6 +37,7 @@ def _row(task: str) -> tables.Row:
   return tables.Row(
       task, label, "configs/probe.py", script="research/causal_probe.py", workdir_flag="--out",
       args=SETTING + (f"--config.probe.tasks={task}",), claim=task in ("pos", "ner"),
+      seeds=(0, 1, 2) if task in ("pos", "ner") else (0,),   # the seed: probe init, controls
       vs="pos" if task == "ner" else "",
       recorded=tables.Recorded({BEST: {0: best}, ACC: {0: acc}, SEL: {0: sel}, EXP: {0: exp}},
                                BEFORE))
