@@ -24,8 +24,10 @@ TEST, DEV = "test.accuracy", "dev.accuracy"
 SIZE, SPEED, B1, B1_FLOAT, PARAMS = ("compress.file_MB", "compress.speedup", "compress.b1_ms",
                                      "compress.float32.b1_ms", "compress.params")
 BEFORE = ("README 'Compression' at commit 37fa3b9 and configs/compress.py's docstring (issue 14, "
-          "rounds 1-3): source /tmp/d13/teacher_sst2 (this table's `source` command), seed 0, "
-          "AMD EPYC, 2 cores shared at load ~9-10, 2026-11-30")
+          "rounds 1-3): source /tmp/d13/teacher_sst2 (research/finetune.py on the first 2,000 "
+          "SST-2 sentences, 1 epoch, as the `source` row, but its own evaluation on 400 "
+          "sentences), every row scored on the full dev/test sets, seed 0, AMD EPYC, 2 "
+          "cores shared at load ~9-10, 2026-11-30")
 # row id: measured before (test, dev, MB, speedup, batch-1 ms, float32 batch-1 ms, params)
 RECORDED = {
     "source": (0.7661, 0.7511, 83.4, 1.0, None, None, None),
