@@ -63,3 +63,39 @@ def test_low_rank_bf16_gradients_near_float32(rate):
   for name, g, r in zip("x a b".split(), got, want):
     err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - r)) / jnp.max(jnp.abs(r)))
     assert err < 3e-2, (name, err)
+
+
+def test_lora_on_every_kernel_trains_in_bf16_under_jit_close_to_float32():
+  """The jitted gradient of a bf16 model with LoRA (and its dropout) on every kernel runs
+  (XLA:CPU has no bf16 x bf16 -> f32 DotThunk: a backward product in a layout YNN does not take
+  fails at run time) and is near the float32 model's on the same parameters."""
+  import dataclasses
+  from lib import models, peft
+  from training_helpers import make_loss_fn, synthetic_batch, tiny_args
+  rules = [["classifier/.*", "train"], [".*/kernel", "lora(rank=4, alpha=8, dropout=0.1)"],
+           [".*", "freeze"]]
+  base = models.build(tiny_args(), "seq_cls", 2)
+  params = models.init_params(base, jax.random.key(0))[0]
+  spec = peft.parse_spec(rules)
+  grads = {}
+  for dtype in ("float32", "bfloat16"):
+    args = peft.configure(dataclasses.replace(tiny_args(), dtype=dtype), spec)
+    module = models.build(args, "seq_cls", 2)
+    full = peft.add_params(params, module, jax.random.key(1))
+    flat = peft.flatten_paths(full)   # lora_b nonzero (not constant: LayerNorm removes that)
+    noise = np.random.default_rng(3)
+    flat = {p: v + 0.05 * noise.standard_normal(v.shape).astype(np.float32)
+            if p.endswith("lora_b") else v for p, v in sorted(flat.items())}
+    full = peft.unflatten_paths(flat)
+    labels = peft.label_params(full, rules, log=False)
+    trainable, frozen = peft.split_trainable(full, labels)
+    loss = make_loss_fn(module)
+    fn = jax.jit(jax.grad(lambda t: loss(peft.merge_trainable(t, frozen), synthetic_batch(0),
+                                         jax.random.key(2), True)[0]))
+    grads[dtype] = peft.flatten_paths(jax.tree.map(np.asarray, fn(trainable)))
+  lora = [p for p in grads["float32"] if "/lora_" in p]
+  assert len(lora) == 2 * 7   # query, key, value, out, mlp_in, mlp_out, pooler
+  for p in lora:
+    want, got = grads["float32"][p], grads["bfloat16"][p]
+    assert np.abs(want).max() > 0, p
+    np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max(), err_msg=p)

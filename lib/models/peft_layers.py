@@ -77,8 +77,10 @@ def _low_rank_bwd(n, scale, rate, res, g):
   xd = x
   if rate > 0:   # d dropout(x) / dx is the same mask and 1/(1-rate): dropout of the cotangent
     dx, xd = seeded_dropout(dx, rate, seed), seeded_dropout(x, rate, seed)
-  # (r, K...) and (r, F...): the rank-r operand first; its transpose is the cheap one.
-  da = jnp.moveaxis(_dot(u, xd, (rows, rows), dt), 0, -1)               # (K..., r)
+  if _low_precision(dt):   # XLA:CPU runs the (r, K) form below as a DotThunk: no bf16 there
+    da = _dot(xd, u, (rows, rows), dt)                                  # (K..., r)
+  else:   # (r, K...): the rank-r operand is the one XLA transposes, not the (B*T, K) input
+    da = jnp.moveaxis(_dot(u, xd, (rows, rows), dt), 0, -1)
   db = _dot(h, g, (rows, rows), dt) * jnp.asarray(scale, jnp.float32)   # (r, F...)
   return dx, da.astype(a.dtype), db.astype(b.dtype), None
 
