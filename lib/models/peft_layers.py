@@ -51,8 +51,8 @@ def low_rank_product(x, a, b, seed, n: int, scale: float, rate: float):
   linear layer as slow as full fine-tuning: it saved the dropped input of every adapted Dense,
   and formed the factor gradients as products whose big operand (the activation or its
   cotangent, (B*T, K or F)) XLA transposes in memory first. Here the mask is recomputed from
-  `seed`, and each factor gradient is a (r, B*T) . (B*T, ...) product whose transposed operand
-  is the small rank-r one.
+  `seed`, and the factor gradients are products whose transposed operand is the small rank-r
+  one (lora_a's in float32 only: bf16 needs the activation-first form, see `_low_rank_bwd`).
   """
   return _low_rank_fwd(x, a, b, seed, n, scale, rate)[0]
 
