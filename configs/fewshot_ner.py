@@ -19,7 +19,8 @@ SetFit-style (lib/tasks/token_contrastive): pairs of words (every entity word an
 words per iteration; one same-tag and one other-tag partner each; iterations cut to keep <= 640
 pairs, SST-2's 1,280 halved for the CPU budget, but at least one: 680 at K=20), cosine loss
 on the words' last hidden states, 1 epoch, batch 16, lr 2e-5; then a logistic-regression tagger
-on the L2-normalised word embeddings, C in 1, 10, 100, 1000 chosen on the K-shot dev F1. Frozen: that tagger on the untouched encoder.
+on the L2-normalised word embeddings, C in 1, 10, 100, 1000 chosen on the K-shot dev F1.
+Frozen: that tagger on the untouched encoder.
 Full-data reference: configs/ner.py, test F1 0.8607 (mean of seeds 0-2).
 """
 
