@@ -72,8 +72,9 @@ TABLE = tables.Table(
              before=(150_921, 0.66, 1.21, None, 0.8210, 0.7951), note=NOT_COMPARABLE),
         _row("lora_all_r4", "LoRA r=4 on every linear layer (attention + MLP)", "lora",
              [ALL_LINEAR_R4], before=(169_353, 0.74, 1.35, 0.35, 0.8819, 0.8409),
-             note="slower than LoRA on the attention alone, about as slow as full fine-tuning; "
-                  "not the LoRA dropout (150-step runs: 0.34 s with dropout 0.1, 0.32 s with 0)"),
+             note="median step from before commit cc3950c: as slow as full fine-tuning then; "
+                  "LoRA's hand-written backward since brings all-linear LoRA to 0.75x the full "
+                  "step (research/benchmark.py --peft, 32 x 128 float32; see below the table)"),
         _row("lora_6ep", "LoRA r=8, 6 epochs", "lora", ["--config.train.epochs=6"],
              before=(150_921, 0.66, 1.21, 0.22, 0.8836, 0.8433)),
         _row("adalora_lr5e-4", "AdaLoRA 12→8, lr 5e-4", "adalora", ["--config.optim.lr=5e-4"],
