@@ -356,6 +356,9 @@ def plot_learning_curve(path: str, rows: list, full_data: float = 0.0, metric: s
   if full_data:
     ax.axhline(full_data, color="gray", ls="--", label="finetune, full data")
   ax.set(xscale="log", xlabel=f"K ({k_unit})", ylabel=f"test {metric}")
+  ks = sorted({r["k"] for r in rows})
+  ax.set_xticks(ks, [str(k) for k in ks])
+  ax.minorticks_off()
   ax.legend()
   fig.tight_layout()
   tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.png")
