@@ -158,22 +158,13 @@ def main(argv):
 
 
 def _model_only(bodies: list) -> dict:
-  """lib.serving.loadtest.model_only on the first 512 texts (classify/embed units; NER windows)."""
-  from lib import model_io  # pylint: disable=g-import-not-at-top
-  from lib.serving import batcher as B, engine as E, loadtest as L  # pylint: disable=g-import-not-at-top
-  model = model_io.load_for_inference(FLAGS.model, data_dir=FLAGS.data_dir)
+  """lib.serving.loadtest.model_only_rates on the first 512 texts."""
+  from lib.serving import batcher as B, loadtest as L  # pylint: disable=g-import-not-at-top
   lim = B.BatchLimits(max_batch=FLAGS.max_batch, max_wait_ms=0,
                       length_buckets=tuple(int(b) for b in FLAGS.length_buckets),
                       call_overhead_tokens=FLAGS.call_overhead_tokens)
-  eng = E.Engine(model, lim)
-  eng.warm_up()
-  eng.batcher.stop()
-  texts = [t for b in bodies for t in b["texts"]][:512]
-  if "ner" in eng.endpoints:
-    units = [w["input_ids"] for t in texts for w in eng.ner_units(t)[1]]
-  else:
-    units = eng.encode(texts)
-  return L.model_only(eng._run_batch, units, lim)  # pylint: disable=protected-access
+  return L.model_only_rates(FLAGS.model, FLAGS.data_dir, lim,
+                            [t for b in bodies for t in b["texts"]][:512])
 
 
 if __name__ == "__main__":

@@ -187,3 +187,18 @@ def model_only(run_batch, units: Sequence, limits, rounds: int = 3) -> dict:
                   limits.padded_shape(len(call), max(lengths[i] for i in call)))
       rates[way].append(len(units) / (time.perf_counter() - t0))
   return {k: float(np.median(v)) for k, v in rates.items()}
+
+
+def model_only_rates(source: str, data_dir: str, limits, texts: Sequence[str]) -> dict:
+  """`model_only` for the model at `source` served with `limits` on `texts` (classify/embed: one
+  unit per text; NER: its windows), through a warmed-up serving engine's own model call."""
+  from lib import model_io  # pylint: disable=g-import-not-at-top
+  from lib.serving import engine  # pylint: disable=g-import-not-at-top
+  eng = engine.Engine(model_io.load_for_inference(source, data_dir=data_dir), limits)
+  eng.warm_up()
+  eng.batcher.stop()
+  if "ner" in eng.endpoints:
+    units = [w["input_ids"] for t in texts for w in eng.ner_units(t)[1]]
+  else:
+    units = eng.encode(texts)
+  return model_only(eng._run_batch, units, limits)  # pylint: disable=protected-access
