@@ -231,7 +231,8 @@ def make_cell(table: Table, row: Row, seed: int, root: str, python: str) -> Cell
 
 
 def _order(table: Table) -> list:
-  """Rows in run order: claim rows first, each after the rows its placeholders name."""
+  """Rows in run order: claim rows first, each after the rows its placeholders name and the row
+  it is compared with (`vs`)."""
   by_id, out = {r.id: r for r in table.rows}, []
 
   def visit(row, stack=()):
@@ -242,7 +243,11 @@ def _order(table: Table) -> list:
       visit(by_id[dep], stack + (row.id,))
     if row not in out:
       out.append(row)
-  for row in [r for r in table.rows if r.claim] + [r for r in table.rows if not r.claim]:
+  for row in [r for r in table.rows if r.claim]:
+    if row.vs:              # the row a claim is compared with runs in the claims group too
+      visit(by_id[row.vs])  # (an ordering, not a dependency: its cells may run in any order)
+    visit(row)
+  for row in [r for r in table.rows if not r.claim]:
     visit(row)
   return out
 
@@ -596,7 +601,7 @@ def markdown(table: Table, results: Sequence[RowResult], info: dict) -> str:
   pcol, notes = _primary_col(table), []
   head = (["row", "seeds"] + [c.label for c in table.columns]
           + [f"95% interval ({pcol.label})", "compared with", "Δ", "within noise"])
-  lines = [f"**{table.title}**", "", "| " + " | ".join(head) + " |",
+  lines = [f"**{table.title}**", "", "| " + " | ".join(map(_cell_text, head)) + " |",
            "|" + "---|" * len(head)]
   for res in results:
     s, cmp = res.summaries[table.primary_path], res.comparison
@@ -612,13 +617,18 @@ def markdown(table: Table, results: Sequence[RowResult], info: dict) -> str:
               + [_fmt_summary(res.summaries[c.path], c) for c in table.columns]
               + [ci, ref, _fmt(cmp["delta"], pcol, signed=True) if cmp else "–",
                  _noise_text(cmp)])
-    lines.append("| " + " | ".join(cells_) + " |")
+    lines.append("| " + " | ".join(map(_cell_text, cells_)) + " |")
   lines.append("")
   lines += [f"[{i + 1}] {t}" for i, t in enumerate(notes)]
   if table.setting:
     lines += ["", f"Setting: {table.setting}"]
   lines += ["", _method_text(), "", _provenance(results, info)]
   return "\n".join(lines) + "\n"
+
+
+def _cell_text(text: str) -> str:
+  """A Markdown table cell: a '|' in a label (e.g. `ner.py:k5|k10`) would split the cell."""
+  return text.replace("|", "\\|")
 
 
 def _method_text() -> str:

@@ -99,6 +99,7 @@ def main(argv):
     _aggregate(table, out_dir, readme)
     return 0
   todo = [c for c in cells if tables.status(c) != "done"]
+  n_done = len(cells) - len(todo)
   if FLAGS.max_cells:
     todo = todo[:FLAGS.max_cells]
   if FLAGS.emit:
@@ -108,8 +109,9 @@ def main(argv):
             "again once those ran", file=sys.stderr)
     sys.stdout.write(tables.emit(ready, FLAGS.emit, table))
     return 0
-  print(f"table {table.name}: {len(cells)} cells, {len(cells) - len(todo)} done, "
-        f"{len(todo)} to run", flush=True)
+  later = len(cells) - n_done - len(todo)
+  print(f"table {table.name}: {len(cells)} cells, {n_done} done, {len(todo)} to run"
+        + (f" now, {later} left for a later run (--max_cells)" if later else ""), flush=True)
   rc = _run(todo)
   if rc != tables.EXIT_PREEMPTED:
     _aggregate(table, out_dir, readme)

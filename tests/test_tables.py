@@ -117,6 +117,26 @@ def test_cells_order_placeholders_and_workdirs(tmp_path):
   assert b1.workdir.startswith(str(tmp_path / "w" / "fake_script-"))
   assert b1.workdir.endswith("seed_1")
   assert len({c.workdir for c in cells}) == len(cells)
+  # A claim compared with (vs) a row that is no claim itself pulls that row into the claims
+  # group: both sides of the comparison have seed 0 before anything else runs.
+  vs_only = tables.load(_declaration(tmp_path, FAKE_TABLE.replace(
+      '"--init={workdir:a}"', '"--variant=b"').replace(
+      'tables.Row("c", "C", args=("--variant=c",), seeds=(0,)',
+      'tables.Row("c", "C", args=("--variant=c",), seeds=(0, 1)')))
+  assert [c.name for c in tables.cells(vs_only)] == ["a/seed_0", "b/seed_0", "a/seed_1",
+                                                     "b/seed_1", "a/seed_2", "c/seed_0",
+                                                     "c/seed_1"]
+  claims_vs_later_row = tables.load(_declaration(tmp_path, """\
+      TABLE = tables.Table(
+          name="v", title="v", columns=(tables.Column("dev.f1", "dev F1"),),
+          rows=(tables.Row("x", "X", seeds=(0, 1), script=SCRIPT, seed_flag="--seed"),
+                tables.Row("b", "B", args=("--variant=b",), seeds=(0, 1), script=SCRIPT,
+                           seed_flag="--seed", claim=True, vs="a"),
+                tables.Row("a", "A", args=("--variant=a",), seeds=(0, 1), script=SCRIPT,
+                           seed_flag="--seed")))
+      """))
+  assert [c.name for c in tables.cells(claims_vs_later_row)] == [
+      "a/seed_0", "b/seed_0", "a/seed_1", "b/seed_1", "x/seed_0", "x/seed_1"]
 
 
 
@@ -183,11 +203,15 @@ def test_emitted_commands_are_the_ones_run_then_finished_cells_are_skipped(tmp_p
   # b's cells start from a's workdirs: they are emitted once a's cells are done.
   lines = [shlex.split(x) for x in emitted.stdout.splitlines()]
   assert "2 cells wait" in emitted.stderr and len(lines) == 4
+  first = _reproduce([f"--table={decl}", "--max_cells=1"], tmp_path)
+  assert first.returncode == 0, first.stdout + first.stderr
+  assert "0 done, 1 to run now, 5 left for a later run (--max_cells)" in first.stdout
   run = _reproduce([f"--table={decl}"], tmp_path)
   assert run.returncode == 0, run.stdout + run.stderr
+  assert "1 done, 5 to run" in run.stdout
   ran = _calls(tmp_path)
   assert [[sys.executable] + c for c in ran if "--init" not in " ".join(c)] == lines
-  assert len(ran) == 6
+  assert len(ran) == 6   # the --max_cells=1 run's cell and the 5 after it
   again = _reproduce([f"--table={decl}"], tmp_path)
   assert again.returncode == 0 and "6 done, 0 to run" in again.stdout and not _calls(tmp_path)
   assert _reproduce([f"--table={decl}", "--emit=commands"], tmp_path).stdout == ""
@@ -249,7 +273,7 @@ def test_aggregate_uses_cells_then_recorded_values(tmp_path):
           rows=(tables.Row("a", "A", seeds=(0, 1, 2), script=SCRIPT, seed_flag="--seed",
                            reported=tables.Reported(0.90, "paper, Table 1"),
                            recorded=tables.Recorded({"dev.f1": {1: 0.82, 2: 0.87}}, "old log")),
-                tables.Row("b", "B", args=("--variant=b",), seeds=(0,), script=SCRIPT,
+                tables.Row("b", "B `k5|k10`", args=("--variant=b",), seeds=(0,), script=SCRIPT,
                            seed_flag="--seed")))
       """)
   table = tables.load(decl)
@@ -268,7 +292,7 @@ def test_aggregate_uses_cells_then_recorded_values(tmp_path):
   md = tables.markdown(table, [a, b], info)
   assert ("| A [1][2] | 3 | 0.8300 ± 0.0361 | 7.0 | [0.7404, 0.9196] | reported 0.9000 | -0.0700 "
           "| yes |") in md
-  assert "| B | not run | – | – | – | – | – | – |" in md
+  assert "| B `k5\\|k10` | not run | – | – | – | – | – | – |" in md   # '|' escaped: one cell
   assert "[1] reported: paper, Table 1" in md and "recorded outside the table runner: old log" in md
   rows = list(csv.DictReader(io.StringIO(tables.csv_text(table, [a, b]))))
   assert rows[0]["within_noise"] == "True" and float(rows[0]["ci_low"]) == pytest.approx(0.740434,
