@@ -26,19 +26,43 @@ RESTORE_BEST = False               # SetFit reports the final encoder
 
 
 class PairIterator:
-  """Batches of contrastive pairs, a new deterministic set of pairs each epoch (resumable)."""
+  """Batches of contrastive pairs of examples, a new deterministic set of pairs each epoch
+  (resumable). The base of lib/tasks/token_contrastive's word pairs: a subclass names its items'
+  labels and anchors (_setup), their token ids (sequence), how pairs are drawn (make_pairs) and
+  any per-item batch fields (extras)."""
+
+  kind = "pairs"
 
   def __init__(self, feats, batch_size: int, iterations: int, seed: int, pad_id: int,
                bucket: int = 16):
-    self.feats, self.batch_size, self.iterations = feats, batch_size, iterations
+    self.feats = feats
+    labels = np.array([f["label"] for f in feats])
+    self._setup(labels, len(feats), batch_size, iterations, seed, pad_id, bucket)
+
+  def _setup(self, labels, num_anchors: int, batch_size: int, iterations: int, seed: int,
+             pad_id: int, bucket: int) -> None:
+    """Common fields: 2 * iterations pairs per anchor and epoch, cut into whole batches."""
+    self.labels, self.batch_size, self.iterations = labels, batch_size, iterations
     self.seed, self.pad_id, self.bucket = seed, pad_id, bucket
-    self.labels = np.array([f["label"] for f in feats])
-    self._steps = 2 * iterations * len(feats) // batch_size
+    self._steps = 2 * iterations * num_anchors // batch_size
     if self._steps == 0:
-      raise ValueError(f"setfit: {2 * iterations * len(feats)} pairs are fewer than "
-                       f"data.batch_size={batch_size}")
-    self.name = f"pairs/n={len(feats)}/b={batch_size}/r={iterations}/seed={seed}"
+      raise ValueError(f"setfit: {2 * iterations * num_anchors} {self.kind.replace('_', ' ')} "
+                       f"are fewer than data.batch_size={batch_size}")
+    self.name = f"{self.kind}/n={len(labels)}/b={batch_size}/r={iterations}/seed={seed}"
     self._epoch, self._index, self._pairs = 0, 0, None
+
+  def make_pairs(self, seed: int):
+    """(a, b, target) index arrays of one epoch's pairs."""
+    return fewshot.contrastive_pairs(self.labels, self.iterations, seed)
+
+  def sequence(self, i: int):
+    """Item i's token ids."""
+    return self.feats[i]["input_ids"]
+
+  def extras(self, a, b) -> dict:
+    """Further batch fields of the pairs (a[r], b[r])."""
+    del a, b
+    return {}
 
   def __len__(self):
     return self._steps
@@ -48,8 +72,7 @@ class PairIterator:
 
   def _epoch_pairs(self):
     if self._pairs is None or self._pairs[0] != self._epoch:
-      self._pairs = (self._epoch, fewshot.contrastive_pairs(self.labels, self.iterations,
-                                                            self.seed * 1000 + self._epoch))
+      self._pairs = (self._epoch, self.make_pairs(self.seed * 1000 + self._epoch))
     return self._pairs[1]
 
   def __next__(self) -> dict:
@@ -58,8 +81,8 @@ class PairIterator:
     a, b, t = self._epoch_pairs()
     rows = slice(self._index * self.batch_size, (self._index + 1) * self.batch_size)
     self._index += 1
-    seqs = [[self.feats[i]["input_ids"], self.feats[j]["input_ids"]]
-            for i, j in zip(a[rows], b[rows])]
+    a, b = a[rows], b[rows]
+    seqs = [[self.sequence(i), self.sequence(j)] for i, j in zip(a, b)]
     longest = max(len(s) for pair in seqs for s in pair)
     length = -(-longest // self.bucket) * self.bucket
     ids = np.full((len(seqs), 2, length), self.pad_id, np.int32)
@@ -68,7 +91,7 @@ class PairIterator:
       for k, s in enumerate(pair):
         ids[r, k, :len(s)], mask[r, k, :len(s)] = s, 1
     return dict(input_ids=ids, input_mask=mask, token_type_ids=np.zeros_like(ids),
-                target=t[rows].astype(np.float32))
+                **self.extras(a, b), target=t[rows].astype(np.float32))
 
   def get_state(self) -> dict:
     return {"pipeline": self.name, "epoch": self._epoch, "index": self._index}

@@ -29,45 +29,28 @@ class WordPairIterator(contrastive.PairIterator):
 
   words: (window index, position, tag id) of every labelled training word."""
 
+  kind = "word_pairs"
+
   def __init__(self, windows, words, outside: int, batch_size: int, iterations: int, seed: int,
                pad_id: int, outside_ratio: float = 1.0, bucket: int = 16):
-    # pylint: disable-next=super-init-not-called  # the same fields, counted in words
+    # pylint: disable-next=super-init-not-called  # _setup is the shared part
     self.windows, self.words, self.outside, self.outside_ratio = windows, words, outside, \
         outside_ratio
-    self.batch_size, self.iterations, self.seed, self.pad_id, self.bucket = \
-        batch_size, iterations, seed, pad_id, bucket
-    self.labels = np.array([w[2] for w in words])
-    self._steps = 2 * iterations * anchors(self.labels, outside, outside_ratio) // batch_size
-    if self._steps == 0:
-      raise ValueError(f"setfit: {2 * iterations * anchors(self.labels, outside, outside_ratio)} "
-                       f"word pairs are fewer than data.batch_size={batch_size}")
-    self.name = f"word_pairs/n={len(words)}/b={batch_size}/r={iterations}/seed={seed}"
-    self._epoch, self._index, self._pairs = 0, 0, None
+    labels = np.array([w[2] for w in words])
+    self._setup(labels, anchors(labels, outside, outside_ratio), batch_size, iterations, seed,
+                pad_id, bucket)
 
-  def _epoch_pairs(self):
-    if self._pairs is None or self._pairs[0] != self._epoch:
-      self._pairs = (self._epoch, fewshot_ner.token_pairs(
-          self.labels, self.outside, self.iterations, self.seed * 1000 + self._epoch,
-          self.outside_ratio))
-    return self._pairs[1]
+  def make_pairs(self, seed: int):
+    return fewshot_ner.token_pairs(self.labels, self.outside, self.iterations, seed,
+                                   self.outside_ratio)
 
-  def __next__(self) -> dict:
-    if self._index >= self._steps:
-      self._epoch, self._index = self._epoch + 1, 0
-    a, b, t = self._epoch_pairs()
-    rows = slice(self._index * self.batch_size, (self._index + 1) * self.batch_size)
-    self._index += 1
-    pairs = [(self.words[i], self.words[j]) for i, j in zip(a[rows], b[rows])]
-    longest = max(len(self.windows[w[0]]["input_ids"]) for p in pairs for w in p)
-    length = -(-longest // self.bucket) * self.bucket
-    ids = np.full((len(pairs), 2, length), self.pad_id, np.int32)
-    mask, pos = np.zeros_like(ids), np.zeros((len(pairs), 2), np.int32)
-    for r, pair in enumerate(pairs):
-      for k, (win, p, _) in enumerate(pair):
-        s = self.windows[win]["input_ids"]
-        ids[r, k, :len(s)], mask[r, k, :len(s)], pos[r, k] = s, 1, p
-    return dict(input_ids=ids, input_mask=mask, token_type_ids=np.zeros_like(ids), positions=pos,
-                target=t[rows].astype(np.float32))
+  def sequence(self, i: int):
+    return self.windows[self.words[i][0]]["input_ids"]
+
+  def extras(self, a, b) -> dict:
+    """positions (B, 2): each word's first sub-word in its sentence."""
+    return {"positions": np.array([[self.words[i][1], self.words[j][1]] for i, j in zip(a, b)],
+                                  np.int32).reshape(len(a), 2)}
 
 
 def anchors(labels, outside: int, outside_ratio: float) -> int:
