@@ -162,6 +162,18 @@ def test_kshot_files_and_setfit_task_run_through_the_skeleton(tmp_path):
   assert out["test"]["accuracy"] == pytest.approx(acc)
   head = np.load(tmp_path / "run" / "head.npz")
   assert head["kernel"].shape == (32, 2) and list(head["label_names"]) == ["neg", "pos"]
+  # The finished run is reused by the same config, refused (not silently reused) by another.
+  assert fewshot.run_once(c, str(tmp_path / "run"))["test"] == out["test"]["accuracy"]
+  c.setfit.iterations = 3
+  with pytest.raises(experiment.ResumeMismatchError, match=r"setfit.iterations: 2 -> 3"):
+    fewshot.run_once(c, str(tmp_path / "run"))
+
+
+def test_config_diffs_compare_only_shared_keys():
+  old = {"a": 1, "b": {"c": [1, 2], "d": "x"}, "gone": 0}
+  new = {"a": 1, "b": {"c": [1, 3], "d": "x", "added": 5}}
+  assert fewshot.config_diffs(old, new) == ["b.c: [1, 2] -> [1, 3]"]
+  assert fewshot.config_diffs(old, old) == []
 
 
 def test_sentence_like_pool_filter():
