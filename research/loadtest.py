@@ -28,7 +28,8 @@ from lib import cli, errors  # pylint: disable=g-import-not-at-top,wrong-import-
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "model source served (a seq_cls or token_cls model)")
-flags.DEFINE_list("servers", ["batched", "unbatched", "torch"], "batched | unbatched | torch")
+flags.DEFINE_list("servers", ["batched", "unbatched", "torch"], "batched | unbatched | torch "
+                  "(none, `--servers=`, with --model_only: the model alone)")
 flags.DEFINE_list("concurrency", ["1", "8", "32"], "requests in flight, one level each")
 flags.DEFINE_integer("requests", 200, "requests per level at most")
 flags.DEFINE_float("max_seconds", 60.0, "seconds per level at most")
@@ -131,6 +132,8 @@ def main(argv):
   unknown = sorted(set(FLAGS.servers) - {"batched", "unbatched", "torch"})
   if unknown:
     raise errors.ConfigError(f"--servers: unknown {unknown}; valid: batched, unbatched, torch")
+  if not FLAGS.servers and not FLAGS.model_only:
+    raise errors.ConfigError("--servers is empty and --model_only is off: nothing to measure")
   try:
     levels = [int(c) for c in FLAGS.concurrency]
   except ValueError:
@@ -146,7 +149,8 @@ def main(argv):
   cpu = _cpu()
   print(f"\n{FLAGS.model} /v1/{endpoint}, {FLAGS.texts_per_request} text(s) per request, "
         f"{len(bodies)} distinct bodies; CPU: {cpu}\n")
-  print(_table(rows))
+  if rows:
+    print(_table(rows))
   if bound:
     print("\nmodel alone, texts/s: " + ", ".join(f"{k} {v:.1f} ({v / bound['one_per_call']:.2f}x)"
                                                  for k, v in bound.items()))

@@ -152,3 +152,25 @@ def test_script_workdir_metrics_json_holds_the_printed_rows(tmp_path):
   assert (rows[2]["server"], rows[2]["concurrency"], rows[2]["throughput_rps"]) == (
       "batched", 32, 327.0)
   assert metrics["endpoint"] == "classify" and "--workdir=" + str(workdir) in metrics["flags"]
+
+
+def test_model_alone_without_servers(tmp_path):
+  # `--servers= --model_only`: only the model-alone rates (tables/serving_model.py's cells); an
+  # empty --servers without --model_only measures nothing: a one-line error.
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  driver = _DRIVER.replace('g["_measure"] = measure', 'g["_measure"] = measure\n'
+                           'g["_model_only"] = lambda bodies: {"one_per_call": 100.0, '
+                           '"batched_split": 150.0, "batched_padded": 90.0}')
+  driver = driver.replace('"--servers=batched,torch",', 'sys.argv[3], *sys.argv[4:],')
+  run = lambda *flags: subprocess.run(
+      [sys.executable, "-c", driver, str(tmp_path / "cell"), str(tmp_path / "o.json"), *flags],
+      cwd=repo, timeout=120, capture_output=True, text=True, check=False)
+  proc = run("--servers=", "--model_only")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "cell" / "metrics.json", encoding="utf-8") as f:
+    metrics = json.load(f)
+  assert metrics["rows"] == [] and metrics["model_only"]["batched_split"] == 150.0
+  assert "batched_split 150.0 (1.50x)" in proc.stdout
+  bad = run("--servers=")
+  assert bad.returncode == 2 and "nothing to measure" in bad.stderr
+  assert "Traceback" not in bad.stderr
