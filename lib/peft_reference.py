@@ -1,6 +1,8 @@
-"""Hugging Face PEFT reference runs: the config's LoRA/AdaLoRA rules as `peft` configs on the HF
-PyTorch MiniLM, and a plain PyTorch training loop fed our batches (lib.data), our learning-rate
-schedule (lib.optim) and scored by our tasks' collect/evaluate. research/reference_peft.py runs it.
+"""Hugging Face PyTorch reference runs: the config's LoRA/AdaLoRA rules as `peft` configs on the
+HF PyTorch MiniLM (or, when no rule adds adapters, the plain model with the 'train' rules'
+parameters trainable: full fine-tuning), and a plain PyTorch training loop fed our batches
+(lib.data), our learning-rate schedule (lib.optim) and scored by our tasks' collect/evaluate.
+research/reference_peft.py runs it.
 """
 
 import copy
@@ -24,7 +26,8 @@ HEADS = {"ner": "token_cls", "classification": "seq_cls"}
 
 def peft_config(cfg, num_steps: int) -> tuple:
   """(HF LoraConfig/AdaLoraConfig, HF keys of the parameters 'train' rules keep trainable) of
-  the config's peft rules over MiniLM's modules."""
+  the config's peft rules over MiniLM's modules; (None, keys) when no rule adds adapters (full
+  fine-tuning: every key)."""
   rules = peft_spec.spec_from_config(cfg.peft).rules
   args = hf.args_from_hf_config(hf.read_hf_config(hf.minilm_dir()))
   targets, train_keys, methods = [], [], set()
@@ -35,6 +38,8 @@ def peft_config(cfg, num_steps: int) -> tuple:
       methods.add(method)
     elif method.kind == "train":
       train_keys.append(ent.hf_key)
+  if not methods:        # full fine-tuning, or a subset trained in place (no adapters)
+    return None, train_keys
   if len(methods) != 1:
     raise errors.ConfigError(f"config.peft.rules: the reference runs one lora or adalora "
                              f"method, the rules give {sorted(methods)}")
@@ -52,6 +57,11 @@ def wrap(base, cfg, num_steps: int):
   """The PEFT model: adapters on the targets, and the 'train' rules' parameters (the task head,
   SST-2's pooler bias) trainable in place, as ours trains them."""
   config, train_keys = peft_config(cfg, num_steps)
+  if config is None:     # no adapters: the plain HF model, the 'train' rules' parameters trained
+    keep = set(train_keys)
+    for name, p in base.named_parameters():
+      p.requires_grad_(name in keep)
+    return base
   model = peft.get_peft_model(base, config)
   named = dict(model.named_parameters())
   for key in train_keys:
@@ -115,7 +125,7 @@ def fit(cfg, model, train_iter, steps: int, every: int, dev_fn) -> tuple:
   """
   trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
   opt, schedule = _optimizer(cfg, trainable), optim.make_schedule(cfg.optim, steps)
-  adalora = isinstance(model.peft_config["default"], peft.AdaLoraConfig)
+  adalora = isinstance(getattr(model, "peft_config", {}).get("default"), peft.AdaLoraConfig)
   best, best_state, best_step, step_s = -float("inf"), None, 0, []
   for step in range(1, steps + 1):
     t = time.time()

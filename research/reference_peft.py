@@ -1,8 +1,11 @@
-"""Reference PEFT runs: Hugging Face `peft` LoRA/AdaLoRA on the HF PyTorch MiniLM with a plain
-training loop, fed the same batches, schedule, epochs and seed as our run of the same config.
+"""Reference runs: the HF PyTorch MiniLM with a plain training loop, fed the same batches,
+schedule, epochs and seed as our run of the same config: Hugging Face `peft` LoRA/AdaLoRA for the
+PEFT variants, full fine-tuning for a config without adapters (the main job's reference).
 
   .venv/bin/python research/reference_peft.py --config=configs/ner.py:lora --workdir=/tmp/hf_lora
+  .venv/bin/python research/reference_peft.py --config=configs/ner.py --workdir=/tmp/hf_ner
   ./run.sh reproduce --table=tables/peft_ner --rows=hf_lora     # as rows of the PEFT tables
+  ./run.sh reproduce --table=tables/finetune --rows=hf_ner      # the main job's reference
 
 The config's peft rules are translated: LoRA/AdaLoRA rules -> `target_modules` (the HF modules of
 the kernels they match), 'train' rules -> those parameters trainable in place (the head, SST-2's

@@ -350,6 +350,9 @@ def test_quick_table_end_to_end(tmp_path):
     ("configs/sst2.py:quick+lora", 25 * 8 * 768 + 770 + 384),
     # 24 AdaLoRA modules x (12 x 768 + 12 singular values), the classifier 384 x 9 + 9.
     ("configs/ner.py:quick+adalora", 24 * (12 * 768 + 12) + 384 * 9 + 9),
+    # No adapters: full fine-tuning of the plain HF model, every parameter (our count for
+    # configs/ner.py: MiniLM without the pooler, 22,565,376, + the classifier 384 x 9 + 9).
+    ("configs/ner.py:quick", 22_565_376 + 384 * 9 + 9),
 ])
 def test_reference_peft_runs_and_trains_what_ours_trains(tmp_path, config, trainable):
   """research/reference_peft.py on a few batches: HF PEFT trains exactly our parameter count."""
