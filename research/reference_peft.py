@@ -19,6 +19,7 @@ initialisation of the classifier and LoRA A (torch RNG, not ours) and torch's dr
 """
 
 import os
+import resource
 import sys
 import time
 
@@ -69,13 +70,22 @@ def main(argv):
     gold = data.read_gold(supervised.data_kwargs(cfg.data, split), split)[1]
     it = d.evals[split]
     return task.evaluate(gold, task.collect(*ref.predict(model, it), it.info, d.label_names))
+  eval_s = []
+
+  def dev_metric():
+    t = time.time()
+    out = score("validation")[task.METRIC]
+    eval_s.append(time.time() - t)
+    return out
   best_step, step_s = ref.fit(cfg, model, d.train, steps, cfg.train.eval_every or len(d.train),
-                          lambda: score("validation")[task.METRIC])
+                              dev_metric)
   n_all = sum(p.numel() for p in model.parameters())   # base + adapters
   n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
   out = dict(dev=score("validation"), test=score("test"), train=dict(
       steps=steps, best_step=best_step, wall_s=time.time() - t0,
-      median_step_s=float(np.median(step_s)), trainable_params=n_train,
+      median_step_s=float(np.median(step_s)), eval_s=float(sum(eval_s)),
+      peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+      trainable_params=n_train,
       trainable_percent=100.0 * n_train / n_all, params=n_all),
       reference=dict(torch=torch.__version__, peft=peft.__version__,
                      transformers=transformers.__version__, threads=torch.get_num_threads()))

@@ -24,10 +24,15 @@ TEST, DEV = "test.f1|test.accuracy", "dev.f1|dev.accuracy"
 
 TABLE = tables.Table(
     name="finetune",
-    title="Fine-tuning MiniLM (default configs, float32) vs Hugging Face PyTorch",
+    title="Fine-tuning MiniLM (default configs) vs Hugging Face PyTorch",
     columns=(tables.Column(TEST, "test F1 / accuracy"), tables.Column(DEV, "dev F1 / accuracy"),
              tables.Column("train.wall_s", "wall s", digits=0),
-             tables.Column("train.steps", "train steps", digits=0)),
+             tables.Column("train.steps", "train steps", digits=0),
+             tables.Column("train.median_step_s", "median step s", digits=3),
+             tables.Column("train.examples_per_s", "train examples/s", digits=1),
+             tables.Column("train.eval_s", "dev eval s", digits=1),
+             tables.Column("train.padding_fraction", "padding", digits=2),
+             tables.Column("train.peak_rss_gb", "peak RSS GB", digits=1)),
     rows=(
         tables.Row(
             "ner", "CoNLL-2003 NER (`configs/ner.py`)", "configs/ner.py", seeds=(0, 1, 2),
@@ -61,5 +66,8 @@ TABLE = tables.Table(
             "parameters), not BERT-base: the BERT paper's BERT-base numbers (CoNLL-2003 test F1 "
             "92.4, SST-2 GLUE test accuracy 93.5) are a different model. NER: AdamW lr 1e-4, "
             "batch 32, 3 epochs, windows of 128 word-pieces; SST-2: lr 5e-5, 1 epoch. Wall "
-            "time: 2 CPU cores.",
+            "time: 2 CPU cores. The NER seed-0 cells of ner, ner_bf16 and hf_ner ran alone, one "
+            "after another, in one session (2026-11-30, AMD EPYC): compare their walls with each "
+            "other, not with the recorded or reported ones (that session's machine ran a 2048^2 "
+            "float32 matmul at ~195 GFLOP/s, the recorded runs' at ~430).",
 )

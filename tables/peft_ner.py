@@ -88,5 +88,8 @@ TABLE = tables.Table(
              before=(1_292_425, 5.42, 10.34, 0.20, 0.8094, 0.7700)),
     ),
     setting="MiniLM-L6-H384, not the papers' BERT/RoBERTa/DeBERTa models; every method gets "
-            "full fine-tuning's 3 epochs. Compare within this table.",
+            "full fine-tuning's 3 epochs. Compare within this table. "
+            "Cells run by the table runner ran two at a time on the 2 cores (ours beside the "
+            "reference): their median step s is not a speed measurement; LoRA's step cost is "
+            "tables/peft_step.",
 )

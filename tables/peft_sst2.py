@@ -75,5 +75,8 @@ TABLE = tables.Table(
     ),
     setting="MiniLM-L6-H384, not the papers' RoBERTa/DeBERTa: LoRA (Hu et al. 2021) and AdaLoRA "
             "(Zhang et al. 2023) report GLUE results of far larger models after many epochs; "
-            "here every method gets full fine-tuning's single epoch. Compare within this table.",
+            "here every method gets full fine-tuning's single epoch. Compare within this table. "
+            "Cells run by the table runner ran two at a time on the 2 cores (ours beside the "
+            "reference): their median step s is not a speed measurement; LoRA's step cost is "
+            "tables/peft_step.",
 )
