@@ -17,7 +17,6 @@ the CPU with the server: say which CPU (printed) beside the numbers.
 
 import json
 import os
-import platform
 import sys
 
 from absl import flags, logging
@@ -100,31 +99,11 @@ def _measure(kind: str, path: str, bodies: list, levels: list) -> list:
   return rows
 
 
-def _table(rows: list) -> str:
-  head = ("| server | concurrency | requests ok | req/s | p50 ms | p95 ms | p99 ms | 5xx | other "
-          "errors | texts per model call | compilations after warm-up |")
-  lines = [head, "|" + "---|" * 11]
-  for r in rows:
-    lines.append(f"| {r['server']} | {r['concurrency']} | {r['ok']} | {r['throughput_rps']:.1f} | "
-                 f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors_5xx']} |"
-                 f" {r['errors_other']} | {r['mean_batch']:.1f} | "
-                 f"{r['compilations_after_warmup']} |")
-  return "\n".join(lines)
-
-
-def _cpu() -> str:
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-    return f"{names[0]} x {len(names)} logical CPUs, load average {os.getloadavg()[0]:.1f}"
-  except (OSError, IndexError):
-    return platform.processor()
-
-
 def main(argv):
   if len(argv) > 1:
     raise errors.ConfigError(f"unexpected arguments: {argv[1:]}")
   from lib import atomic, model_io  # pylint: disable=g-import-not-at-top
+  from lib.serving import loadtest as L  # pylint: disable=g-import-not-at-top
   head = model_io.head_of(FLAGS.model)[0]
   if head not in ENDPOINTS:
     raise errors.ConfigError(f"--model={FLAGS.model}: head {head!r}; the load test serves "
@@ -146,11 +125,11 @@ def main(argv):
   for kind in FLAGS.servers:
     rows += _measure(kind, f"/v1/{endpoint}", bodies, levels)
   bound = _model_only(bodies) if FLAGS.model_only else None
-  cpu = _cpu()
+  cpu = L.cpu_description()
   print(f"\n{FLAGS.model} /v1/{endpoint}, {FLAGS.texts_per_request} text(s) per request, "
         f"{len(bodies)} distinct bodies; CPU: {cpu}\n")
   if rows:
-    print(_table(rows))
+    print(L.results_table(rows))
   if bound:
     print("\nmodel alone, texts/s: " + ", ".join(f"{k} {v:.1f} ({v / bound['one_per_call']:.2f}x)"
                                                  for k, v in bound.items()))

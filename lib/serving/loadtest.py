@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -154,6 +155,29 @@ class ServerProcess:
 
 
 # ----------------------------------------------------------------------------- the model's bound
+
+def results_table(rows: Sequence[dict]) -> str:
+  """The load-test rows (run_level results per server and concurrency) as a Markdown table."""
+  head = ("| server | concurrency | requests ok | req/s | p50 ms | p95 ms | p99 ms | 5xx | other "
+          "errors | texts per model call | compilations after warm-up |")
+  lines = [head, "|" + "---|" * 11]
+  for r in rows:
+    lines.append(f"| {r['server']} | {r['concurrency']} | {r['ok']} | {r['throughput_rps']:.1f} | "
+                 f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors_5xx']} |"
+                 f" {r['errors_other']} | {r['mean_batch']:.1f} | "
+                 f"{r['compilations_after_warmup']} |")
+  return "\n".join(lines)
+
+
+def cpu_description() -> str:
+  """This machine's CPU model, logical CPU count and load (for the printed results)."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+    return f"{names[0]} x {len(names)} logical CPUs, load average {os.getloadavg()[0]:.1f}"
+  except (OSError, IndexError):
+    return platform.processor()
+
 
 MODEL_ONLY = ("one_per_call", "batched_split", "batched_padded")
 
