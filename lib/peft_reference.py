@@ -24,12 +24,12 @@ from lib.peft import spec as peft_spec  # pylint: disable=g-import-not-at-top,wr
 HEADS = {"ner": "token_cls", "classification": "seq_cls"}
 
 
-def peft_config(cfg, num_steps: int) -> tuple:
+def peft_config(cfg, num_steps: int, hf_config=None) -> tuple:
   """(HF LoraConfig/AdaLoraConfig, HF keys of the parameters 'train' rules keep trainable) of
-  the config's peft rules over MiniLM's modules; (None, keys) when no rule adds adapters (full
-  fine-tuning: every key)."""
+  the config's peft rules over the modules of the model of `hf_config` (a HF config dict;
+  default MiniLM's); (None, keys) when no rule adds adapters (full fine-tuning: every key)."""
   rules = peft_spec.spec_from_config(cfg.peft).rules
-  args = hf.args_from_hf_config(hf.read_hf_config(hf.minilm_dir()))
+  args = hf.args_from_hf_config(hf_config or hf.read_hf_config(hf.minilm_dir()))
   targets, train_keys, methods = [], [], set()
   for ent in hf.name_map(args, HEADS[cfg.task]):
     method = next(m for rx, m in rules if re.fullmatch(rx, ent.paths[0]))
@@ -56,7 +56,7 @@ def peft_config(cfg, num_steps: int) -> tuple:
 def wrap(base, cfg, num_steps: int):
   """The PEFT model: adapters on the targets, and the 'train' rules' parameters (the task head,
   SST-2's pooler bias) trainable in place, as ours trains them."""
-  config, train_keys = peft_config(cfg, num_steps)
+  config, train_keys = peft_config(cfg, num_steps, base.config.to_dict())
   if config is None:     # no adapters: the plain HF model, the 'train' rules' parameters trained
     keep = set(train_keys)
     for name, p in base.named_parameters():
@@ -121,12 +121,12 @@ def fit(cfg, model, train_iter, steps: int, every: int, dev_fn) -> tuple:
   evaluates dev every `every` steps and at the end, restores the best dev state.
 
   Returns:
-    (best step, per-step seconds).
+    (best step, per-step seconds, per-step training losses).
   """
   trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
   opt, schedule = _optimizer(cfg, trainable), optim.make_schedule(cfg.optim, steps)
   adalora = isinstance(getattr(model, "peft_config", {}).get("default"), peft.AdaLoraConfig)
-  best, best_state, best_step, step_s = -float("inf"), None, 0, []
+  best, best_state, best_step, step_s, losses = -float("inf"), None, 0, [], []
   for step in range(1, steps + 1):
     t = time.time()
     for g in opt.param_groups:
@@ -140,6 +140,7 @@ def fit(cfg, model, train_iter, steps: int, every: int, dev_fn) -> tuple:
       model.base_model.update_and_allocate(step - 1)
     opt.zero_grad(set_to_none=True)
     step_s.append(time.time() - t)
+    losses.append(loss.item())
     if step % every == 0 or step == steps:
       dev = dev_fn()
       print(f"step {step}/{steps} loss {loss.item():.4f} dev {dev:.4f}", flush=True)
@@ -149,4 +150,4 @@ def fit(cfg, model, train_iter, steps: int, every: int, dev_fn) -> tuple:
   with torch.no_grad():
     for n, p in trainable:
       p.copy_(best_state[n])
-  return best_step, step_s
+  return best_step, step_s, losses

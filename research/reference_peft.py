@@ -77,7 +77,7 @@ def main(argv):
     out = score("validation")[task.METRIC]
     eval_s.append(time.time() - t)
     return out
-  best_step, step_s = ref.fit(cfg, model, d.train, steps, cfg.train.eval_every or len(d.train),
+  best_step, step_s, _ = ref.fit(cfg, model, d.train, steps, cfg.train.eval_every or len(d.train),
                               dev_metric)
   n_all = sum(p.numel() for p in model.parameters())   # base + adapters
   n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

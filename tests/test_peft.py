@@ -15,6 +15,7 @@ import pytest
 from configs import common
 from lib import hf, model_io, models, optim, peft, sharding, train
 from lib.peft import adalora, hf_export
+from lib.tasks import classification
 from training_helpers import make_loss_fn, optim_config, synthetic_batch, tiny_args
 
 HEAD = [["classifier/.*", "train"]]
@@ -475,3 +476,77 @@ def test_hf_export_refuses_what_lora_format_cannot_hold(tmp_path):
   _, pargs, _, params, labels, _, _ = _build(rules, ["adapter(4)"])
   with pytest.raises(ValueError, match="attention_adapter/down/bias: trainable, but has no"):
     hf_export.export_hf_adapter(str(tmp_path / "a"), params, labels, pargs, "seq_cls")
+
+
+def _trajectory_batches(n, batch_size=8, seq=12, vocab=120):
+  """Random SST-2-like batches (padding, token types, labels, example ids) for both frameworks."""
+  rng = np.random.default_rng(5)
+  out = []
+  for i in range(n):
+    lengths = rng.integers(3, seq + 1, batch_size)
+    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int32)
+    out.append(dict(input_ids=rng.integers(1, vocab, (batch_size, seq)).astype(np.int32) * mask,
+                    input_mask=mask, token_type_ids=np.zeros_like(mask),
+                    label=rng.integers(0, 2, batch_size).astype(np.int32),
+                    example_ids=np.arange(i * batch_size, (i + 1) * batch_size, dtype=np.int32)))
+  return out
+
+
+def test_lora_training_trajectory_matches_hf_peft_reference(tmp_path):
+  """Ours and research/reference_peft.py's loop (lib/peft_reference: HF PEFT LoRA, torch AdamW)
+  from the same initial weights (our LoRA A copied into PEFT's), dropout off, on the same batches
+  with warmup + linear decay, weight decay and clipping: the same loss at every step and the same
+  trained parameters. What is left between the two frameworks' real runs is then only their
+  random streams (initialisation, dropout masks). Tolerance: float32 sums in a different order
+  (XLA vs oneDNN) drift ~1e-6 relative per step; Adam's sign-like first steps amplify it."""
+  from lib import peft_reference as ref   # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  hf_cfg = _hf_config("bert", 2)
+  hf_cfg.hidden_dropout_prob = hf_cfg.attention_probs_dropout_prob = 0.0
+  base_dir = str(tmp_path / "base")
+  transformers.BertForSequenceClassification(hf_cfg).save_pretrained(base_dir)
+  rules = [["classifier/.*", "train"], ["pooler/dense/bias", "train"],
+           [".*/attention/(query|key|value|out)/kernel|pooler/dense/kernel",
+            "lora(rank=4, alpha=8, dropout=0.0)"], [".*", "freeze"]]
+  cfg = ml_collections.ConfigDict(dict(
+      task="classification", peft=dict(rules=rules, options=()),
+      optim=optim_config(lr=1e-2, warmup_steps=0, warmup_frac=0.1, weight_decay=0.01,
+                         clip_norm=1.0)))
+  steps = 30
+  batches = _trajectory_batches(3) * 10   # repeated: random labels that it can learn
+
+  args, base = hf.import_checkpoint(base_dir, "seq_cls", 2)
+  spec = peft.spec_from_config(cfg.peft)
+  pargs = peft.configure(args, spec)
+  module = models.build(pargs, "seq_cls", 2)
+  params = peft.add_params(base, module, jax.random.key(3))
+  labels = peft.label_params(params, rules, log=False)
+  tx, schedule = optim.make_optimizer(cfg.optim, labels, steps)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=tx.init(peft.split_trainable(params, labels)[0]))
+  step = jax.jit(train.make_train_step(classification.make_loss_fn(module), tx, labels=labels,
+                                       schedule=schedule))
+  ours = []
+  for b in batches:
+    state, m = step(state, b)
+    ours.append(float(m["loss"]))
+
+  model = ref.wrap(transformers.BertForSequenceClassification.from_pretrained(base_dir), cfg,
+                   steps)
+  from safetensors.numpy import load_file   # pylint: disable=g-import-not-at-top
+  adapter = hf_export.export_hf_adapter(str(tmp_path / "init"), params, labels, pargs, "seq_cls")
+  lora = {k: torch.from_numpy(v) for k, v in
+          load_file(os.path.join(adapter, "adapter_model.safetensors")).items() if ".lora_" in k}
+  assert len(lora) == 2 * (4 * 2 + 1)   # A and B of 4 projections x 2 layers + the pooler
+  hf_peft.set_peft_model_state_dict(model, lora)
+  it = iter(batches)
+  _, _, theirs = ref.fit(cfg, model, it, steps, steps, lambda: 0.0)
+
+  np.testing.assert_allclose(ours, theirs, rtol=2e-4)
+  assert ours[-1] < 0.8 * ours[0]       # it trained: a drift would have shown
+  trained = hf_export.export_hf_adapter(str(tmp_path / "trained"), state.params, labels, pargs,
+                                        "seq_cls")
+  named = {n.replace(".default", ""): p.detach().numpy() for n, p in model.named_parameters()}
+  want = load_file(os.path.join(trained, "adapter_model.safetensors"))
+  for k, v in want.items():
+    np.testing.assert_allclose(v, named[k], atol=2e-4, err_msg=k)
