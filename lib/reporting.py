@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import os
+import platform
 from typing import Any, Sequence
 
 import numpy as np
@@ -11,6 +12,19 @@ import numpy as np
 from lib import atomic, metrics
 
 log = logging.getLogger(__name__)
+
+
+def cpu_model() -> str:
+  """This machine's CPU model as /proc/cpuinfo names it (e.g. 'AMD EPYC'), for every timing we
+  print or record: speed ratios differ between the CPU types our machines have."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown CPU"
 
 
 def _check_field(value: str, where: str) -> None:

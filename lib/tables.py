@@ -24,7 +24,7 @@ import textwrap
 import time
 from typing import Mapping, Optional, Sequence
 
-from lib import atomic, errors
+from lib import atomic, errors, reporting
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_WORKDIR_ROOT = "workdirs/tables"
@@ -341,18 +341,7 @@ def versions() -> dict:
     except metadata.PackageNotFoundError:
       pass
   return dict(commit=commit or "unknown", python=platform.python_version(), packages=pkgs,
-              host=f"{platform.machine()} {_cpu_model()}, {os.cpu_count()} CPUs")
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
+              host=f"{platform.machine()} {reporting.cpu_model()}, {os.cpu_count()} CPUs")
 
 
 def run_cell(cell: Cell, cwd: str = REPO_ROOT, env: Optional[dict] = None) -> int:

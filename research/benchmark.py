@@ -118,7 +118,9 @@ def main(argv):
   import transformers  # pylint: disable=g-import-not-at-top
   transformers.logging.set_verbosity_error()
   from lib import bench  # pylint: disable=g-import-not-at-top
-  print(f"threads={FLAGS.threads} devices={jax.devices()} prng={FLAGS.prng_impl} "
+  from lib import reporting  # pylint: disable=g-import-not-at-top
+  print(f"cpu={reporting.cpu_model()!r} threads={FLAGS.threads} devices={jax.devices()} "
+        f"prng={FLAGS.prng_impl} "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
         f"malloc={ {k: os.environ.get(k) for k in MALLOC_ENV} } "
         f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}", flush=True)
@@ -136,10 +138,9 @@ def main(argv):
                                   hf_dtype=FLAGS.hf_dtype, pad_frac=FLAGS.pad_frac)
         print(f"{name} T={t} {row['dtype']}: ours steps {[round(x, 3) for x in row['ours_step_s']]}"
               f" s, hf steps {[round(x, 3) for x in row['hf_step_s']]} s", flush=True)
-        rows.append(row)
-  print(bench.format_table(rows))
+        rows.append(dict(row, cpu=reporting.cpu_model()))
+  print(bench.format_table(rows, bench.COLUMNS + ("cpu",)))
   if FLAGS.workdir:
-    from lib import reporting  # pylint: disable=g-import-not-at-top
     reporting.write_json_atomic(os.path.join(FLAGS.workdir, "metrics.json"), {"rows": rows})
 
 
@@ -150,9 +151,10 @@ def _setting_table(bench, rows_fn, columns, key: str):
     for t in FLAGS.seq_len:
       for dtype in FLAGS.dtype:
         rows += rows_fn(_spec(name), FLAGS.batch, int(t), dtype)
-  print(bench.format_table(rows, columns))
+  from lib import reporting  # pylint: disable=g-import-not-at-top
+  rows = [dict(r, cpu=reporting.cpu_model()) for r in rows]
+  print(bench.format_table(rows, tuple(columns) + ("cpu",)))
   if FLAGS.workdir:
-    from lib import reporting  # pylint: disable=g-import-not-at-top
     reporting.write_json_atomic(os.path.join(FLAGS.workdir, "metrics.json"), {key: rows})
 
 

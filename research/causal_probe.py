@@ -12,8 +12,6 @@ without --overwrite.
 """
 
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -32,15 +30,6 @@ flags.mark_flags_as_required(["config", "out"])
 MODES = ("probe", "patch", "inlp", "ig", "facts")
 
 
-def _cpu() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    return next((l.split(":", 1)[1].strip() for l in out.splitlines()
-                 if l.startswith("Model name")), platform.processor())
-  except OSError:
-    return platform.processor()
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -56,7 +45,7 @@ def main(argv):
     print(msg, flush=True)
     lines.append(msg)
 
-  env = f"CPU: {_cpu()} ({os.cpu_count()} cores); command: {' '.join(sys.argv)}"
+  env = f"CPU: {reporting.cpu_model()} ({os.cpu_count()} cores); command: {' '.join(sys.argv)}"
   log(env)
   t0 = time.perf_counter()
   with atomic.directory(FLAGS.out, overwrite=FLAGS.overwrite) as tmp:

@@ -138,3 +138,13 @@ def test_summary_agrees_with_span_prf(conll):
   first = reporting.conlleval_summary(gold, pred).splitlines()[0]
   assert first == (f"processed 46435 tokens with 5648 phrases; found: {res['num_pred']} phrases; "
                    f"correct: {res['num_correct']}.")
+
+
+def test_cpu_model_names_this_machines_cpu():
+  """The one CPU description every timing carries (benchmark rows, table cells, load tests)."""
+  name = reporting.cpu_model()
+  assert name and name == name.strip()
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      names = {l.split(":", 1)[1].strip() for l in f if l.startswith("model name")}
+    assert name in names or not names

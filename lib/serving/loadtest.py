@@ -12,7 +12,6 @@ import dataclasses
 import ipaddress
 import logging
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -21,6 +20,8 @@ import urllib.parse
 from typing import Optional, Sequence
 
 import numpy as np
+
+from lib import reporting
 
 logging.getLogger("httpx").setLevel(logging.WARNING)    # not one INFO line per request
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -171,12 +172,8 @@ def results_table(rows: Sequence[dict]) -> str:
 
 def cpu_description() -> str:
   """This machine's CPU model, logical CPU count and load (for the printed results)."""
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-    return f"{names[0]} x {len(names)} logical CPUs, load average {os.getloadavg()[0]:.1f}"
-  except (OSError, IndexError):
-    return platform.processor()
+  return (f"{reporting.cpu_model()} x {os.cpu_count()} logical CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}")
 
 
 MODEL_ONLY = ("one_per_call", "batched_split", "batched_padded")
