@@ -213,9 +213,24 @@ def _record(cfg, args, task, data, tok_where, origin) -> dict:
 
 
 def _comparable(body: dict) -> dict:
+  """A model.json body as check_resume compares it: model args (named 'model') without the
+  runtime switches."""
   out = dict(body)
-  out["args"] = {k: v for k, v in body.get("args", {}).items() if k not in RUNTIME_ARGS}
+  out["model"] = {k: v for k, v in out.pop("args", {}).items() if k not in RUNTIME_ARGS}
   return json.loads(json.dumps(out))
+
+
+def record_diffs(old: dict, new: dict, prefix: str = "") -> list:
+  """'key: old -> new' (nested keys dotted) for every value both records hold that differs;
+  keys only one side has are not compared: a run made before a field existed stays usable."""
+  out = []
+  for k in sorted(set(old) & set(new)):
+    a, b = old[k], new[k]
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += record_diffs(a, b, f"{prefix}{k}.")
+    elif a != b:
+      out.append(f"{prefix}{k}: {_short(a)} -> {_short(b)}")
+  return out
 
 
 def check_resume(workdir: str, record: dict) -> None:
@@ -225,16 +240,7 @@ def check_resume(workdir: str, record: dict) -> None:
   if not os.path.exists(path):
     return
   with open(path, encoding="utf-8") as f:
-    old = _comparable(json.load(f))
-  new = _comparable(record)
-  diffs = []   # keys an older workdir did not record are not compared
-  for key in sorted(set(old) & set(new)):
-    if key == "args":
-      for k in sorted(set(old["args"]) & set(new["args"])):
-        if old["args"][k] != new["args"][k]:
-          diffs.append(f"model {k}: {old['args'][k]!r} -> {new['args'][k]!r}")
-    elif old[key] != new[key]:
-      diffs.append(f"{key}: {_short(old[key])} -> {_short(new[key])}")
+    diffs = record_diffs(_comparable(json.load(f)), _comparable(record))
   if diffs:
     raise ResumeMismatchError(
         f"{path}: this workdir was trained with a different configuration ({'; '.join(diffs)}); "

@@ -247,19 +247,6 @@ def kshot_config(cfg, paths: dict, task: str, dataset: str = "tsv:", **overrides
   return c
 
 
-def config_diffs(old: dict, new: dict, prefix: str = "") -> list:
-  """'key: old -> new' for every config value both dicts hold that differs (keys only one side
-  has are not compared: a run made before a config field existed stays reusable)."""
-  out = []
-  for k in sorted(set(old) & set(new)):
-    a, b = old[k], new[k]
-    if isinstance(a, dict) and isinstance(b, dict):
-      out += config_diffs(a, b, f"{prefix}{k}.")
-    elif a != b:
-      out.append(f"{prefix}{k}: {json.dumps(a)} -> {json.dumps(b)}")
-  return out
-
-
 def run_once(cfg, workdir: str, metric: str = "accuracy") -> dict:
   """One run through the skeleton (a finished workdir's metrics.json is read, not rerun, when
   the configuration it records is this one; else ResumeMismatchError); its dev and test
@@ -271,7 +258,8 @@ def run_once(cfg, workdir: str, metric: str = "accuracy") -> dict:
       raise RuntimeError(f"{workdir}: the run was preempted; rerun to resume")
   with open(done, encoding="utf-8") as f:
     out = json.load(f)
-  diffs = config_diffs(out.get("config") or {}, json.loads(cfg.to_json_best_effort()))
+  diffs = experiment.record_diffs(out.get("config") or {},
+                                 json.loads(cfg.to_json_best_effort()))
   if diffs:
     raise experiment.ResumeMismatchError(
         f"{done}: this finished run had a different configuration ({'; '.join(diffs[:4])}"

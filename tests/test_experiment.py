@@ -150,7 +150,7 @@ def test_rerun_with_other_label_names_or_model_is_refused_before_writing(tmp_pat
   assert isinstance(e.value, errors.UserError) and "\n" not in str(e.value)
   assert "use a new --workdir" in str(e.value)
   deeper = dataclasses_replace(TINY, num_layers=2)
-  with pytest.raises(experiment.ResumeMismatchError, match="model num_layers: 1 -> 2"):
+  with pytest.raises(experiment.ResumeMismatchError, match="model.num_layers: 1 -> 2"):
     finetune.run(_ner_config(tmp_path), workdir, model_args=deeper)
   assert open(os.path.join(workdir, "model.json"), "rb").read() == json_bytes
   assert _tree_hashes(workdir) == before
@@ -174,3 +174,11 @@ def test_check_resume_ignores_runtime_switches_and_fields_an_old_workdir_lacks(t
   experiment.check_resume(str(tmp_path / "w"), record)            # no error
   with pytest.raises(experiment.ResumeMismatchError, match="head: \"token_cls\" -> \"seq_cls\""):
     experiment.check_resume(str(tmp_path / "w"), dict(record, head="seq_cls"))
+
+
+def test_record_diffs_compare_only_shared_keys():
+  """What check_resume and fewshot.run_once report: nested keys dotted, one-sided keys skipped."""
+  old = {"a": 1, "b": {"c": [1, 2], "d": "x"}, "gone": 0}
+  new = {"a": 1, "b": {"c": [1, 3], "d": "x", "added": 5}}
+  assert experiment.record_diffs(old, new) == ["b.c: [1, 2] -> [1, 3]"]
+  assert experiment.record_diffs(old, old) == []

@@ -169,13 +169,6 @@ def test_kshot_files_and_setfit_task_run_through_the_skeleton(tmp_path):
     fewshot.run_once(c, str(tmp_path / "run"))
 
 
-def test_config_diffs_compare_only_shared_keys():
-  old = {"a": 1, "b": {"c": [1, 2], "d": "x"}, "gone": 0}
-  new = {"a": 1, "b": {"c": [1, 3], "d": "x", "added": 5}}
-  assert fewshot.config_diffs(old, new) == ["b.c: [1, 2] -> [1, 3]"]
-  assert fewshot.config_diffs(old, old) == []
-
-
 def test_sentence_like_pool_filter():
   assert fewshot.sentence_like("a gorgeous , witty , seductive movie that rewards patience .")
   assert not fewshot.sentence_like("finely detailed")
