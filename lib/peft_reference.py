@@ -107,8 +107,10 @@ def predict(model, it) -> tuple:
 
 
 def _optimizer(cfg, trainable):
-  """AdamW as lib.optim's: no weight decay on biases and LayerNorm weights."""
-  no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n
+  """AdamW as lib.optim's: no weight decay on biases and LayerNorm weights, nor on the embedding
+  tables unless optim.decay_embeddings."""
+  no_decay = lambda n: (n.endswith("bias") or "LayerNorm" in n
+                        or ("_embeddings." in n and not cfg.optim.decay_embeddings))
   groups = [{"params": [p for n, p in trainable if not no_decay(n)],
              "weight_decay": cfg.optim.weight_decay},
             {"params": [p for n, p in trainable if no_decay(n)], "weight_decay": 0.0}]
