@@ -15,7 +15,7 @@ import pytest
 from configs import common
 from lib import hf, model_io, models, optim, peft, sharding, train
 from lib.peft import adalora, hf_export
-from lib.tasks import classification
+from lib.tasks import classification, ner
 from training_helpers import make_loss_fn, optim_config, synthetic_batch, tiny_args
 
 HEAD = [["classifier/.*", "train"]]
@@ -478,8 +478,9 @@ def test_hf_export_refuses_what_lora_format_cannot_hold(tmp_path):
     hf_export.export_hf_adapter(str(tmp_path / "a"), params, labels, pargs, "seq_cls")
 
 
-def _trajectory_batches(n, batch_size=8, seq=12, vocab=120):
-  """Random SST-2-like batches (padding, token types, labels, example ids) for both frameworks."""
+def _trajectory_batches(n, batch_size=8, seq=12, vocab=120, tokens=False):
+  """Random SST-2-like batches (padding, token types, labels, example ids) for both frameworks;
+  `tokens`: NER-like (B, T) labels over 3 classes, -1 on padding and on ~1/4 of the tokens."""
   rng = np.random.default_rng(5)
   out = []
   for i in range(n):
@@ -489,11 +490,16 @@ def _trajectory_batches(n, batch_size=8, seq=12, vocab=120):
                     input_mask=mask, token_type_ids=np.zeros_like(mask),
                     label=rng.integers(0, 2, batch_size).astype(np.int32),
                     example_ids=np.arange(i * batch_size, (i + 1) * batch_size, dtype=np.int32)))
+    if tokens:
+      y = rng.integers(0, 3, (batch_size, seq)).astype(np.int32)
+      out[-1]["labels"] = np.where(mask.astype(bool) & (rng.random(y.shape) > 0.25), y, -1)
+      del out[-1]["label"]
   return out
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_training_trajectory_matches_the_hf_reference_loop(tmp_path, method):
+@pytest.mark.parametrize("method,head", [("lora", "seq_cls"), ("full", "seq_cls"),
+                                         ("full", "token_cls")])
+def test_training_trajectory_matches_the_hf_reference_loop(tmp_path, method, head):
   """Ours and research/reference_peft.py's loop (lib/peft_reference: HF PEFT LoRA, or the plain
   HF model for full fine-tuning; torch AdamW) from the same initial weights (our LoRA A copied
   into PEFT's), dropout off, on the same batches with warmup + linear decay, weight decay (not on
@@ -505,39 +511,42 @@ def test_training_trajectory_matches_the_hf_reference_loop(tmp_path, method):
   decay on the wrong leaves (e.g. the embeddings) move them by > 1e-4."""
   from lib import peft_reference as ref   # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
-  hf_cfg = _hf_config("bert", 2)
+  num_labels = 2 if head == "seq_cls" else 3
+  hf_cfg = _hf_config("bert", num_labels)
   hf_cfg.hidden_dropout_prob = hf_cfg.attention_probs_dropout_prob = 0.0
   base_dir = str(tmp_path / "base")
-  transformers.BertForSequenceClassification(hf_cfg).save_pretrained(base_dir)
+  hf_cls = (transformers.BertForSequenceClassification if head == "seq_cls"
+            else transformers.BertForTokenClassification)
+  hf_cls(hf_cfg).save_pretrained(base_dir)
   rules = ([["classifier/.*", "train"], ["pooler/dense/bias", "train"],
             [".*/attention/(query|key|value|out)/kernel|pooler/dense/kernel",
              "lora(rank=4, alpha=8, dropout=0.0)"], [".*", "freeze"]] if method == "lora"
            else [list(r) for r in peft.FULL_FINETUNE])
   cfg = ml_collections.ConfigDict(dict(
-      task="classification", peft=dict(rules=rules, options=()),
+      task="classification" if head == "seq_cls" else "ner", peft=dict(rules=rules, options=()),
       optim=optim_config(lr=1e-2, warmup_steps=0, warmup_frac=0.1, weight_decay=0.1,
                          clip_norm=1.0)))
   steps = 30
-  batches = _trajectory_batches(3) * 10   # repeated: random labels that it can learn
+  batches = _trajectory_batches(3, tokens=head == "token_cls") * 10   # repeated: learnable
 
-  args, base = hf.import_checkpoint(base_dir, "seq_cls", 2)
+  args, base = hf.import_checkpoint(base_dir, head, num_labels)
   spec = peft.spec_from_config(cfg.peft)
   pargs = peft.configure(args, spec)
-  module = models.build(pargs, "seq_cls", 2)
+  module = models.build(pargs, head, num_labels)
   params = peft.add_params(base, module, jax.random.key(3))
   labels = peft.label_params(params, rules, log=False)
   tx, schedule = optim.make_optimizer(cfg.optim, labels, steps)
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=tx.init(peft.split_trainable(params, labels)[0]))
-  step = jax.jit(train.make_train_step(classification.make_loss_fn(module), tx, labels=labels,
+  task = classification if head == "seq_cls" else ner
+  step = jax.jit(train.make_train_step(task.make_loss_fn(module), tx, labels=labels,
                                        schedule=schedule))
   ours = []
   for b in batches:
     state, m = step(state, b)
     ours.append(float(m["loss"]))
 
-  model = ref.wrap(transformers.BertForSequenceClassification.from_pretrained(base_dir), cfg,
-                   steps)
+  model = ref.wrap(hf_cls.from_pretrained(base_dir), cfg, steps)
   from safetensors.numpy import load_file   # pylint: disable=g-import-not-at-top
   if method == "lora":
     adapter = hf_export.export_hf_adapter(str(tmp_path / "init"), params, labels, pargs,
@@ -556,6 +565,6 @@ def test_training_trajectory_matches_the_hf_reference_loop(tmp_path, method):
                                           "seq_cls")
     want = load_file(os.path.join(trained, "adapter_model.safetensors"))
   else:
-    want = hf.params_to_hf(jax.tree.map(np.asarray, state.params), args, "seq_cls")
+    want = hf.params_to_hf(jax.tree.map(np.asarray, state.params), args, head)
   for k, v in want.items():
     np.testing.assert_allclose(v, named[k], atol=1e-4, err_msg=k)
