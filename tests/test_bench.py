@@ -172,3 +172,26 @@ def test_adversarial_rows_tiny():
   assert rows[0]["vs_plain"] == 1.0 and rows[0]["flop_vs_plain"] == 1.0
   assert 1.5 < rows[1]["flop_vs_plain"] < rows[2]["flop_vs_plain"], rows
   assert all(r["step_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_benchmark_script_names_the_cpu_on_every_row(tmp_path):
+  """research/benchmark.py end to end on bert-tiny: the printed table and metrics.json carry the
+  CPU model on every row (speed ratios differ between the CPU types our machines have)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from lib import reporting  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, "research/benchmark.py", "--models=bert-tiny", "--seq_len=8", "--batch=2",
+       "--steps=1", "--warmup=1", "--dtype=float32", f"--workdir={tmp_path}"],
+      cwd=repo, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  header = next(l for l in proc.stdout.splitlines() if l.startswith("| model |"))
+  assert header.rstrip(" |").endswith("| cpu")
+  with open(tmp_path / "metrics.json", encoding="utf-8") as f:
+    rows = json.load(f)["rows"]
+  assert len(rows) == 1 and rows[0]["cpu"] == reporting.cpu_model()
+  assert rows[0]["ours_ex_s"] > 0 and rows[0]["hf_ex_s"] > 0
