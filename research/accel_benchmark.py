@@ -146,4 +146,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, compilation_cache=False)   # compile_s is a column: always a real compile

@@ -173,4 +173,4 @@ def _adversarial_table(bench):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, compilation_cache=False)   # compile_s is a column: always a real compile

@@ -229,3 +229,23 @@ def test_convert_to_hf_of_a_hf_directory(tmp_path):
   _assert_user_error(out, "minilm is already a Hugging Face directory (config.json); convert "
                      "--to=hf converts our model dirs and run workdirs")
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_compilation_cache_default_override_and_off(monkeypatch, tmp_path):
+  """cli.run turns JAX's persistent compilation cache on (default place, or the user's
+  JAX_COMPILATION_CACHE_DIR; empty = off); benchmarks switch it off."""
+  import jax  # pylint: disable=g-import-not-at-top
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    want = os.path.expanduser(cli.COMPILATION_CACHE)
+    assert cli.use_compilation_cache() == want == jax.config.jax_compilation_cache_dir
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path))
+    assert cli.use_compilation_cache() == str(tmp_path) == jax.config.jax_compilation_cache_dir
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")
+    assert cli.use_compilation_cache() is None and jax.config.jax_compilation_cache_dir is None
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path))
+    assert cli.use_compilation_cache(enable=False) is None
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == ""
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
