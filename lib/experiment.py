@@ -365,8 +365,9 @@ def fit(run: Run, evaluator, hooks: Sequence[Hook] = (), loss_fn=None) -> Option
 
 
 def _train_block(run, res, start, final_step, fit_s, eval_s, peak_flops) -> dict:
-  """Steps, times, throughput (all tokens / training time, and the median of the log windows),
-  MFU, sizes, the task's data stats and memory of a finished fit."""
+  """Steps, times, throughput (all tokens / training time, and the median of the log windows:
+  median_step_s is the median of 50-step window means), MFU, sizes, the task's data stats and
+  memory of a finished fit."""
   cfg = run.cfg
   train_rows = [r for r in res.history if r["kind"] == "train"]
   tokens = sum(r.get("tokens", 0.0) for r in train_rows)
@@ -382,6 +383,9 @@ def _train_block(run, res, start, final_step, fit_s, eval_s, peak_flops) -> dict
       tokens_per_s=tokens / train_s, tokens_per_s_steady=median("tokens_per_s"),
       median_step_s=float(1.0 / np.median([r["steps_per_s"] for r in timed])) if timed
       else float("nan"),
+      # All training time (compiles of new batch shapes included) over the steps: with batches
+      # of many lengths, the one step time comparable across frameworks.
+      mean_step_s=train_s / max(steps_run, 1),
       mfu=median("mfu"), input_frac=median("input_frac"), peak_flops=peak_flops,
       flops_per_token=run.flops_per_token,
       peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

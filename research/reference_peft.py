@@ -83,7 +83,8 @@ def main(argv):
   n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
   out = dict(dev=score("validation"), test=score("test"), train=dict(
       steps=steps, best_step=best_step, wall_s=time.time() - t0,
-      median_step_s=float(np.median(step_s)), eval_s=float(sum(eval_s)),
+      median_step_s=float(np.median(step_s)), mean_step_s=float(np.mean(step_s)),
+      train_s=float(sum(step_s)), eval_s=float(sum(eval_s)),
       peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
       trainable_params=n_train,
       trainable_percent=100.0 * n_train / n_all, params=n_all),

@@ -29,6 +29,7 @@ TABLE = tables.Table(
              tables.Column("train.wall_s", "wall s", digits=0),
              tables.Column("train.steps", "train steps", digits=0),
              tables.Column("train.median_step_s", "median step s", digits=3),
+             tables.Column("train.mean_step_s", "mean step s", digits=3),
              tables.Column("train.examples_per_s", "train examples/s", digits=1),
              tables.Column("train.eval_s", "dev eval s", digits=1),
              tables.Column("train.padding_fraction", "padding", digits=2),

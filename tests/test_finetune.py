@@ -112,6 +112,7 @@ def test_ner_quick_writes_every_output_and_beats_chance(ner_run):
   for k in ("steps", "wall_s", "examples_per_s", "tokens_per_s"):
     assert np.isfinite(m["train"][k]) and m["train"][k] > 0, k
   assert m["train"]["steps"] == 20
+  assert m["train"]["mean_step_s"] == pytest.approx(m["train"]["train_s"] / 20)
   test = _raw_conll(os.path.join(DATA, "conll2003", "test.txt"))
   train_tags = [t for _, t in _raw_conll(os.path.join(DATA, "conll2003", "train.txt"))[:320]]
   chance = _chance_f1([t for _, t in test], train_tags)

@@ -373,3 +373,4 @@ def test_reference_peft_runs_and_trains_what_ours_trains(tmp_path, config, train
   assert 0 <= m["test"][metric] <= 1 and 0 <= m["dev"][metric] <= 1
   assert m["train"]["steps"] >= 3 and 1 <= m["train"]["best_step"] <= m["train"]["steps"]
   assert m["train"]["eval_s"] > 0 and m["train"]["peak_rss_gb"] > 0.1   # tables/finetune columns
+  assert m["train"]["mean_step_s"] == pytest.approx(m["train"]["train_s"] / m["train"]["steps"])
