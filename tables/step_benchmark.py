@@ -24,6 +24,10 @@ COLUMNS = (tables.Column("rows.0.ratio", "ratio (ours / HF)", digits=2),
            tables.Column("rows.0.peak_frac", "fraction of peak", digits=2))
 
 
+BESIDE = ("seed 0 ran beside two table runs on the 2 cores (2026-11-30, AMD EPYC; see the matmul "
+          "peak column): only the ratio, ours and PyTorch's steps interleaved, compares")
+
+
 def _row(id_, label, model, dtype, before=None, hf_dtype="float32", steps=6, warmup=2,
          seq_len=128, **kw):
   """One benchmark setting; `before` = the README's (ours ex/s, HF ex/s, ratio, compile s,
@@ -63,9 +67,9 @@ TABLE = tables.Table(
         # The CoNLL-2003 fine-tune's dominant batch shapes: its length buckets of 16 and 32
         # word-pieces hold ~80% of its batches (configs/ner.py, the first 200 batches).
         _row("minilm_f32_t16", "MiniLM, float32 vs float32, 32 x 16 (NER's commonest bucket)",
-             "minilm", "float32", seq_len=16, seeds=(0, 1, 2)),
+             "minilm", "float32", seq_len=16, seeds=(0, 1, 2), note=BESIDE),
         _row("minilm_f32_t32", "MiniLM, float32 vs float32, 32 x 32", "minilm", "float32",
-             seq_len=32, seeds=(0, 1, 2)),
+             seq_len=32, seeds=(0, 1, 2), note=BESIDE),
     ),
     setting="FLOP/s from 6N + 12LDT per token against a jitted 2048^2 matmul measured in the same "
             "row (bf16 x bf16 -> f32 for the bfloat16 rows).",
