@@ -61,6 +61,12 @@ def use_compilation_cache(enable: bool = True) -> Optional[str]:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = ""
   path = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                                os.path.expanduser(COMPILATION_CACHE))
+  if path:
+    try:
+      os.makedirs(path, exist_ok=True)
+    except OSError as e:   # e.g. a read-only home: run without the cache rather than fail
+      print(f"warning: compilation cache off ({path}: {e.strerror})", file=sys.stderr)
+      path = os.environ["JAX_COMPILATION_CACHE_DIR"] = ""
   if "jax" in sys.modules:   # imported already: its config read the variable before we set it
     sys.modules["jax"].config.update("jax_compilation_cache_dir", path or None)
   return path or None

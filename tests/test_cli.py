@@ -247,5 +247,9 @@ def test_compilation_cache_default_override_and_off(monkeypatch, tmp_path):
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path))
     assert cli.use_compilation_cache(enable=False) is None
     assert os.environ["JAX_COMPILATION_CACHE_DIR"] == ""
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(blocked / "cache"))   # cannot be made
+    assert cli.use_compilation_cache() is None and jax.config.jax_compilation_cache_dir is None
   finally:
     jax.config.update("jax_compilation_cache_dir", before)
