@@ -70,5 +70,8 @@ TABLE = tables.Table(
             "time: 2 CPU cores. The NER seed-0 cells of ner, ner_bf16 and hf_ner ran alone, one "
             "after another, in one session (2026-11-30, AMD EPYC): compare their walls with each "
             "other, not with the recorded or reported ones (that session's machine ran a 2048^2 "
-            "float32 matmul at ~195 GFLOP/s, the recorded runs' at ~430).",
+            "float32 matmul at ~195 GFLOP/s, the recorded runs' at ~430). The SST-2 cells ran "
+            "two at a time beside other cells (their walls are not speed measurements); cells "
+            "started after commit 3f026d7 load the shapes an earlier run compiled from JAX's "
+            "persistent compilation cache (ours only: the reference loop does not compile).",
 )
