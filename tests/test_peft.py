@@ -497,6 +497,7 @@ def _trajectory_batches(n, batch_size=8, seq=12, vocab=120, tokens=False):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,head", [("lora", "seq_cls"), ("full", "seq_cls"),
                                          ("full", "token_cls")])
 def test_training_trajectory_matches_the_hf_reference_loop(tmp_path, method, head):
