@@ -142,7 +142,7 @@ def fit(cfg, model, train_iter, steps: int, every: int, dev_fn) -> tuple:
       model.base_model.update_and_allocate(step - 1)
     opt.zero_grad(set_to_none=True)
     step_s.append(time.time() - t)
-    losses.append(loss.item())
+    losses.append(loss.detach())   # read after the loop: no host sync per step
     if step % every == 0 or step == steps:
       dev = dev_fn()
       print(f"step {step}/{steps} loss {loss.item():.4f} dev {dev:.4f}", flush=True)
@@ -152,4 +152,4 @@ def fit(cfg, model, train_iter, steps: int, every: int, dev_fn) -> tuple:
   with torch.no_grad():
     for n, p in trainable:
       p.copy_(best_state[n])
-  return best_step, step_s, losses
+  return best_step, step_s, [float(l) for l in losses]

@@ -138,28 +138,32 @@ def main(argv):
                                   hf_dtype=FLAGS.hf_dtype, pad_frac=FLAGS.pad_frac)
         print(f"{name} T={t} {row['dtype']}: ours steps {[round(x, 3) for x in row['ours_step_s']]}"
               f" s, hf steps {[round(x, 3) for x in row['hf_step_s']]} s", flush=True)
-        rows.append(dict(row, cpu=reporting.cpu_model()))
-  print(bench.format_table(rows, bench.COLUMNS + ("cpu",)))
+        rows.append(row)
+  _report(rows, bench.COLUMNS, "rows")
+
+
+def _report(rows: list, columns, key: str):
+  """Prints `rows` as a table with the CPU model on each (and writes them to the workdir)."""
+  from lib import bench, reporting  # pylint: disable=g-import-not-at-top
+  cpu = reporting.cpu_model()
+  rows = [dict(r, cpu=cpu) for r in rows]
+  print(bench.format_table(rows, tuple(columns) + ("cpu",)))
   if FLAGS.workdir:
-    reporting.write_json_atomic(os.path.join(FLAGS.workdir, "metrics.json"), {"rows": rows})
+    reporting.write_json_atomic(os.path.join(FLAGS.workdir, "metrics.json"), {key: rows})
 
 
-def _setting_table(bench, rows_fn, columns, key: str):
+def _setting_table(rows_fn, columns, key: str):
   """Rows of `rows_fn(spec, batch, seq_len, dtype)` for every model x length x dtype."""
   rows = []
   for name in FLAGS.models:
     for t in FLAGS.seq_len:
       for dtype in FLAGS.dtype:
         rows += rows_fn(_spec(name), FLAGS.batch, int(t), dtype)
-  from lib import reporting  # pylint: disable=g-import-not-at-top
-  rows = [dict(r, cpu=reporting.cpu_model()) for r in rows]
-  print(bench.format_table(rows, tuple(columns) + ("cpu",)))
-  if FLAGS.workdir:
-    reporting.write_json_atomic(os.path.join(FLAGS.workdir, "metrics.json"), {key: rows})
+  _report(rows, columns, key)
 
 
 def _peft_table(bench):
-  _setting_table(bench, lambda spec, b, t, dt: bench.peft_rows(
+  _setting_table(lambda spec, b, t, dt: bench.peft_rows(
       spec, b, t, FLAGS.peft, steps=FLAGS.steps, warmup=FLAGS.warmup, dtype=dt),
                  bench.PEFT_COLUMNS, "peft_rows")
 
@@ -167,7 +171,7 @@ def _peft_table(bench):
 def _adversarial_table(bench):
   from configs import common  # pylint: disable=g-import-not-at-top
   settings = bench.adversarial_settings(FLAGS.adversarial, common.adversarial_variants())
-  _setting_table(bench, lambda spec, b, t, dt: bench.adversarial_rows(
+  _setting_table(lambda spec, b, t, dt: bench.adversarial_rows(
       spec, b, t, settings, steps=FLAGS.steps, warmup=FLAGS.warmup, dtype=dt),
                  bench.ADVERSARIAL_COLUMNS, "adversarial_rows")
 

@@ -52,14 +52,17 @@ NARROW = (("narrow+hard", "hard only (no distillation)"), ("narrow+soft", "+ sof
           ("narrow", "+ hidden MSE through learned projections"))
 
 
+NARROW_ARGS = SUB["sst2"][:2] + ("--config.train.epochs=2",
+                                 "--config.distill.teacher={workdir:sst2_teacher}")
+
+
 def _narrow_rows() -> tuple:
   """A student of another width (3 random layers x 256, 4 heads, PCA embeddings): lr 5e-4, 2
   epochs."""
-  args = SUB["sst2"][:2] + ("--config.train.epochs=2",
-                            "--config.distill.teacher={workdir:sst2_teacher}")
   return tuple(tables.Row(
       f"sst2_{v.replace('+', '_')}", f"sst2: 3 x 256 student, {label}",
-      f"configs/distill_sst2.py:{v}", script="research/distill.py", args=args, seeds=SEEDS,
+      f"configs/distill_sst2.py:{v}", script="research/distill.py", args=NARROW_ARGS,
+      seeds=SEEDS,
       claim=v in ("narrow+soft", "narrow"), vs="" if v == "narrow+hard" else (
           "sst2_narrow_hard" if v == "narrow+soft" else "sst2_narrow_soft"),
       recorded=NARROW_RECORDED.get(v)) for v, label in NARROW)
@@ -92,8 +95,7 @@ _RANDOM = (("narrow+soft", "+ soft KL, random embeddings", {TEST: {0: 0.7550}, D
 RANDOM_EMBEDDINGS = tuple(tables.Row(
     f"sst2_{v.replace('+', '_')}_random", f"sst2: 3 x 256 student, {label}",
     f"configs/distill_sst2.py:{v}", script="research/distill.py",
-    args=SUB["sst2"][:2] + ("--config.train.epochs=2", "--config.distill.student.embeddings=random",
-                            "--config.distill.teacher={workdir:sst2_teacher}"),
+    args=NARROW_ARGS + ("--config.distill.student.embeddings=random",),
     seeds=(0,), recorded=tables.Recorded(values, _BY_HAND),
     note="training accuracy 0.57 after 200 steps: the hidden-state MSE outweighed the task loss"
     if v == "narrow" else "") for v, label, values in _RANDOM)
