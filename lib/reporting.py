@@ -14,17 +14,56 @@ from lib import atomic, metrics
 log = logging.getLogger(__name__)
 
 
-def cpu_model() -> str:
-  """This machine's CPU model as /proc/cpuinfo names it (e.g. 'AMD EPYC'), for every timing we
-  print or record: speed ratios differ between the CPU types our machines have."""
+# (vendor, family) -> [(first model, last model, core)]: the cores our machines have shown or
+# may show. A hypervisor can hide the marketing name ('AMD EPYC' for every generation) while the
+# core decides the speed ratios: Zen 4 runs AVX-512 on 256-bit units, Zen 5 on 512-bit ones
+# (twice the float32 FLOP per cycle), Sapphire/Emerald Rapids add AMX tiles.
+_CORES = {
+    ("AuthenticAMD", 25): [(0x00, 0x0F, "Zen 3"), (0x10, 0x1F, "Zen 4"), (0x20, 0x2F, "Zen 3"),
+                           (0x40, 0x4F, "Zen 3+"), (0x50, 0x5F, "Zen 3"), (0x60, 0x7F, "Zen 4"),
+                           (0xA0, 0xAF, "Zen 4c")],
+    ("AuthenticAMD", 26): [(0x00, 0x7F, "Zen 5")],
+    ("GenuineIntel", 6): [(0x55, 0x55, "Skylake/Cascade Lake"), (0x6A, 0x6C, "Ice Lake"),
+                          (0x8F, 0x8F, "Sapphire Rapids"), (0xCF, 0xCF, "Emerald Rapids"),
+                          (0xAD, 0xAE, "Granite Rapids")],
+}
+
+
+def _cpuinfo() -> dict:
+  """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+  fields = {}
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
       for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
+        if not line.strip():
+          break
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
   except OSError:
     pass
-  return platform.processor() or "unknown CPU"
+  return fields
+
+
+def cpu_core(fields: dict) -> str:
+  """'Zen 4, family 25 model 17' from /proc/cpuinfo fields ('' without family/model): the name
+  of the core where we know it, always the raw family and model."""
+  try:
+    family, model = int(fields["cpu family"]), int(fields["model"])
+  except (KeyError, ValueError):
+    return ""
+  core = next((name for lo, hi, name in _CORES.get((fields.get("vendor_id"), family), ())
+               if lo <= model <= hi), "")
+  return f"{core + ', ' if core else ''}family {family} model {model}"
+
+
+def cpu_model() -> str:
+  """This machine's CPU for every timing we print or record, e.g. 'AMD EPYC (Zen 4, family 25
+  model 17)': /proc/cpuinfo's model name and the core it is (the name alone can hide it; speed
+  ratios against PyTorch differ between cores)."""
+  fields = _cpuinfo()
+  name = fields.get("model name") or platform.processor() or "unknown CPU"
+  core = cpu_core(fields)
+  return f"{name} ({core})" if core else name
 
 
 def _check_field(value: str, where: str) -> None:
