@@ -89,6 +89,8 @@ class Row:
     vs: or the id of another row to compare with (Welch's two-sample interval).
     recorded: values measured outside the runner (shown until the cells are run).
     note: a note on the setting, shown under the table.
+    cpu: the CPU the cells must run on, a part of reporting.cpu_model() ('Zen 4', 'Sapphire
+      Rapids'): speed rows are per CPU type; the runner leaves them to a machine with that CPU.
   """
   id: str
   label: str
@@ -103,6 +105,7 @@ class Row:
   vs: str = ""
   recorded: Optional[Recorded] = None
   note: str = ""
+  cpu: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +198,8 @@ def row_dir(table: Table, row: Row, root: str) -> str:
   same command in two tables shares its cells.
   """
   del table  # the command alone names the cells
-  key = json.dumps([row.script, row.config, list(row.args), row.seed_flag])
+  key = json.dumps([row.script, row.config, list(row.args), row.seed_flag]
+                   + ([row.cpu] if row.cpu else []))   # (rows without a CPU keep their hashes)
   parts = [] if row.script == "research/finetune.py" else [os.path.basename(row.script)]
   parts += [os.path.basename(row.config)] if row.config else []
   name = re.sub(r"[^A-Za-z0-9_.+-]", "_", ".".join(parts).replace(".py", "").replace(":", "."))
@@ -293,6 +297,11 @@ def status(cell: Cell, cwd: str = REPO_ROOT) -> str:
   if os.path.exists(metrics):
     return "done" if read_metrics(workdir) is not None else "corrupt"
   return "partial" if os.path.isdir(workdir) else "missing"
+
+
+def runs_here(row: Row, cpu: Optional[str] = None) -> bool:
+  """Whether this machine (`cpu`: reporting.cpu_model() by default) may run the row's cells."""
+  return not row.cpu or row.cpu in (reporting.cpu_model() if cpu is None else cpu)
 
 
 def ready(cell: Cell, cwd: str = REPO_ROOT) -> bool:

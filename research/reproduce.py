@@ -21,7 +21,7 @@ import sys
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lib import cli, tables  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lib import cli, reporting, tables  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("table", None, "a declaration: tables/<name>[.py] or <name>")
@@ -93,13 +93,21 @@ def main(argv):
   cells = tables.cells(table, FLAGS.workdir_root, _python(), FLAGS.rows)
   if FLAGS.list:
     for c in cells:
-      print(f"{tables.status(c):8s} {c.name:32s} {c.workdir}")
+      elsewhere = "" if tables.runs_here(c.row) else f"  (runs on {c.row.cpu} only)"
+      print(f"{tables.status(c):8s} {c.name:32s} {c.workdir}{elsewhere}")
     return 0
   if FLAGS.aggregate:
     _aggregate(table, out_dir, readme)
     return 0
   todo = [c for c in cells if tables.status(c) != "done"]
   n_done = len(cells) - len(todo)
+  elsewhere = [c for c in todo if not tables.runs_here(c.row)]
+  if elsewhere:
+    cpus = sorted({c.row.cpu for c in elsewhere})
+    print(f"{len(elsewhere)} missing cells run on another CPU ({', '.join(cpus)}; this one: "
+          f"{reporting.cpu_model()}): left for a machine with it", file=sys.stderr, flush=True)
+    todo = [c for c in todo if tables.runs_here(c.row)]
+  runnable = len(todo)
   if FLAGS.max_cells:
     todo = todo[:FLAGS.max_cells]
   if FLAGS.emit:
@@ -109,7 +117,7 @@ def main(argv):
             "again once those ran", file=sys.stderr)
     sys.stdout.write(tables.emit(ready, FLAGS.emit, table))
     return 0
-  later = len(cells) - n_done - len(todo)
+  later = runnable - len(todo)
   print(f"table {table.name}: {len(cells)} cells, {n_done} done, {len(todo)} to run"
         + (f" now, {later} left for a later run (--max_cells)" if later else ""), flush=True)
   rc = _run(todo)

@@ -3,6 +3,7 @@ tests, cells skipped / rerun / resumed, emitted commands equal to the ones run, 
 and the `quick` table end to end (slow)."""
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -261,6 +262,35 @@ def test_preempted_cell_stops_the_run(tmp_path):
   assert [c[-1] for c in _calls(tmp_path)] == ["--seed=0", "--seed=0", "--seed=1"]   # a0, b0, a1
   failed = _reproduce([f"--table={decl}"], tmp_path, {"FAKE_EXIT_2": "1"})
   assert failed.returncode == 1 and "failed: a/seed_2" in failed.stderr
+
+
+def test_rows_for_another_cpu_are_left_for_a_machine_with_it(tmp_path):
+  # A speed row names the CPU its cells must run on: the runner leaves it (and says so) where the
+  # CPU differs; naming a CPU gives the row its own cells, a row without one keeps its hash.
+  here = tables.Row("a", "A", script="s.py", seed_flag="--seed")
+  pinned = tables.Row("a", "A", script="s.py", seed_flag="--seed", cpu="Zen 9")
+  t = lambda r: tables.Table("t", "t", (tables.Column("dev.f1", "F1"),), (r,))
+  old_key = hashlib.sha1(json.dumps(["s.py", "", [], "--seed"]).encode()).hexdigest()[:8]
+  assert tables.row_dir(t(here), here, "w") == os.path.join("w", f"s-{old_key}")  # unchanged
+  assert tables.row_dir(t(pinned), pinned, "w") != tables.row_dir(t(here), here, "w")
+  assert tables.runs_here(here, "AMD EPYC (Zen 4, family 25 model 17)")
+  assert not tables.runs_here(pinned, "AMD EPYC (Zen 4, family 25 model 17)")
+  assert tables.runs_here(pinned, "AMD EPYC (Zen 9, family 99 model 1)")
+  decl = _declaration(tmp_path, """\
+      TABLE = tables.Table(
+          name="fake", title="fake", columns=(tables.Column("dev.f1", "dev F1"),),
+          rows=(tables.Row("a", "A", seeds=(0, 1), script=SCRIPT, seed_flag="--seed"),
+                tables.Row("z", "Z", seeds=(0,), script=SCRIPT, seed_flag="--seed",
+                           cpu="no such CPU")))
+      """)
+  listed = _reproduce([f"--table={decl}", "--list"], tmp_path)
+  assert "(runs on no such CPU only)" in listed.stdout
+  run = _reproduce([f"--table={decl}"], tmp_path)
+  assert run.returncode == 0, run.stdout + run.stderr
+  assert "1 missing cells run on another CPU (no such CPU; this one: " in run.stderr
+  assert "3 cells, 0 done, 2 to run" in run.stdout
+  assert sorted(c[-1] for c in _calls(tmp_path)) == ["--seed=0", "--seed=1"]
+  assert _reproduce([f"--table={decl}", "--emit=commands"], tmp_path).stdout == ""
 
 
 # ----------------------------------------------------------------------------- aggregation
