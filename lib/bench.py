@@ -12,7 +12,8 @@ from lib import adversarial, flops, models, optim, peft, sharding, train
 from lib.tasks import clm, mlm, ner
 
 COLUMNS = ("model", "dtype", "batch", "seq_len", "ours_ex_s", "hf_ex_s", "ratio", "compile_s",
-           "model_gflop", "xla_gflop", "ours_gflop_s", "peak_gflop_s", "peak_frac")
+           "model_gflop", "xla_gflop", "ours_gflop_s", "peak_gflop_s", "peak_frac",
+           "hf_gflop_s", "hf_peak_gflop_s", "hf_peak_frac")
 HF_IGNORE = -100   # CrossEntropyLoss ignore_index in transformers; ours is any label < 0
 
 
@@ -251,6 +252,7 @@ def benchmark_row(spec: ModelSpec, batch: int, seq_len: int, *, steps: int, warm
     ours(), hf()
   times = time_interleaved({"ours": ours, "hf": hf}, steps, block)
   peak = flops.matmul_peak(peak_n, dtype)
+  hf_peak = torch_matmul_peak(peak_n, hf_dtype or dtype)
   med = {k: float(np.median(v)) for k, v in times.items()}
   fl = step_flops(spec, args, batch, seq_len)
   dt = dtype if hf_dtype in (None, dtype) else f"{dtype}/hf:{hf_dtype}"
@@ -259,7 +261,25 @@ def benchmark_row(spec: ModelSpec, batch: int, seq_len: int, *, steps: int, warm
               ratio=med["hf"] / med["ours"], compile_s=compile_s, model_gflop=fl / 1e9,
               xla_gflop=xla_fl / 1e9, ours_gflop_s=fl / med["ours"] / 1e9,
               peak_gflop_s=peak / 1e9, peak_frac=fl / med["ours"] / peak,
+              hf_gflop_s=fl / med["hf"] / 1e9, hf_peak_gflop_s=hf_peak / 1e9,
+              hf_peak_frac=fl / med["hf"] / hf_peak,
               ours_step_s=times["ours"], hf_step_s=times["hf"])
+
+
+def torch_matmul_peak(n: int = 2048, dtype: str = "float32", reps: int = 5) -> float:
+  """FLOP/s of PyTorch's (n, n) @ (n, n) on the CPU in `dtype` (bf16 as autocast runs its
+  matmuls), best of `reps`: the HF side's own ceiling, beside flops.matmul_peak for ours."""
+  import torch  # pylint: disable=g-import-not-at-top
+  g = torch.Generator().manual_seed(0)
+  a, b = (torch.randn(n, n, generator=g).to(getattr(torch, dtype)) for _ in range(2))
+  with torch.no_grad():
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(reps):
+      t0 = time.perf_counter()
+      torch.matmul(a, b)
+      best = min(best, time.perf_counter() - t0)
+  return 2.0 * n ** 3 / best
 
 
 def step_flops(spec: ModelSpec, args, batch: int, seq_len: int) -> float:

@@ -10,7 +10,8 @@ train mode with torch.optim.AdamW, clip_grad_norm_ and loss.backward() (float32 
 --hf_dtype=bfloat16, which uses torch.autocast). Steps alternate between the two sides; the table
 has median examples/s, their ratio (ours / HF), our compile time, our achieved FLOP/s (model FLOPs
 6 N tokens + 12 L D T tokens; XLA's cost-analysis count beside it) and its fraction of a jitted
-2048^2 jnp.dot peak (float32, or bf16 x bf16 -> f32 for bfloat16 rows) measured in the same row.
+2048^2 jnp.dot peak (float32, or bf16 x bf16 -> f32 for bfloat16 rows) measured in the same row;
+likewise PyTorch's achieved FLOP/s against its own 2048^2 torch.matmul in its dtype (hf_peak_*).
 
   .venv/bin/python research/benchmark.py --models=minilm --dtype=float32 \
       --peft=full,lora_attention,lora_all,lora_all_nodropout,head_only

@@ -27,6 +27,8 @@ def test_benchmark_row_tiny():
   assert all(math.isfinite(row[c]) and row[c] > 0 for c in numeric), row
   assert len(row["ours_step_s"]) == len(row["hf_step_s"]) == 2
   assert row["ratio"] == pytest.approx(row["ours_ex_s"] / row["hf_ex_s"])
+  assert row["hf_gflop_s"] * row["ratio"] == pytest.approx(row["ours_gflop_s"])   # same FLOPs
+  assert row["hf_peak_frac"] == pytest.approx(row["hf_gflop_s"] / row["hf_peak_gflop_s"])
   # 6 N tokens + 12 L D T tokens by hand: N = every parameter but the embedding tables (gathers),
   # the LayerNorms included (lib/flops.py's one rule): embeddings LN, then the layer, classifier.
   d, f, t = 16, 32, 8
