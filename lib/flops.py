@@ -12,16 +12,20 @@ from lib import optim, tree
 
 
 def train_flops_per_token(num_params: int, num_layers: int, hidden_size: int, seq_len: int,
-                          num_trainable: Optional[int] = None) -> float:
+                          num_trainable: Optional[int] = None,
+                          attention_width: Optional[int] = None) -> float:
   """Training FLOPs per token: 2N forward + 2N backward to activations + 2N_trainable backward
   to weights, plus attention scores and mixing 12 * L * D * T (forward + backward; causal
   masking not discounted). With everything trainable this is PaLM's 6N + 12LDT.
 
   num_params should count the parameters used in matmuls (leave out position/token-type
   tables; count the word embedding only where it is also the output layer).
+  attention_width: the layers' attention widths summed (heads x head_dim per layer) where heads
+  were pruned; default L * D.
   """
   n_tr = num_params if num_trainable is None else num_trainable
-  return 4.0 * num_params + 2.0 * n_tr + 12.0 * num_layers * hidden_size * seq_len
+  width = num_layers * hidden_size if attention_width is None else attention_width
+  return 4.0 * num_params + 2.0 * n_tr + 12.0 * width * seq_len
 
 
 def model_flops_per_token(args, params, seq_len: int, labels=None,
@@ -29,7 +33,8 @@ def model_flops_per_token(args, params, seq_len: int, labels=None,
   """FLOPs per trained token of a model: every matmul parameter (all but the embedding tables,
   which are gathers), the tied output layer (vocab x embed, for the MLM/LM heads) on
   `head_fraction` of the positions (MLM on its prediction slots only), and attention over rows
-  of `seq_len`. With `labels` (lib/peft labels), frozen parameters cost no weight gradient.
+  of `seq_len` (over each layer's kept heads after head pruning). With `labels` (lib/peft
+  labels), frozen parameters cost no weight gradient.
 
   Args:
     args: ModelArgs (num_layers, hidden_size, vocab_size).
@@ -45,8 +50,11 @@ def model_flops_per_token(args, params, seq_len: int, labels=None,
   if labels is not None:
     lab = tree.flatten(labels)
     trainable = sum(n for k, n in matmul.items() if optim.is_trainable(lab[k])) + decoder
+  width = None
+  if getattr(args, "heads_per_layer", ()):   # head pruning: each layer attends over its heads only
+    width = sum(args.layer_heads(i) * args.head_dim for i in range(args.num_layers))
   return train_flops_per_token(sum(matmul.values()) + decoder, args.num_layers, args.hidden_size,
-                               seq_len, trainable)
+                               seq_len, trainable, width)
 
 
 def matmul_peak(n: int = 2048, dtype: str = "float32", reps: int = 5) -> float:

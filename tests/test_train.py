@@ -5,6 +5,7 @@ subprocess tests start; the parent sets XLA_FLAGS / JAX_PLATFORMS / PYTHONPATH i
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lib import checkpoint, distributed, flops, peft, sharding, train
+from lib import checkpoint, distributed, flops, models, peft, sharding, train, tree
 from training_helpers import (EVAL_SEEDS, SyntheticIterator, eval_step_fn, make_loss_fn, setup,
                               synthetic_batch, train_config)
 
@@ -151,6 +152,19 @@ def test_flops_per_token_formula():
   # PaLM: 6N + 12 L D T with everything trainable; frozen weights skip their weight gradient.
   assert flops.train_flops_per_token(1000, 2, 8, 16) == 6 * 1000 + 12 * 2 * 8 * 16
   assert flops.train_flops_per_token(1000, 2, 8, 16, num_trainable=10) == 4 * 1000 + 20 + 12 * 2 * 8 * 16
+
+
+def test_model_flops_count_each_layers_kept_heads():
+  # Head pruning: the attention term runs over each layer's kept heads (here 2 + 1 heads of
+  # head_dim 4 instead of 2 x 8); the matmul term counts the pruned kernels' own sizes.
+  full = models.ModelArgs(vocab_size=50, hidden_size=8, num_layers=2, num_heads=2, mlp_dim=16,
+                          max_len=16)
+  pruned = dataclasses.replace(full, heads_per_layer=(2, 1))
+  for args in (full, pruned):
+    shapes = models.abstract_params(models.build(args, "token_cls", 3))[0]
+    n = sum(v.size for k, v in tree.flatten(shapes).items() if not k.endswith("embedding"))
+    width = 2 * 8 if args is full else (2 + 1) * 4
+    assert flops.model_flops_per_token(args, shapes, 16) == 6 * n + 12 * width * 16
 
 
 def test_combine_metrics_sums_counts_and_weights_means():
