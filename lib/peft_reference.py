@@ -118,9 +118,10 @@ def _optimizer(cfg, trainable):
                            eps=cfg.optim.eps)
 
 
-def fit(cfg, model, train_iter, steps: int, every: int, dev_fn) -> tuple:
+def fit(cfg, model, train_iter, steps: int, every: int, dev_fn, log_every: int = 50) -> tuple:
   """Trains `steps` steps (lr from lib.optim's schedule, clipping, AdaLoRA's budget updates),
-  evaluates dev every `every` steps and at the end, restores the best dev state.
+  evaluates dev every `every` steps and at the end, restores the best dev state; prints the
+  loss, steps/s and the time left every `log_every` steps (0: only at the evaluations).
 
   Returns:
     (best step, per-step seconds, per-step training losses).
@@ -129,6 +130,7 @@ def fit(cfg, model, train_iter, steps: int, every: int, dev_fn) -> tuple:
   opt, schedule = _optimizer(cfg, trainable), optim.make_schedule(cfg.optim, steps)
   adalora = isinstance(getattr(model, "peft_config", {}).get("default"), peft.AdaLoraConfig)
   best, best_state, best_step, step_s, losses = -float("inf"), None, 0, [], []
+  start = time.time()
   for step in range(1, steps + 1):
     t = time.time()
     for g in opt.param_groups:
@@ -143,6 +145,10 @@ def fit(cfg, model, train_iter, steps: int, every: int, dev_fn) -> tuple:
     opt.zero_grad(set_to_none=True)
     step_s.append(time.time() - t)
     losses.append(loss.detach())   # read after the loop: no host sync per step
+    if log_every and step % log_every == 0:
+      rate = step / (time.time() - start)
+      print(f"step {step}/{steps} loss {loss.item():.4f} {rate:.2f} steps/s "
+            f"eta {(steps - step) / rate:.0f} s", flush=True)
     if step % every == 0 or step == steps:
       dev = dev_fn()
       print(f"step {step}/{steps} loss {loss.item():.4f} dev {dev:.4f}", flush=True)

@@ -78,7 +78,7 @@ def main(argv):
     eval_s.append(time.time() - t)
     return out
   best_step, step_s, _ = ref.fit(cfg, model, d.train, steps, cfg.train.eval_every or len(d.train),
-                              dev_metric)
+                              dev_metric, log_every=cfg.train.log_every)
   n_all = sum(p.numel() for p in model.parameters())   # base + adapters
   n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
   out = dict(dev=score("validation"), test=score("test"), train=dict(
