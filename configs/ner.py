@@ -8,6 +8,10 @@ Variants (`--config=configs/ner.py:<variant>`):
           clip 1.0, seed 0, max 128 word-pieces per window (longer sentences are windowed, never cut).
   quick   the first 1,000 training sentences, 2 epochs, full dev and test evaluation (smoke test / demo).
   bf16    bfloat16 compute (params and optimizer state stay float32).
+  packed  training batches of 5 rows x 128 word-pieces with the windows laid end to end (segment
+          and position ids keep them apart; lib/data pack_rows): ~1% padding instead of ~29%, one
+          compiled step instead of one per length bucket; ~640 real tokens a step as the default's
+          32 sentences, so about as many steps. Evaluation unchanged. Combine: `packed+bf16`.
   fgm, pgd, freelb
           adversarial training on the word embeddings (configs/common.py:adversarial_variants,
           lib/adversarial.py): FGM eps 0.2; PGD-3 eps 0.2 step 0.06; FreeLB-3 step 0.1 init 0.1.
@@ -40,6 +44,7 @@ def get_config(variant: str = ""):
   return common.apply_variant(c, variant, {
       "quick": _quick,
       "bf16": common.bf16,
+      "packed": _packed,
       **common.adversarial_variants(),
       **common.peft_variants([["classifier/.*", "train"]]),
   })
@@ -50,3 +55,6 @@ def _quick(c):
   c.train.epochs = 2
   c.train.log_every = 5
 
+
+def _packed(c):
+  c.data.pack_rows = 5      # 5 x 128 = 640 tokens: the default batches' ~639 real tokens a step

@@ -106,3 +106,104 @@ def test_clm_pipeline_streams_every_token_of_every_document():
   src = data.load_split("text:shakespeare", "validation", DATA, CACHE)
   want = [gpt(src[i]["text"].decode())["input_ids"] + [gpt.eos_token_id] for i in range(len(src))]
   np.testing.assert_array_equal(np.concatenate(got), np.concatenate(want))
+
+
+# ----------------------------------------------------------------------------- packed fine-tuning
+
+def test_pack_windows_first_fit_decreasing_by_hand():
+  # lengths 5, 9, 3, 6, 4 into rows of 10: longest first (9, 6, 5, 4, 3), each into the first
+  # row with room: [9], [6, 4], [5, 3].
+  rows = packing.pack_windows([5, 9, 3, 6, 4], 10, [0, 1, 2, 3, 4])
+  assert rows == [[1], [3, 4], [0, 2]]
+  with pytest.raises(ValueError, match="exceeds the row length 4"):
+    packing.pack_windows([5, 3], 4, [0, 1])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_train_pack_plan_uses_each_example_once_per_epoch_and_is_deterministic(seed):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(3, 60, 500)
+  plan = packing.train_pack_plan(lengths, 4, 128, seed, epoch=0)
+  flat = [i for b in plan for r in b for i in r]
+  assert len(flat) == len(set(flat)) and len(flat) > 0.95 * len(lengths)   # remainder rows only
+  assert all(len(b) == 4 and all(lengths[r].sum() <= 128 for r in b) for b in plan)
+  assert packing.train_pack_plan(lengths, 4, 128, seed, epoch=0) == plan   # pure in (seed, epoch)
+  assert packing.train_pack_plan(lengths, 4, 128, seed, epoch=1) != plan
+  fill = lengths[flat].sum() / (len(plan) * 4 * 128)
+  assert fill > 0.97, fill
+  for target in (len(plan) - 3, len(plan) + 3):    # an epoch of a fixed length: cut or topped up
+    fixed = packing.train_pack_plan(lengths, 4, 128, seed, epoch=2, num_batches=target)
+    assert len(fixed) == target and all(len(b) == 4 for b in fixed)
+
+
+def test_pack_rows_lays_windows_end_to_end_with_their_own_segments_and_positions():
+  feats = [dict(input_ids=np.array([101, 7, 8, 102]), labels=np.array([-1, 1, 2, -1]),
+                example_id=0),
+           dict(input_ids=np.array([101, 9, 102]), labels=np.array([-1, 3, -1]), example_id=1),
+           dict(input_ids=np.array([101, 5, 6, 4, 102]), labels=np.array([-1, 0, 0, 1, -1]),
+                example_id=2)]
+  t = data.transforms.PackRows(feats, rows=3, row_len=8,
+                               pad_values=dict(input_ids=0, token_type_ids=0, labels=-1))
+  out = t.map({"rows": [[0, 1], [2]], "step": 5})
+  np.testing.assert_array_equal(out["input_ids"][0], [101, 7, 8, 102, 101, 9, 102, 0])
+  np.testing.assert_array_equal(out["labels"][0], [-1, 1, 2, -1, -1, 3, -1, -1])
+  np.testing.assert_array_equal(out["segment_ids"][0], [1, 1, 1, 1, 2, 2, 2, 0])
+  np.testing.assert_array_equal(out["position_ids"][0], [0, 1, 2, 3, 0, 1, 2, 0])
+  np.testing.assert_array_equal(out["input_mask"][1], [1, 1, 1, 1, 1, 0, 0, 0])
+  assert not out["input_mask"][2].any() and (out["labels"][2] == -1).all()   # a dummy row
+  assert out["_step"] == 5 and out["token_type_ids"].shape == (3, 8)
+
+
+def test_packed_rows_give_each_window_its_unpacked_logits():
+  """The real BERT token classifier on a packed row: every window's logits equal those of the
+  window alone in its own row (attention within the segment, positions from 0)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs.common import model_config  # pylint: disable=g-import-not-at-top
+  from lib import models  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  feats = [dict(input_ids=rng.integers(1000, 2000, n).astype(np.int32),
+                labels=np.zeros(n, np.int32)) for n in (7, 12, 5, 9)]
+  pad = dict(input_ids=0, token_type_ids=0, labels=-1)
+  packed = data.transforms.PackRows(feats, rows=1, row_len=40, pad_values=pad).map(
+      {"rows": [[0, 1, 2, 3]], "step": 0})
+  cfg = model_config("bert-tiny")
+  cfg.vocab_size, cfg.max_len = 2048, 64
+  module = models.build(cfg, "token_cls", 3)
+  params, _ = models.init_params(module, jax.random.PRNGKey(0), seq_len=40)
+  inputs = ("input_ids", "input_mask", "token_type_ids", "position_ids", "segment_ids")
+  out, _ = module.apply({"params": params}, **{k: packed[k] for k in inputs}, deterministic=True)
+  start = 0
+  for f in feats:
+    n = len(f["input_ids"])
+    alone, _ = module.apply({"params": params}, input_ids=f["input_ids"][None],
+                            input_mask=np.ones((1, n), np.int32), deterministic=True)
+    # float32, different row lengths: the softmax sums over masked keys differ in order only
+    np.testing.assert_allclose(np.asarray(out["logits"])[0, start:start + n],
+                               np.asarray(alone["logits"])[0], rtol=1e-5, atol=1e-5)
+    start += n
+
+
+def test_packed_conll_training_batches(tmp_path):
+  """conll: files through make_batches with pack_rows: one shape, every labelled word of the
+  packed windows kept, evaluation batches unchanged."""
+  from lib import model_io  # pylint: disable=g-import-not-at-top
+  tok = model_io.load_tokenizer("minilm", "bert", DATA)[0]
+  words = ["EU", "rejects", "German", "call", "to", "boycott", "British", "lamb", "."]
+  tags = ["B-ORG", "O", "B-MISC", "O", "O", "O", "B-MISC", "O", "O"]
+  rng = np.random.default_rng(0)
+  lines, total = [], 0
+  for _ in range(60):
+    n = int(rng.integers(1, 9))
+    lines += [f"{w} {t}" for w, t in zip(words[:n], tags[:n])] + [""]
+    total += n
+  for name in ("train.txt", "valid.txt", "test.txt"):
+    (tmp_path / name).write_text("\n".join(lines) + "\n")
+  kw = dict(batch_size=8, max_len=32, cache_dir=str(tmp_path / "cache"))
+  packed = data.make_batches(f"conll:{tmp_path}", "train", tok, train=True, pack_rows=2, **kw)
+  batches = [next(packed) for _ in range(len(packed))]
+  assert {b["input_ids"].shape for b in batches} == {(2, 32)}
+  assert data.padding_stats(packed)["padding_fraction"] < 0.1
+  labelled = sum(int((b["labels"] >= 0).sum()) for b in batches)   # one label per word
+  assert 0.8 * total <= labelled <= total   # only the remainder rows' windows left out
+  ev = data.make_batches(f"conll:{tmp_path}", "validation", tok, pack_rows=2, **kw)
+  assert "segment_ids" not in next(iter(ev))

@@ -8,7 +8,9 @@ Batch specs (numpy dicts, int32, fixed batch size B; T is a bucket length <= max
   token classification: input_ids, input_mask, token_type_ids, labels (B, T), labels -1 = ignored;
     example_ids (B,) (sentence index in the split, -1 = dummy row); evaluation adds word_ids (B, T)
     (word index at each word's first sub-word, else -1) and predict_mask (B, T) (1 where this
-    window owns the word's prediction), and puts labels only where predict_mask is 1.
+    window owns the word's prediction), and puts labels only where predict_mask is 1. Packed
+    training (pack_rows = R > 0): (R, max_len) rows of windows laid end to end, with segment_ids
+    and position_ids as packed LM rows and no example_ids.
   classification: input_ids, input_mask, token_type_ids (B, T) (sentence pairs: 0 for the first
     text, 1 for the second), label (B,), example_ids (B,).
   packed LM (text:*): input_ids, input_mask, segment_ids (0 = pad, 1.. per segment), position_ids

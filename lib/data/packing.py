@@ -54,3 +54,57 @@ def attention_mask(input_mask, segment_ids, causal: bool = False):
   if causal:
     allowed &= np.tril(np.ones((seg.shape[1],) * 2, bool))[None]
   return allowed
+
+
+def pack_windows(lengths, row_len: int, order) -> list:
+  """First-fit decreasing: the examples `order` (indices into `lengths`) into rows of at most
+  `row_len` tokens, none split; longest first, each into the first row it fits.
+
+  Returns:
+    list of rows, each a list of example indices (longest first within a row).
+
+  Raises:
+    ValueError: an example longer than row_len.
+  """
+  lengths = np.asarray(lengths)
+  order = np.asarray(order, np.int64)
+  if len(order) and lengths[order].max() > row_len:
+    raise ValueError(f"an example of {int(lengths[order].max())} tokens exceeds the row length "
+                     f"{row_len}")
+  rows, free = [], []
+  for i in order[np.argsort(-lengths[order], kind="stable")].tolist():
+    n = int(lengths[i])
+    for r, f in enumerate(free):
+      if f >= n:
+        rows[r].append(i)
+        free[r] -= n
+        break
+    else:
+      rows.append([i])
+      free.append(row_len - n)
+  return rows
+
+
+def train_pack_plan(lengths, rows_per_batch: int, row_len: int, seed: int, epoch: int,
+                    chunk: int = 1600, num_batches: int = 0) -> list:
+  """Batches of one packed training epoch, a pure function of (seed, epoch): shuffle the examples;
+  pack each `chunk` of them into rows (pack_windows); shuffle the rows; `rows_per_batch` rows a
+  batch. Without `num_batches` the remainder rows are left out (different examples each epoch).
+  With it the epoch has exactly that many batches (epochs pack to slightly different counts, and a
+  training iterator needs one length): extra batches are left out, and a short epoch is topped up
+  with rows packed from a second shuffle of the examples (a few examples seen twice).
+
+  Returns:
+    list of batches, each a list of rows (lists of example indices).
+  """
+  rng = np.random.default_rng([seed, epoch])
+  perm = rng.permutation(len(lengths))
+  rows = []
+  for c in range(0, len(perm), max(1, chunk)):
+    rows += pack_windows(lengths, row_len, perm[c:c + chunk])
+  rows = [rows[i] for i in rng.permutation(len(rows))]
+  while num_batches and len(rows) < num_batches * rows_per_batch and len(perm):
+    extra = rng.permutation(len(lengths))[:max(1, chunk)]
+    rows += pack_windows(lengths, row_len, extra)
+  n = num_batches or len(rows) // rows_per_batch
+  return [rows[b * rows_per_batch:(b + 1) * rows_per_batch] for b in range(n)]

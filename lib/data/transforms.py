@@ -98,6 +98,39 @@ class PadToBucket(grain.transforms.Map):
     return out
 
 
+@dataclasses.dataclass
+class PackRows(grain.transforms.Map):
+  """Batch spec {'rows': [[example indices], ...], 'step': s} -> (rows, row_len) arrays of
+  examples laid end to end: each example a segment (segment_ids 1.. within a row, 0 = padding)
+  with its own positions from 0, so that attention (lib/models: same segment only) and position
+  embeddings see each example exactly as an unpacked row would. `pad_values` as PadToBucket's."""
+  features: Sequence[dict]
+  rows: int
+  row_len: int
+  pad_values: dict
+
+  def map(self, element):
+    out = {k: np.full((self.rows, self.row_len), v, np.int32) for k, v in self.pad_values.items()}
+    for k in ("input_mask", "segment_ids", "position_ids"):
+      out[k] = np.zeros((self.rows, self.row_len), np.int32)
+    for r, row in enumerate(element["rows"]):
+      t = 0
+      for seg, i in enumerate(row, start=1):
+        f = self.features[i]
+        n = len(f["input_ids"])
+        for key in self.pad_values:
+          if key in f:
+            out[key][r, t:t + n] = f[key]
+        out["input_mask"][r, t:t + n] = 1
+        out["segment_ids"][r, t:t + n] = seg
+        out["position_ids"][r, t:t + n] = np.arange(n)
+        t += n
+      if t > self.row_len:
+        raise ValueError(f"packed row of {t} tokens exceeds row_len={self.row_len}")
+    out["_step"] = element["step"]
+    return out
+
+
 class GatherRows(grain.transforms.Map):
   """Batch spec {'rows': (start, end), 'step': s} -> packed (B, T) arrays; dummy rows past the end."""
 
