@@ -53,6 +53,10 @@ def main(argv):
   if cfg.task not in ref.HEADS:
     raise errors.ConfigError(f"config.task={cfg.task!r}: the reference runs "
                              f"{sorted(ref.HEADS)}")
+  if cfg.data.get("pack_rows"):
+    raise errors.ConfigError(f"config.data.pack_rows={cfg.data.pack_rows}: the reference loop "
+                             "feeds Hugging Face BERT, which has no segment ids to keep packed "
+                             "windows apart; run it on the unpacked config")
   if FLAGS.threads:
     torch.set_num_threads(FLAGS.threads)
   torch.manual_seed(cfg.seed)

@@ -404,3 +404,13 @@ def test_reference_peft_runs_and_trains_what_ours_trains(tmp_path, config, train
   assert m["train"]["steps"] >= 3 and 1 <= m["train"]["best_step"] <= m["train"]["steps"]
   assert m["train"]["eval_s"] > 0 and m["train"]["peak_rss_gb"] > 0.1   # tables/finetune columns
   assert m["train"]["mean_step_s"] == pytest.approx(m["train"]["train_s"] / m["train"]["steps"])
+
+
+def test_reference_peft_refuses_packed_rows(tmp_path):
+  """HF BERT has no segment ids: the reference loop refuses a packed config (exit 2, one line)."""
+  proc = subprocess.run([sys.executable, "research/reference_peft.py",
+                         "--config=configs/ner.py:quick+packed", f"--workdir={tmp_path}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "config.data.pack_rows=5: the reference loop" in proc.stderr
+  assert "Traceback" not in proc.stderr and not os.listdir(tmp_path)
