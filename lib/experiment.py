@@ -364,6 +364,13 @@ def fit(run: Run, evaluator, hooks: Sequence[Hook] = (), loss_fn=None) -> Option
   return FitOutput(state, res.history, block)
 
 
+def _examples_per_step(run) -> float:
+  """The global batch size, or for packed rows (lib/data pack_rows) the mean windows a step of
+  this process's iterator times the processes."""
+  packed = getattr(run.data.train, "info", {}).get("examples_per_batch")
+  return packed * jax.process_count() if packed else run.cfg.data.batch_size
+
+
 def _train_block(run, res, start, final_step, fit_s, eval_s, peak_flops) -> dict:
   """Steps, times, throughput (all tokens / training time, and the median of the log windows:
   median_step_s is the median of 50-step window means), MFU, sizes, the task's data stats and
@@ -379,7 +386,7 @@ def _train_block(run, res, start, final_step, fit_s, eval_s, peak_flops) -> dict
   return dict(
       steps=final_step, steps_this_process=steps_run, epochs=final_step / len(run.data.train),
       wall_s=time.perf_counter() - run.t_start, fit_s=fit_s, eval_s=eval_s, train_s=train_s,
-      examples_per_s=steps_run * cfg.data.batch_size / train_s, tokens_this_process=tokens,
+      examples_per_s=steps_run * _examples_per_step(run) / train_s, tokens_this_process=tokens,
       tokens_per_s=tokens / train_s, tokens_per_s_steady=median("tokens_per_s"),
       median_step_s=float(1.0 / np.median([r["steps_per_s"] for r in timed])) if timed
       else float("nan"),

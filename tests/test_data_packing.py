@@ -202,6 +202,8 @@ def test_packed_conll_training_batches(tmp_path):
   packed = data.make_batches(f"conll:{tmp_path}", "train", tok, train=True, pack_rows=2, **kw)
   batches = [next(packed) for _ in range(len(packed))]
   assert {b["input_ids"].shape for b in batches} == {(2, 32)}
+  windows = sum(int(b["segment_ids"].max(-1).sum()) for b in batches)
+  assert packed.info["examples_per_batch"] == pytest.approx(windows / len(batches))
   assert data.padding_stats(packed)["padding_fraction"] < 0.1
   labelled = sum(int((b["labels"] >= 0).sum()) for b in batches)   # one label per word
   assert 0.8 * total <= labelled <= total   # only the remainder rows' windows left out

@@ -388,6 +388,7 @@ def _packed_iterator(name, feats, info, *, rows, row_len, seed, steps_per_epoch,
   logging.info("%s: %d windows packed into %d batches of %d x %d tokens (%.1f%% padding); %d "
                "left out of epoch 0 (the remainder rows; different ones each epoch)", name,
                len(packed), steps, rows, row_len, 100 * (1 - fill), len(lengths) - len(packed))
+  info = dict(info, examples_per_batch=len(packed) / min(steps, len(plan)))   # for examples/s
   return BatchIterator(name, epoch_fn, True, steps, info, empty_spec={"rows": []})
 
 
