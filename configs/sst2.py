@@ -9,6 +9,10 @@ Variants (`--config=configs/sst2.py:<variant>`):
           Evaluates on dev every 500 steps and at the end; the best dev checkpoint is tested.
   quick   the first 1,000 training sentences, full dev and test evaluation (smoke test / demo).
   bf16    bfloat16 compute.
+  packed  training batches of 7 rows x 66 word-pieces with the sentences laid end to end, each
+          pooled at its own [CLS] (lib/data pack_rows): ~39% padding removed; 7 x 66 = 462 tokens a
+          step against the default's ~426 real ones (~2,000 steps instead of 2,104). Evaluation
+          unchanged. Combine: `packed+bf16`.
   fgm, pgd, freelb
           adversarial training on the word embeddings (configs/common.py:adversarial_variants,
           lib/adversarial.py): FGM eps 0.2; PGD-3 eps 0.2 step 0.06; FreeLB-3 step 0.1 init 0.1.
@@ -39,6 +43,7 @@ def get_config(variant: str = ""):
   return common.apply_variant(c, variant, {
       "quick": _quick,
       "bf16": common.bf16,
+      "packed": _packed,
       **common.adversarial_variants(),
       # The pooler is a pretrained projection: LoRA adapts its kernel too, its bias is trained.
       **common.peft_variants(
@@ -52,3 +57,6 @@ def _quick(c):
   c.train.eval_every = 0
   c.train.log_every = 5
 
+
+def _packed(c):
+  c.data.pack_rows = 7      # 7 x 66 = 462 tokens: the default batches hold ~426 real ones

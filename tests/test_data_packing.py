@@ -209,3 +209,62 @@ def test_packed_conll_training_batches(tmp_path):
   assert 0.8 * total <= labelled <= total   # only the remainder rows' windows left out
   ev = data.make_batches(f"conll:{tmp_path}", "validation", tok, pack_rows=2, **kw)
   assert "segment_ids" not in next(iter(ev))
+
+
+def test_packed_classification_rows_pool_each_sentence_at_its_own_cls():
+  """Packed SST-2-style rows: labels and pool positions per slot, and the real BERT sequence
+  classifier gives each packed sentence its unpacked logits; GPT-2 refuses packed pooling."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs.common import model_config  # pylint: disable=g-import-not-at-top
+  from lib import models  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  feats = [dict(input_ids=rng.integers(1000, 2000, n).astype(np.int32), label=lab, example_id=i)
+           for i, (n, lab) in enumerate([(6, 1), (11, 0), (4, 1)])]
+  pad = dict(input_ids=0, token_type_ids=0)
+  t = data.transforms.PackRows(feats, rows=2, row_len=24, pad_values=pad,
+                               slot_fields={"label": "label"}, slots=4)
+  b = t.map({"rows": [[1, 0], [2]], "step": 0})
+  np.testing.assert_array_equal(b["label"], [[0, 1, -1, -1], [1, -1, -1, -1]])
+  np.testing.assert_array_equal(b["pool_positions"], [[0, 11, 0, 0], [0, 0, 0, 0]])
+  cfg = model_config("bert-tiny")
+  cfg.vocab_size, cfg.max_len = 2048, 32
+  module = models.build(cfg, "seq_cls", 2)
+  params, _ = models.init_params(module, jax.random.PRNGKey(0), seq_len=24)
+  inputs = ("input_ids", "input_mask", "token_type_ids", "position_ids", "segment_ids",
+            "pool_positions")
+  out, _ = module.apply({"params": params}, **{k: b[k] for k in inputs}, deterministic=True)
+  assert out["logits"].shape == (2, 4, 2)
+  for (r, s), i in {(0, 0): 1, (0, 1): 0, (1, 0): 2}.items():
+    ids = feats[i]["input_ids"]
+    alone, _ = module.apply({"params": params}, input_ids=ids[None],
+                            input_mask=np.ones((1, len(ids)), np.int32), deterministic=True)
+    np.testing.assert_allclose(np.asarray(out["logits"])[r, s], np.asarray(alone["logits"])[0],
+                               rtol=1e-5, atol=1e-5)
+  gpt = model_config("gpt2-tiny")
+  gpt.vocab_size = 2048
+  g = models.build(gpt, "seq_cls", 2)
+  gparams, _ = models.init_params(g, jax.random.PRNGKey(0), seq_len=24)
+  with pytest.raises(ValueError, match="need BERT's first-token pooler"):
+    g.apply({"params": gparams}, **{k: b[k] for k in inputs}, deterministic=True)
+
+
+def test_packed_tsv_classification_batches(tmp_path):
+  from lib import model_io  # pylint: disable=g-import-not-at-top
+  tok = model_io.load_tokenizer("minilm", "bert", DATA)[0]
+  rng = np.random.default_rng(0)
+  words = "a fine film with a dull and tedious middle but a great end".split()
+  rows = ["sentence\tlabel"] + [
+      " ".join(rng.choice(words, int(rng.integers(1, 12)))) + f"\t{int(rng.integers(0, 2))}"
+      for _ in range(120)]
+  for name in ("train.tsv", "dev.tsv", "test.tsv"):
+    (tmp_path / name).write_text("\n".join(rows) + "\n")
+  it = data.make_batches(f"tsv:{tmp_path}", "train", tok, batch_size=8, max_len=24, train=True,
+                         pack_rows=3, cache_dir=str(tmp_path / "cache"))
+  batches = [next(it) for _ in range(len(it))]
+  labels = np.concatenate([b["label"][b["label"] >= 0] for b in batches])
+  assert {b["input_ids"].shape for b in batches} == {(3, 24)}
+  assert 0.8 * 120 <= len(labels) <= 120 and set(labels.tolist()) <= {0, 1}
+  for b in batches:   # every labelled slot points at a [CLS] that starts its segment
+    r, s = np.nonzero(b["label"] >= 0)
+    pos = b["pool_positions"][r, s]
+    assert (b["input_ids"][r, pos] == tok.cls_token_id).all() and (b["position_ids"][r, pos] == 0).all()

@@ -12,7 +12,9 @@ Batch specs (numpy dicts, int32, fixed batch size B; T is a bucket length <= max
     training (pack_rows = R > 0): (R, max_len) rows of windows laid end to end, with segment_ids
     and position_ids as packed LM rows and no example_ids.
   classification: input_ids, input_mask, token_type_ids (B, T) (sentence pairs: 0 for the first
-    text, 1 for the second), label (B,), example_ids (B,).
+    text, 1 for the second), label (B,), example_ids (B,). Packed training (pack_rows = R): (R,
+    max_len) rows with segment_ids and position_ids, label (R, S) (-1 on empty slots) and
+    pool_positions (R, S) (each example's first token), S = max_len // the shortest example.
   packed LM (text:*): input_ids, input_mask, segment_ids (0 = pad, 1.. per segment), position_ids
     (restart per segment), labels (B, T): MLM = original id where corrupted else -1; CLM = next
     token in the same segment, -1 at a segment's last token and on padding.

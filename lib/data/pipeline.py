@@ -369,11 +369,21 @@ def _fine_tuning_iterator(name, feats, info, *, train, batch_size, max_len, seed
   return BatchIterator(name, epoch_fn, train, steps_per_epoch, info, empty_spec={"indices": []})
 
 
+def _check_packed_shards(shard_count, steps_per_epoch):
+  if shard_count > 1 and steps_per_epoch is None:
+    raise ValueError("data.pack_rows with several input shards needs data.steps_per_epoch: the "
+                     "hosts' packed epochs can differ in length by a few batches")
+
+
 def _packed_iterator(name, feats, info, *, rows, row_len, seed, steps_per_epoch, pad_values,
-                     bfloat16_keys):
-  """Training batches of `rows` packed rows (packing.train_pack_plan) of `row_len` tokens."""
+                     bfloat16_keys, slot_fields=None):
+  """Training batches of `rows` packed rows (packing.train_pack_plan) of `row_len` tokens;
+  `slot_fields`: per-example scalars in (rows, slots) arrays (T.PackRows), slots enough for a row
+  of the shortest examples."""
   lengths = np.array([len(f["input_ids"]) for f in feats])
-  tail = [T.PackRows(feats, rows, row_len, pad_values), T.CastDtypes(bfloat16_keys)]
+  slots = row_len // max(1, int(lengths.min())) if slot_fields and len(lengths) else 0
+  tail = [T.PackRows(feats, rows, row_len, pad_values, dict(slot_fields or {}), slots),
+          T.CastDtypes(bfloat16_keys)]
 
   plan = packing.train_pack_plan(lengths, rows, row_len, seed, 0)
   steps = steps_per_epoch or len(plan)   # every epoch this long (train_pack_plan's num_batches)
@@ -385,7 +395,7 @@ def _packed_iterator(name, feats, info, *, rows, row_len, seed, steps_per_epoch,
     return [{"rows": b} for b in plan], tail
   packed = [i for b in plan[:steps] for r in b for i in r]
   fill = lengths[packed].sum() / (min(steps, len(plan)) * rows * row_len)
-  logging.info("%s: %d windows packed into %d batches of %d x %d tokens (%.1f%% padding); %d "
+  logging.info("%s: %d examples packed into %d batches of %d x %d tokens (%.1f%% padding); %d "
                "left out of epoch 0 (the remainder rows; different ones each epoch)", name,
                len(packed), steps, rows, row_len, 100 * (1 - fill), len(lengths) - len(packed))
   info = dict(info, examples_per_batch=len(packed) / min(steps, len(plan)))   # for examples/s
@@ -435,9 +445,7 @@ def token_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0,
   if not train:
     pad.update(word_ids=-1, predict_mask=0)
   if train and pack_rows:
-    if shard_count > 1 and steps_per_epoch is None:
-      raise ValueError("data.pack_rows with several input shards needs data.steps_per_epoch: the "
-                       "hosts' packed epochs can differ in length by a few batches")
+    _check_packed_shards(shard_count, steps_per_epoch)
     return _packed_iterator(name + f",pack={pack_rows}", feats, info, rows=pack_rows,
                             row_len=max_len, seed=seed, steps_per_epoch=steps_per_epoch,
                             pad_values=pad, bfloat16_keys=bfloat16_keys)
@@ -453,8 +461,12 @@ def token_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0,
 def seq_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, train=False,
                     shard_index=0, shard_count=1, data_dir=None, cache_dir=None, label_names=None,
                     buckets=None, sort_chunk_batches=50, steps_per_epoch=None, bfloat16_keys=(),
-                    max_examples=0, limit=0, **options):
-  """Sequence-classification batches (sst2, tsv:/csv:/jsonl:<path>); see make_batches."""
+                    max_examples=0, limit=0, pack_rows=0, **options):
+  """Sequence-classification batches (sst2, tsv:/csv:/jsonl:<path>); see make_batches.
+
+  pack_rows > 0 (training only): as token_cls_batches', with label (rows, slots) and
+  pool_positions (rows, slots) (each example's [CLS]; -1 labels on empty slots) for a BERT
+  pooler per example."""
   src = sources.get(dataset, data_dir, cache_dir, label_names, **options)
   feats, info = seq_cls_features(src, split, tokenizer, max_len=max_len, cache_dir=cache_dir,
                                  limit=limit, shard_index=shard_index, shard_count=shard_count)
@@ -463,6 +475,12 @@ def seq_cls_batches(dataset, split, tokenizer, *, batch_size, max_len, seed=0, t
                         seed=seed, train=train, shard=f"{shard_index}of{shard_count}",
                         buckets=buckets, sort=sort_chunk_batches, spe=steps_per_epoch,
                         n=max_examples, **_name_kw(src, limit))
+  if train and pack_rows:
+    _check_packed_shards(shard_count, steps_per_epoch)
+    return _packed_iterator(name + f",pack={pack_rows}", feats, info, rows=pack_rows,
+                            row_len=max_len, seed=seed, steps_per_epoch=steps_per_epoch,
+                            pad_values=dict(input_ids=tokenizer.pad_token_id, token_type_ids=0),
+                            bfloat16_keys=bfloat16_keys, slot_fields={"label": "label"})
   return _fine_tuning_iterator(name, feats, info, train=train, batch_size=batch_size,
                                max_len=max_len, seed=seed,
                                buckets=_buckets(max_len, buckets, shard_count, train),
@@ -540,7 +558,7 @@ def make_batches(dataset: str, split: str, tokenizer, *, batch_size: int, max_le
       sort_chunk_batches, max_examples (the first N examples of the shard), limit (the first N
       examples of the split, before sharding), pack_rows (training rows of packed windows)
       (token_cls); label_names, buckets,
-      sort_chunk_batches, max_examples, limit (seq_cls); objective ('mlm'|'clm'), mlm_rate,
+      sort_chunk_batches, max_examples, limit, pack_rows (seq_cls); objective ('mlm'|'clm'), mlm_rate,
       whole_word_masking (LM); steps_per_epoch, bfloat16_keys (all); own files: train_file,
       validation_file, test_file (all), word_column, tag_column, tag_scheme (conll:),
       text_columns, label_column (tsv:/csv:/jsonl:) (see lib.data.own). With shard_count > 1 and
@@ -564,7 +582,7 @@ _COMMON_KEYS = {"dataset", "batch_size", "eval_batch_size", "max_len", "seed", "
 _TASK_KEYS = {"token_cls": {"label_names", "buckets", "stride", "label_all_subwords",
                             "sort_chunk_batches", "max_examples", "max_eval_examples", "pack_rows"},
               "seq_cls": {"label_names", "buckets", "sort_chunk_batches", "max_examples",
-                          "max_eval_examples"},
+                          "max_eval_examples", "pack_rows"},
               "lm": {"objective", "mlm_rate", "whole_word_masking"}}
 # Config keys of own files, per task; their make_batches keywords; their defaults (a key at its
 # default is accepted for every dataset, so one config block serves named and own data).

@@ -108,13 +108,23 @@ class PackRows(grain.transforms.Map):
   rows: int
   row_len: int
   pad_values: dict
+  # Per-example scalars (classification: label -> label) as (rows, slots) arrays, -1 on empty
+  # slots, with pool_positions (rows, slots): each example's first token (0 on empty slots).
+  slot_fields: dict = dataclasses.field(default_factory=dict)
+  slots: int = 0
 
   def map(self, element):
     out = {k: np.full((self.rows, self.row_len), v, np.int32) for k, v in self.pad_values.items()}
     for k in ("input_mask", "segment_ids", "position_ids"):
       out[k] = np.zeros((self.rows, self.row_len), np.int32)
+    if self.slot_fields:
+      out["pool_positions"] = np.zeros((self.rows, self.slots), np.int32)
+      for dst in self.slot_fields.values():
+        out[dst] = np.full((self.rows, self.slots), -1, np.int32)
     for r, row in enumerate(element["rows"]):
       t = 0
+      if self.slot_fields and len(row) > self.slots:
+        raise ValueError(f"a packed row holds {len(row)} examples, more than slots={self.slots}")
       for seg, i in enumerate(row, start=1):
         f = self.features[i]
         n = len(f["input_ids"])
@@ -124,6 +134,10 @@ class PackRows(grain.transforms.Map):
         out["input_mask"][r, t:t + n] = 1
         out["segment_ids"][r, t:t + n] = seg
         out["position_ids"][r, t:t + n] = np.arange(n)
+        for src, dst in self.slot_fields.items():
+          out[dst][r, seg - 1] = f[src]
+        if self.slot_fields:
+          out["pool_positions"][r, seg - 1] = t
         t += n
       if t > self.row_len:
         raise ValueError(f"packed row of {t} tokens exceeds row_len={self.row_len}")

@@ -87,7 +87,9 @@ class Bert(nn.Module):
   @nn.compact
   def __call__(self, input_ids=None, input_mask=None, token_type_ids=None, position_ids=None,
                segment_ids=None, deterministic=True, output_attentions=False, inputs_embeds=None,
-               embedding_delta=None):
+               embedding_delta=None, pool_positions=None):
+    """pool_positions (B, S): packed rows (lib/data pack_rows): pool each example at its first
+    ([CLS]) token instead of each row at position 0."""
     x, hidden, attns = self.encoder(input_ids, input_mask, token_type_ids, position_ids,
                                     segment_ids, deterministic, output_attentions, inputs_embeds,
                                     embedding_delta)
@@ -96,7 +98,8 @@ class Bert(nn.Module):
     if attns is not None:
       inter["attentions"] = attns
     a = self.args
-    pool = functools.cache(lambda: heads.Pooler(a, name="pooler")(x, deterministic))  # (B, D)
+    pool = functools.cache(lambda: heads.Pooler(a, name="pooler")(x, deterministic,
+                                                                    pool_positions))  # (B, D)
     if self.head is None:
       if self.pooler:
         outputs["pooled"] = pool()

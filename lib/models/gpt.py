@@ -68,8 +68,11 @@ class Gpt(nn.Module):
   @nn.compact
   def __call__(self, input_ids=None, input_mask=None, token_type_ids=None, position_ids=None,
                segment_ids=None, deterministic=True, output_attentions=False, inputs_embeds=None,
-               embedding_delta=None):
+               embedding_delta=None, pool_positions=None):
     del token_type_ids  # GPT-2 has no token types; accepted so batches are interchangeable.
+    if pool_positions is not None:
+      raise ValueError("packed sequence-classification rows (pool_positions) need BERT's "
+                       "first-token pooler; GPT-2 pools each row's last token")
     x, hidden, attns = self.decoder(input_ids, input_mask, position_ids, segment_ids, deterministic,
                                     output_attentions, inputs_embeds, embedding_delta)
     outputs, inter = {"last_hidden_state": x}, {"hidden_states": hidden}

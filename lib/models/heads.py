@@ -22,17 +22,20 @@ class HeadInputs(NamedTuple):
   deterministic: bool
   attend: Callable             # (..., D) -> (..., V): logits against the word embeddings (tied)
   pool: Callable               # () -> (B, D): the model's summary of each row (BERT: the
-                               # pooler on [CLS]; GPT-2: the last real token), made once
+                               # pooler on [CLS]; GPT-2: the last real token), made once;
+                               # (B, S, D) for packed rows (BERT's pool_positions)
 
 
 class Pooler(nn.Module):
-  """tanh(dense(h[:, 0])) on the first ([CLS]) token, as BERT."""
+  """tanh(dense(h[:, 0])) on the first ([CLS]) token, as BERT; with `positions` (B, S) the
+  tokens at those positions (the [CLS] of each example of a packed row): (B, S, D)."""
   args: ModelArgs
 
   @nn.compact
-  def __call__(self, x, deterministic: bool = True):                    # (B, T, D) -> (B, D)
+  def __call__(self, x, deterministic: bool = True, positions=None):    # (B, T, D) -> (B, D)
     a = self.args
-    return jnp.tanh(dense(a, a.hidden_size, ("embed", "mlp"), ("mlp",), "dense")(x[:, 0],
+    h = x[:, 0] if positions is None else jnp.take_along_axis(x, positions[..., None], axis=1)
+    return jnp.tanh(dense(a, a.hidden_size, ("embed", "mlp"), ("mlp",), "dense")(h,
                                                                             deterministic))
 
 
@@ -84,7 +87,8 @@ def token_cls_head(h: HeadInputs) -> dict:
 
 
 def seq_cls_head(h: HeadInputs) -> dict:
-  """A `classifier` on the model's pooled row (Bert/GPT2ForSequenceClassification)."""
+  """A `classifier` on the model's pooled row (Bert/GPT2ForSequenceClassification); on each
+  pooled example of a packed row: logits (B, S, num_labels)."""
   pooled = h.pool()
   return {"pooled": pooled,
           "logits": Classifier(h.args, h.num_labels, name="classifier")(pooled, h.deterministic)}

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import optax
 
 # Batch keys the models accept; anything else in a batch (labels, ids for evaluation) stays out.
-# embedding_delta (B, T, D) is added to the word embeddings: lib/adversarial puts it in a batch.
+# embedding_delta (B, T, D) is added to the word embeddings: lib/adversarial puts it in a batch;
+# pool_positions (B, S): packed classification rows, each example pooled at its first token.
 MODEL_INPUTS = ("input_ids", "input_mask", "token_type_ids", "position_ids", "segment_ids",
-                "embedding_delta")
+                "embedding_delta", "pool_positions")
 
 
 def apply_model(module, params, batch, rng=None, train=False, **kw):
