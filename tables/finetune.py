@@ -98,5 +98,8 @@ TABLE = tables.Table(
             "float32 matmul at ~195 GFLOP/s, the recorded runs' at ~430). The SST-2 cells ran "
             "two at a time beside other cells (their walls are not speed measurements); cells "
             "started after commit 3f026d7 load the shapes an earlier run compiled from JAX's "
-            "persistent compilation cache (ours only: the reference loop does not compile).",
+            "persistent compilation cache (ours only: the reference loop does not compile). "
+            "Another session (2026-11-30, 21:48-22:20, AMD EPYC Zen 4) ran ner_packed_bf16 "
+            "seeds 1 and 2 and hf_ner seed 1 alone, one after another (compare those walls with "
+            "each other); ner_packed_bf16 seed 0 ran beside a reference cell.",
 )
