@@ -99,7 +99,7 @@ TABLE = tables.Table(
             "two at a time beside other cells (their walls are not speed measurements); cells "
             "started after commit 3f026d7 load the shapes an earlier run compiled from JAX's "
             "persistent compilation cache (ours only: the reference loop does not compile). "
-            "Another session (2026-11-30, 21:48-22:20, AMD EPYC Zen 4) ran ner_packed_bf16 "
-            "seeds 1 and 2 and hf_ner seed 1 alone, one after another (compare those walls with "
+            "Another session (2026-11-30, 21:48-22:28, AMD EPYC Zen 4) ran ner_packed_bf16 "
+            "seeds 1 and 2, hf_ner seed 1 and ner_packed seed 0 alone, one after another (compare those walls with "
             "each other); ner_packed_bf16 seed 0 ran beside a reference cell.",
 )
