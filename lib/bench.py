@@ -45,6 +45,21 @@ class ModelSpec:
 
 
 MLM_RATE = 0.15
+
+
+def token_cls_spec(name: str) -> ModelSpec:
+  """A 9-label token classifier on both sides: 'minilm' (the installed checkpoint, new head) or a
+  preset of configs/common.py (random init)."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from lib import hf  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  if name == "minilm":
+    args, params = hf.import_checkpoint("minilm", "token_cls", 9, allow_new_heads=True)
+    return ModelSpec(name, args, params, lambda: transformers.BertForTokenClassification
+                     .from_pretrained(hf.minilm_dir(), num_labels=9))
+  args = models.args_from_config(common.model_config(name))
+  return ModelSpec(name, args, None, lambda: transformers.BertForTokenClassification(
+      hf.hf_config(args, "token_cls", 9)))
 # Dense bf16 peak FLOP/s of accelerators by device_kind (datasheets; first match wins). Other
 # devices (CPUs) get a measured jnp.dot peak.
 DATASHEET_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),

@@ -96,20 +96,6 @@ def _setup_threads(n: int):
   torch.set_num_threads(n)
 
 
-def _spec(name: str):
-  from configs import common  # pylint: disable=g-import-not-at-top
-  from lib import bench, hf, models  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  if name == "minilm":
-    args, params = hf.import_checkpoint("minilm", "token_cls", 9, allow_new_heads=True)
-    factory = lambda: transformers.BertForTokenClassification.from_pretrained(
-        hf.minilm_dir(), num_labels=9)
-    return bench.ModelSpec(name, args, params, factory)
-  args = models.args_from_config(common.model_config(name))
-  factory = lambda: transformers.BertForTokenClassification(hf.hf_config(args, "token_cls", 9))
-  return bench.ModelSpec(name, args, None, factory)
-
-
 def main(argv):
   del argv
   _maybe_reexec_with_malloc_env()
@@ -131,7 +117,7 @@ def main(argv):
   if FLAGS.adversarial:
     return _adversarial_table(bench)
   for name in FLAGS.models:
-    spec = _spec(name)
+    spec = bench.token_cls_spec(name)
     for t in FLAGS.seq_len:
       for dtype in FLAGS.dtype:
         row = bench.benchmark_row(spec, FLAGS.batch, int(t), steps=FLAGS.steps,
@@ -155,11 +141,12 @@ def _report(rows: list, columns, key: str):
 
 def _setting_table(rows_fn, columns, key: str):
   """Rows of `rows_fn(spec, batch, seq_len, dtype)` for every model x length x dtype."""
+  from lib import bench  # pylint: disable=g-import-not-at-top
   rows = []
   for name in FLAGS.models:
     for t in FLAGS.seq_len:
       for dtype in FLAGS.dtype:
-        rows += rows_fn(_spec(name), FLAGS.batch, int(t), dtype)
+        rows += rows_fn(bench.token_cls_spec(name), FLAGS.batch, int(t), dtype)
   _report(rows, columns, key)
 
 

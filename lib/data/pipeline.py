@@ -390,9 +390,10 @@ def _packed_iterator(name, feats, info, *, rows, row_len, seed, steps_per_epoch,
   if not steps:
     raise ValueError(f"{name}: fewer packed rows than data.pack_rows={rows}")
 
-  def epoch_fn(epoch):
-    plan = packing.train_pack_plan(lengths, rows, row_len, seed, epoch, num_batches=steps)
-    return [{"rows": b} for b in plan], tail
+  def epoch_fn(epoch):   # epoch 0's plan is the one just made (the same cut to `steps`)
+    p = plan[:steps] if epoch == 0 and len(plan) >= steps else packing.train_pack_plan(
+        lengths, rows, row_len, seed, epoch, num_batches=steps)
+    return [{"rows": b} for b in p], tail
   packed = [i for b in plan[:steps] for r in b for i in r]
   fill = lengths[packed].sum() / (min(steps, len(plan)) * rows * row_len)
   logging.info("%s: %d examples packed into %d batches of %d x %d tokens (%.1f%% padding); %d "
