@@ -122,9 +122,12 @@ class PackRows(grain.transforms.Map):
       for dst in self.slot_fields.values():
         out[dst] = np.full((self.rows, self.slots), -1, np.int32)
     for r, row in enumerate(element["rows"]):
-      t = 0
+      t = sum(len(self.features[i]["input_ids"]) for i in row)
+      if t > self.row_len:   # checked before writing (numpy would fail on the slice first)
+        raise ValueError(f"packed row of {t} tokens exceeds row_len={self.row_len}")
       if self.slot_fields and len(row) > self.slots:
         raise ValueError(f"a packed row holds {len(row)} examples, more than slots={self.slots}")
+      t = 0
       for seg, i in enumerate(row, start=1):
         f = self.features[i]
         n = len(f["input_ids"])
@@ -139,8 +142,6 @@ class PackRows(grain.transforms.Map):
         if self.slot_fields:
           out["pool_positions"][r, seg - 1] = t
         t += n
-      if t > self.row_len:
-        raise ValueError(f"packed row of {t} tokens exceeds row_len={self.row_len}")
     out["_step"] = element["step"]
     return out
 
