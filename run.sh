@@ -2,7 +2,7 @@
 # One entry point: sets up .venv (idempotent) and runs the research scripts and the tests.
 #   ./run.sh setup                 create .venv, install pinned requirements + MiniLM weights
 #   ./run.sh test [pytest args]    install test requirements too, run the test suite
-#   ./run.sh finetune [flags]      research/finetune.py   (default: --config=configs/ner.py)
+#   ./run.sh finetune [flags]      research/finetune.py   (default: --config=configs/ner.py:packed+bf16)
 #   ./run.sh distill [flags]       research/distill.py    (a teacher -> a smaller student)
 #   ./run.sh compress [flags]      research/compress.py   (int8 PTQ: --model=<fine-tuned> --out=DIR)
 #   ./run.sh pretrain [flags]      research/pretrain_mlm.py (--config=configs/mlm.py or clm.py)
@@ -89,7 +89,7 @@ case "$cmd" in
     setup_test
     export JAX_PLATFORMS=cpu
     exec "$PY" -m pytest -n 2 --dist loadfile -q tests "$@" ;;
-  finetune) setup; with_defaults finetune.py configs/ner.py workdirs/ner "$@" ;;
+  finetune) setup; with_defaults finetune.py configs/ner.py:packed+bf16 workdirs/ner "$@" ;;
   distill) setup; exec "$PY" research/distill.py "$@" ;;
   compress) setup; exec "$PY" research/compress.py "$@" ;;
   pretrain) setup; exec "$PY" research/pretrain_mlm.py "$@" ;;
