@@ -16,14 +16,16 @@
 So `./run.sh finetune ... && next-step` runs next-step only after a finished run.
 """
 
+import ctypes
 import difflib
 import os
+import platform
 import re
 import sys
 import traceback
 from typing import Callable, Optional
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 # is_config_flag is public (documented for external users) but not re-exported by the package.
 from ml_collections.config_flags.config_flags import is_config_flag
@@ -37,6 +39,11 @@ EXIT_PREEMPTED = 75          # EX_TEMPFAIL (sysexits.h): try again later
 DEBUG_ENV = "WORKBENCH_DEBUG"
 
 flags.DEFINE_bool("debug", False, f"print the traceback of user errors too (or set {DEBUG_ENV}=1)")
+flags.DEFINE_bool("malloc_tuning", True, "glibc: keep freed memory for reuse (mallopt: no mmap'd "
+                  "blocks, no trimming below 2 GiB, one arena), so that XLA's per-step buffers "
+                  "are not page-faulted in afresh every step (a MiniLM train step ~20% faster on "
+                  "2 cores, peak RSS ~15% higher); --nomalloc_tuning keeps glibc's defaults, and "
+                  "so does any MALLOC_* variable in the environment")
 
 _HELP_NAMES = ("help", "helpshort", "helpfull", "?")
 CONFIG_DOCS = (
@@ -70,6 +77,27 @@ def use_compilation_cache(enable: bool = True) -> Optional[str]:
   if "jax" in sys.modules:   # imported already: its config read the variable before we set it
     sys.modules["jax"].config.update("jax_compilation_cache_dir", path or None)
   return path or None
+
+
+# glibc mallopt parameters (malloc.h) -> value: what `--malloc_tuning` sets. Large blocks come from
+# the heap instead of fresh mmap()s (zero-filled pages faulted in on first touch, unmapped on
+# free), and freed memory stays with the process.
+MALLOPT = (("M_TRIM_THRESHOLD", -1, (1 << 31) - 1), ("M_MMAP_MAX", -4, 0), ("M_ARENA_MAX", -8, 1))
+
+
+def tune_malloc() -> Optional[str]:
+  """Applies MALLOPT through glibc's mallopt(); returns a line saying what it did, or None where
+  it did nothing (not glibc, or a MALLOC_* environment variable set by the user)."""
+  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    return None
+  if any(k.startswith("MALLOC_") for k in os.environ):
+    return None
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+  except OSError:
+    return None
+  done = [name for name, param, value in MALLOPT if libc.mallopt(param, value) == 1]
+  return f"malloc: glibc mallopt {', '.join(done)} (--nomalloc_tuning: glibc's defaults)"
 
 
 def run(main: Callable, compilation_cache: bool = True) -> None:
@@ -109,6 +137,10 @@ def exit_user_error(message: str, exc: Optional[BaseException] = None) -> None:
 def _guard(main: Callable) -> Callable:
   """`main` with user errors (UserError, app.UsageError) turned into one line and exit code 2."""
   def guarded(argv):
+    if flags.FLAGS.malloc_tuning:
+      tuned = tune_malloc()
+      if tuned:
+        logging.info(tuned)
     try:
       return main(argv)
     except app.UsageError as e:

@@ -154,6 +154,58 @@ def test_debug_shows_the_traceback_of_a_user_error(script):
     assert _last_line(out.stderr) == "error: config.x=1: must be > 1"
 
 
+_MALLINFO = """
+import ctypes, json, sys
+sys.path.insert(0, {repo!r})
+from lib import cli
+libc = ctypes.CDLL("libc.so.6")
+class Info(ctypes.Structure):
+  _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                             "usmblks", "fsmblks", "uordblks", "fordblks",
+                                             "keepcost")]
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+def mmapped_blocks_of_a_64mib_malloc():
+  n = libc.mallinfo2().hblks
+  p = libc.malloc(64 << 20)
+  n = libc.mallinfo2().hblks - n
+  libc.free(ctypes.c_void_p(p))
+  return n
+before = mmapped_blocks_of_a_64mib_malloc()
+line = cli.tune_malloc()
+print(json.dumps([before, mmapped_blocks_of_a_64mib_malloc(), line]))
+"""
+
+
+def test_malloc_tuning_serves_large_blocks_from_the_heap(tmp_path):
+  """glibc mmap()s a 64 MiB block by default (a fresh, zero-filled mapping every step for XLA's
+  large buffers); after cli.tune_malloc it comes from the heap. A user's MALLOC_* variable wins."""
+  import platform  # pylint: disable=g-import-not-at-top
+  if platform.libc_ver()[0] != "glibc":
+    pytest.skip("glibc only")
+  path = tmp_path / "mallinfo.py"
+  path.write_text(_MALLINFO.format(repo=REPO))
+  env = {k: v for k, v in _env().items() if not k.startswith("MALLOC_")}
+  out = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True,
+                       timeout=60)
+  if "mallinfo2" in out.stderr:
+    pytest.skip("glibc < 2.33: no mallinfo2")
+  before, after, line = json.loads(out.stdout)
+  assert (before, after) == (1, 0), out.stdout
+  assert "M_MMAP_MAX" in line and "M_TRIM_THRESHOLD" in line and "M_ARENA_MAX" in line
+  env["MALLOC_ARENA_MAX"] = "2"
+  user = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True,
+                        timeout=60)
+  assert json.loads(user.stdout) == [1, 1, None], user.stdout
+
+
+def test_scripts_tune_malloc_unless_told_not_to(script):
+  tuned = _run(script)
+  assert tuned.returncode == 0 and "malloc: glibc mallopt M_TRIM_THRESHOLD" in tuned.stderr
+  plain = _run(script, "--nomalloc_tuning")
+  assert plain.returncode == 0 and "malloc:" not in plain.stderr
+
+
 # ----------------------------------------------------------------------------- research scripts
 
 FINETUNE = os.path.join("research", "finetune.py")
