@@ -6,6 +6,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lib import adversarial, flops, models, optim, peft, sharding, train
@@ -140,16 +141,9 @@ def spec_batch(spec: ModelSpec, batch: int, seq_len: int, pad_frac: float = 0.0)
 
 # ----------------------------------------------------------------------------- the two steps
 
-def build_ours(spec: ModelSpec, batch_np: dict, dtype: str = "float32", lr: float = 2e-5,
-               seed: int = 0, peft_rules=peft.FULL_FINETUNE, cost: Optional[dict] = None,
-               adversarial_cfg=None):
-  """Our training step as `lib.train` runs it (`spec`'s head and loss, `lib.optim` AdamW chain,
-  1 device), training what `peft_rules` say (LoRA factors added as the run skeleton adds them),
-  with the loss wrapped by `adversarial_cfg` (a `config.adversarial` block) when given.
-
-  Returns (run, compile_s, xla_flops, args): `run()` takes one blocking step. `cost`, if given,
-  receives XLA's cost analysis of the compiled step ('flops', 'bytes accessed', ...).
-  """
+def _ours_setup(spec: ModelSpec, dtype: str, lr: float, seed: int, peft_rules):
+  """(args, module, param specs, params, labels, tx, schedule) of our step as `build_ours` and
+  `breakdown_row` run it: `spec`'s model in `dtype`, PEFT factors added, the lib.optim chain."""
   base = dataclasses.replace(spec.args, dtype=dtype)
   args = peft.configure(base, peft.parse_spec(peft_rules))
   module = models.build(args, spec.head, spec.num_labels)
@@ -164,6 +158,21 @@ def build_ours(spec: ModelSpec, batch_np: dict, dtype: str = "float32", lr: floa
   ocfg = optim.default_config()
   ocfg.lr = lr
   tx, schedule = optim.make_optimizer(ocfg, labels, num_steps=100_000)
+  return args, module, specs, params, labels, tx, schedule
+
+
+def build_ours(spec: ModelSpec, batch_np: dict, dtype: str = "float32", lr: float = 2e-5,
+               seed: int = 0, peft_rules=peft.FULL_FINETUNE, cost: Optional[dict] = None,
+               adversarial_cfg=None):
+  """Our training step as `lib.train` runs it (`spec`'s head and loss, `lib.optim` AdamW chain,
+  1 device), training what `peft_rules` say (LoRA factors added as the run skeleton adds them),
+  with the loss wrapped by `adversarial_cfg` (a `config.adversarial` block) when given.
+
+  Returns (run, compile_s, xla_flops, args): `run()` takes one blocking step. `cost`, if given,
+  receives XLA's cost analysis of the compiled step ('flops', 'bytes accessed', ...).
+  """
+  args, module, specs, params, labels, tx, schedule = _ours_setup(spec, dtype, lr, seed,
+                                                                  peft_rules)
   mesh = sharding.make_mesh(sharding.default_mesh_config(), jax.devices()[:1])
   rules = sharding.DEFAULT_RULES
   state = train.train_state_from_params(params, tx, mesh, rules, specs, labels)
@@ -350,6 +359,68 @@ def format_table(rows: list, columns: Sequence[str] = COLUMNS) -> str:
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(cell(r.get(c, "-")) for c in columns) + " |" for r in rows]
   return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- step breakdown
+
+BREAKDOWN_COLUMNS = ("model", "dtype", "batch", "seq_len", "tokens", "step_ms", "forward_ms",
+                     "backward_ms", "update_ms", "rest_ms", "fixed_ms", "ms_per_1k_tokens",
+                     "marginal_gflop_s", "peak_gflop_s", "marginal_peak_frac")
+
+
+def breakdown_row(spec: ModelSpec, batch: int, seq_len: int, *, steps: int, warmup: int,
+                  dtype: str = "float32", peak_n: int = 2048) -> dict:
+  """Where our full fine-tuning step's time goes, each part jitted on its own and timed
+  interleaved (medians, ms): the whole step as `build_ours` runs it (`step_ms`); the training
+  loss alone (`forward_ms`, dropout on); its gradients minus that (`backward_ms`); the optimizer
+  update alone on those gradients (`update_ms`: the lib.optim chain and apply_updates, state
+  donated); what the step adds to forward + backward (`rest_ms`: the update and metrics as XLA
+  fuses them into the step, so usually far below `update_ms`). The gradients are also timed at
+  twice the batch: the extra `batch` examples cost `ms_per_1k_tokens` per 1,000 tokens
+  (`marginal_gflop_s` of model FLOPs, as a fraction of a jitted `peak_n`^2 matmul in `dtype`)
+  and `fixed_ms` = 2 x grads(B) - grads(2B) is the part of a forward + backward that does not
+  grow with the batch (embedding-table gradients, per-step dispatch, small ops).
+  """
+  import optax  # pylint: disable=g-import-not-at-top
+  data = spec_batch(spec, batch, seq_len)
+  step = build_ours(spec, data, dtype)[0]
+  args, module, _, params, labels, tx, _ = _ours_setup(spec, dtype, 2e-5, 0, peft.FULL_FINETUNE)
+  trainable, frozen = peft.split_trainable(params, labels)
+  loss_fn = spec.loss_fn(module, seq_len)
+  rng = jax.random.key(0)
+  loss = lambda t, b: loss_fn(peft.merge_trainable(t, frozen), b, rng, True)[0]
+  forward, grad = jax.jit(loss), jax.jit(jax.grad(loss))
+  batches = {1: jax.device_put(data), 2: jax.device_put(spec_batch(spec, 2 * batch, seq_len))}
+  grads = grad(trainable, batches[1])
+
+  def apply(g, opt_state, t):
+    updates, opt_state = tx.update(g, opt_state, t)
+    return optax.apply_updates(t, updates), opt_state
+  update = jax.jit(apply, donate_argnums=(1, 2))
+  held = {"t": jax.tree.map(jnp.copy, trainable), "s": tx.init(trainable)}
+
+  def run_update():
+    held["t"], held["s"] = update(grads, held["s"], held["t"])
+    jax.block_until_ready(held["t"])
+  fns = {"step": step,
+         "forward": lambda: jax.block_until_ready(forward(trainable, batches[1])),
+         "grads": lambda: jax.block_until_ready(grad(trainable, batches[1])),
+         "grads_2x": lambda: jax.block_until_ready(grad(trainable, batches[2])),
+         "update": run_update}
+  for _ in range(max(warmup, 1)):     # the first call of each compiles
+    for fn in fns.values():
+      fn()
+  ms = {k: 1e3 * float(np.median(v)) for k, v in time_interleaved(fns, steps).items()}
+  tokens = batch * seq_len
+  extra = max(ms["grads_2x"] - ms["grads"], 1e-9)
+  fl = step_flops(spec, args, batch, seq_len)
+  peak = flops.matmul_peak(peak_n, dtype)
+  return dict(model=spec.name, dtype=dtype, batch=batch, seq_len=seq_len, tokens=tokens,
+              step_ms=ms["step"], forward_ms=ms["forward"],
+              backward_ms=ms["grads"] - ms["forward"], update_ms=ms["update"],
+              rest_ms=ms["step"] - ms["grads"], fixed_ms=2 * ms["grads"] - ms["grads_2x"],
+              ms_per_1k_tokens=extra / tokens * 1e3, marginal_gflop_s=fl / extra / 1e6,
+              peak_gflop_s=peak / 1e9, marginal_peak_frac=fl / extra * 1e3 / peak)
 
 
 # ----------------------------------------------------------------------------- PEFT step costs

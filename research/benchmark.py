@@ -24,6 +24,12 @@ what it does: the FLOPs it saves vs the memory traffic it keeps).
 
 --adversarial: our full fine-tuning step plain and under each adversarial variant of
 configs/common.py, interleaved: median step time and XLA's FLOPs, as ratios to the plain step.
+  .venv/bin/python research/benchmark.py --models=minilm --batch=5 --dtype=bfloat16,float32 \
+      --breakdown
+
+--breakdown: our step only, split into forward, backward and the optimizer update (each jitted
+alone, interleaved), with the gradients also timed at twice the batch: the per-step cost that does
+not grow with the batch and the marginal cost (and FLOP/s) of more tokens.
 The process pins itself to --threads cores (XLA sizes its pool from the affinity; torch gets
 set_num_threads) and re-executes itself once under glibc malloc settings (--tune_malloc).
 """
@@ -64,6 +70,9 @@ flags.DEFINE_list("peft", [], "instead of the HF comparison: our step under thes
 flags.DEFINE_list("adversarial", [], "instead of the HF comparison: our full fine-tuning step "
                   "plain and under these adversarial variants of configs/common.py (fgm, pgd, "
                   "freelb), interleaved: the training-time overhead of each method")
+flags.DEFINE_bool("breakdown", False, "instead of the HF comparison: where our step's time goes "
+                  "(forward, backward, optimizer update, the per-step fixed cost and the marginal "
+                  "cost per 1,000 tokens; lib/bench.breakdown_row)")
 flags.DEFINE_string("workdir", "", "also write the rows to <workdir>/metrics.json as {'rows': "
                     "[...]} (a cell of research/reproduce.py)")
 flags.DEFINE_enum("omp_wait_policy", "PASSIVE", ["PASSIVE", "ACTIVE", "default"],
@@ -116,6 +125,10 @@ def main(argv):
     return _peft_table(bench)
   if FLAGS.adversarial:
     return _adversarial_table(bench)
+  if FLAGS.breakdown:
+    return _setting_table(lambda spec, b, t, dt: [bench.breakdown_row(
+        spec, b, t, steps=FLAGS.steps, warmup=FLAGS.warmup, dtype=dt)],
+                          bench.BREAKDOWN_COLUMNS, "breakdown_rows")
   for name in FLAGS.models:
     spec = bench.token_cls_spec(name)
     for t in FLAGS.seq_len:

@@ -123,6 +123,25 @@ def test_peft_rows_tiny():
     bench.peft_rows(spec, 4, 8, ["lora_everything"], steps=1, warmup=0)
 
 
+@pytest.mark.slow
+def test_breakdown_row_tiny():
+  """The parts add up: forward + backward + rest = the step; the fixed cost plus the marginal
+  cost of the batch's tokens = forward + backward; FLOP/s are the model FLOPs over that margin."""
+  spec = _tiny_spec()
+  row = bench.breakdown_row(spec, 2, 8, steps=3, warmup=1, peak_n=64)
+  assert set(bench.BREAKDOWN_COLUMNS) <= set(row)
+  assert row["tokens"] == 16 and row["model"] == "tiny"
+  assert all(math.isfinite(row[c]) for c in bench.BREAKDOWN_COLUMNS[4:]), row
+  assert row["step_ms"] > 0 and row["forward_ms"] > 0 and row["update_ms"] > 0
+  grads_ms = row["forward_ms"] + row["backward_ms"]
+  assert row["forward_ms"] + row["backward_ms"] + row["rest_ms"] == pytest.approx(row["step_ms"])
+  assert row["fixed_ms"] + row["ms_per_1k_tokens"] * 16 / 1e3 == pytest.approx(grads_ms)
+  fl = bench.step_flops(spec, spec.args, 2, 8)
+  assert row["marginal_gflop_s"] == pytest.approx(fl / (row["ms_per_1k_tokens"] * 16) / 1e3)
+  assert row["marginal_peak_frac"] == pytest.approx(row["marginal_gflop_s"] / row["peak_gflop_s"])
+  assert "| tiny | float32 | 2 | 8 | 16 |" in bench.format_table([row], bench.BREAKDOWN_COLUMNS)
+
+
 @pytest.mark.parametrize("head,arch", [("lm", "gpt2"), ("mlm", "bert")])
 def test_lm_benchmark_sides_compute_the_same_loss(head, arch):
   """The accelerator benchmark compares like with like: on its synthetic batch, our loss and the
