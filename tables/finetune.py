@@ -121,5 +121,8 @@ TABLE = tables.Table(
             "persistent compilation cache (ours only: the reference loop does not compile). "
             "Another session (2026-11-30, 21:48-22:28, AMD EPYC Zen 4) ran ner_packed_bf16 "
             "seeds 1 and 2, hf_ner seed 1 and ner_packed seed 0 alone, one after another (compare those walls with "
-            "each other); ner_packed_bf16 seed 0 ran beside a reference cell.",
+            "each other); ner_packed_bf16 seed 0 ran beside a reference cell. A third session "
+            "(2026-11-30 22:52 - 2026-12-01 00:35, AMD EPYC Zen 4) ran, each alone, one after "
+            "another: sst2_packed_bf16 seed 0, hf_sst2, sst2_packed seed 0, then the four "
+            "*_tuned rows; sst2_packed_bf16 seeds 1 and 2 ran beside other cells.",
 )
