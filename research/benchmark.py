@@ -31,7 +31,8 @@ configs/common.py, interleaved: median step time and XLA's FLOPs, as ratios to t
 alone, interleaved), with the gradients also timed at twice the batch: the per-step cost that does
 not grow with the batch and the marginal cost (and FLOP/s) of more tokens.
 The process pins itself to --threads cores (XLA sizes its pool from the affinity; torch gets
-set_num_threads) and re-executes itself once under glibc malloc settings (--tune_malloc).
+set_num_threads) and re-executes itself once under the MALLOC_* equivalents of lib/cli's
+allocator settings (--nomalloc_tuning: neither, glibc's defaults).
 """
 
 import os
@@ -60,9 +61,6 @@ flags.DEFINE_enum("hf_dtype", "float32", ["float32", "bfloat16"], "HF side: floa
                   "default) or bfloat16 (torch.autocast)")
 flags.DEFINE_float("pad_frac", 0.0, "fraction of each row that is padding")
 flags.DEFINE_string("prng_impl", "threefry2x32", "jax_default_prng_impl (dropout key bits)")
-flags.DEFINE_bool("tune_malloc", True, "re-run under MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 "
-                  "MALLOC_TRIM_THRESHOLD_=64G: else glibc mmaps XLA's per-step buffers afresh and "
-                  "the step page-faults ~1 GB every call (~20% of a MiniLM step)")
 flags.DEFINE_string("xla_flags", "", "extra XLA_FLAGS")
 flags.DEFINE_list("peft", [], "instead of the HF comparison: our step under these PEFT settings "
                   "(lib/bench.PEFT_SETTINGS: full, lora_attention, lora_all, lora_all_nodropout, "
@@ -85,8 +83,9 @@ MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
 
 
 def _maybe_reexec_with_malloc_env():
-  """glibc reads its tunables at start-up only, so the process re-executes itself once."""
-  if FLAGS.tune_malloc and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+  """The benchmark's rows have always run under these variables (read by glibc at start-up: one
+  re-execution); lib/cli's in-process mallopt defers to them."""
+  if FLAGS.malloc_tuning and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
     os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, **MALLOC_ENV))
 
 
