@@ -124,5 +124,7 @@ TABLE = tables.Table(
             "each other); ner_packed_bf16 seed 0 ran beside a reference cell. A third session "
             "(2026-11-30 22:52 - 2026-12-01 00:35, AMD EPYC Zen 4) ran, each alone, one after "
             "another: sst2_packed_bf16 seed 0, hf_sst2, sst2_packed seed 0, then the four "
-            "*_tuned rows; sst2_packed_bf16 seeds 1 and 2 ran beside other cells.",
+            "*_tuned rows; sst2_packed_bf16 seeds 1 and 2 ran beside other cells, and seed 1 "
+            "was paused (SIGSTOP) for ~57 minutes while the alone cells ran: its wall counts the "
+            "pause.",
 )
