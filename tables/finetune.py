@@ -126,5 +126,7 @@ TABLE = tables.Table(
             "another: sst2_packed_bf16 seed 0, hf_sst2, sst2_packed seed 0, then the four "
             "*_tuned rows; sst2_packed_bf16 seeds 1 and 2 ran beside other cells, and seed 1 "
             "was paused (SIGSTOP) for ~57 minutes while the alone cells ran: its wall counts the "
-            "pause.",
+            "pause; ner_bf16 seed 2 ran beside a PEFT cell. Every cell started after commit "
+            "763ae00 has the tuned allocator (the scripts' default since), whether or not its row "
+            "says `--malloc_tuning`.",
 )
