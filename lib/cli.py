@@ -100,6 +100,35 @@ def tune_malloc() -> Optional[str]:
   return f"malloc: glibc mallopt {', '.join(done)} (--nomalloc_tuning: glibc's defaults)"
 
 
+# The MALLOC_* equivalents of MALLOPT, for benchmarks whose rows have always run under them
+# (glibc reads them at start-up: `reexec_with_env`); tune_malloc defers to them.
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+              "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
+
+
+def reexec_with_env(env: dict) -> None:
+  """Re-executes this process once with `env` added, unless it is already set."""
+  if any(os.environ.get(k) != v for k, v in env.items()):
+    os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, **env))
+
+
+def pin_cpu_threads(n: int, xla_flags: str = "", omp_wait_policy: str = "default") -> None:
+  """Pins this process to n cores before jax starts (XLA:CPU sizes its pool from the affinity),
+  one XLA host device plus `xla_flags`, and torch to n threads (OMP_WAIT_POLICY unless
+  'default': read when torch loads libgomp)."""
+  cpus = sorted(os.sched_getaffinity(0))
+  if n < len(cpus):
+    os.sched_setaffinity(0, cpus[:n])
+  os.environ["XLA_FLAGS"] = " ".join(
+      [f for f in os.environ.get("XLA_FLAGS", "").split()
+       if not f.startswith("--xla_force_host_platform_device_count")]
+      + ["--xla_force_host_platform_device_count=1"] + xla_flags.split())
+  if omp_wait_policy != "default":
+    os.environ["OMP_WAIT_POLICY"] = omp_wait_policy
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(n)
+
+
 def run(main: Callable, compilation_cache: bool = True) -> None:
   """Runs `main(argv)` as absl.app.run does, with this module's error handling and exit codes,
   and JAX's persistent compilation cache on unless `compilation_cache` is false

@@ -78,36 +78,11 @@ flags.DEFINE_enum("omp_wait_policy", "PASSIVE", ["PASSIVE", "ACTIVE", "default"]
                   "spinning workers made HF steps 2-10x slower, so PASSIVE is HF's best case here")
 
 
-MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
-              "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
-
-
-def _maybe_reexec_with_malloc_env():
-  """The benchmark's rows have always run under these variables (read by glibc at start-up: one
-  re-execution); lib/cli's in-process mallopt defers to them."""
-  if FLAGS.malloc_tuning and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-    os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, **MALLOC_ENV))
-
-
-def _setup_threads(n: int):
-  """Pins this process to n cores before jax starts: XLA:CPU sizes its pool from the affinity."""
-  cpus = sorted(os.sched_getaffinity(0))
-  if n < len(cpus):
-    os.sched_setaffinity(0, cpus[:n])
-  os.environ["XLA_FLAGS"] = " ".join(
-      [f for f in os.environ.get("XLA_FLAGS", "").split()
-       if not f.startswith("--xla_force_host_platform_device_count")]
-      + ["--xla_force_host_platform_device_count=1"] + FLAGS.xla_flags.split())
-  if FLAGS.omp_wait_policy != "default":
-    os.environ["OMP_WAIT_POLICY"] = FLAGS.omp_wait_policy   # read when torch loads libgomp
-  import torch  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(n)
-
-
 def main(argv):
   del argv
-  _maybe_reexec_with_malloc_env()
-  _setup_threads(FLAGS.threads)
+  if FLAGS.malloc_tuning:
+    cli.reexec_with_env(cli.MALLOC_ENV)
+  cli.pin_cpu_threads(FLAGS.threads, FLAGS.xla_flags, FLAGS.omp_wait_policy)
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_default_prng_impl", FLAGS.prng_impl)
   import transformers  # pylint: disable=g-import-not-at-top
@@ -117,7 +92,7 @@ def main(argv):
   print(f"cpu={reporting.cpu_model()!r} threads={FLAGS.threads} devices={jax.devices()} "
         f"prng={FLAGS.prng_impl} "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
-        f"malloc={ {k: os.environ.get(k) for k in MALLOC_ENV} } "
+        f"malloc={ {k: os.environ.get(k) for k in cli.MALLOC_ENV} } "
         f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}", flush=True)
   rows = []
   if FLAGS.peft:
