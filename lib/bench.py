@@ -5,6 +5,7 @@ import dataclasses
 import time
 from typing import Callable, Optional, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -379,7 +380,9 @@ def breakdown_row(spec: ModelSpec, batch: int, seq_len: int, *, steps: int, warm
   twice the batch: the extra `batch` examples cost `ms_per_1k_tokens` per 1,000 tokens
   (`marginal_gflop_s` of model FLOPs, as a fraction of a jitted `peak_n`^2 matmul in `dtype`)
   and `fixed_ms` = 2 x grads(B) - grads(2B) is the part of a forward + backward that does not
-  grow with the batch (embedding-table gradients, per-step dispatch, small ops).
+  grow with the batch (embedding-table gradients, per-step dispatch, small ops). Where twice
+  the batch times no slower (a model too small for the margin to beat the noise), those four
+  columns are NaN and a warning is logged.
   """
   import optax  # pylint: disable=g-import-not-at-top
   data = spec_batch(spec, batch, seq_len)
@@ -412,13 +415,18 @@ def breakdown_row(spec: ModelSpec, batch: int, seq_len: int, *, steps: int, warm
       fn()
   ms = {k: 1e3 * float(np.median(v)) for k, v in time_interleaved(fns, steps).items()}
   tokens = batch * seq_len
-  extra = max(ms["grads_2x"] - ms["grads"], 1e-9)
+  extra = ms["grads_2x"] - ms["grads"]
+  if extra <= 0:       # twice the batch timed no slower: the margin is below the timing noise
+    logging.warning("breakdown %s %dx%d: grads at 2x the batch took %.3f ms <= %.3f ms at 1x; "
+                    "the marginal columns are NaN", spec.name, batch, seq_len, ms["grads_2x"],
+                    ms["grads"])
+    extra = float("nan")
   fl = step_flops(spec, args, batch, seq_len)
   peak = flops.matmul_peak(peak_n, dtype)
   return dict(model=spec.name, dtype=dtype, batch=batch, seq_len=seq_len, tokens=tokens,
               step_ms=ms["step"], forward_ms=ms["forward"],
               backward_ms=ms["grads"] - ms["forward"], update_ms=ms["update"],
-              rest_ms=ms["step"] - ms["grads"], fixed_ms=2 * ms["grads"] - ms["grads_2x"],
+              rest_ms=ms["step"] - ms["grads"], fixed_ms=ms["grads"] - extra,
               ms_per_1k_tokens=extra / tokens * 1e3, marginal_gflop_s=fl / extra / 1e6,
               peak_gflop_s=peak / 1e9, marginal_peak_frac=fl / extra * 1e3 / peak)
 

@@ -124,22 +124,36 @@ def test_peft_rows_tiny():
 
 
 @pytest.mark.slow
-def test_breakdown_row_tiny():
+def test_breakdown_row_tiny(monkeypatch):
   """The parts add up: forward + backward + rest = the step; the fixed cost plus the marginal
-  cost of the batch's tokens = forward + backward; FLOP/s are the model FLOPs over that margin."""
+  cost of the batch's tokens = forward + backward; FLOP/s are the model FLOPs over that margin
+  (hand-computed from given medians). Twice the batch timed no slower -> NaN margins."""
   spec = _tiny_spec()
-  row = bench.breakdown_row(spec, 2, 8, steps=3, warmup=1, peak_n=64)
+  row = bench.breakdown_row(spec, 2, 8, steps=3, warmup=1, peak_n=64)   # real timings
   assert set(bench.BREAKDOWN_COLUMNS) <= set(row)
   assert row["tokens"] == 16 and row["model"] == "tiny"
-  assert all(math.isfinite(row[c]) for c in bench.BREAKDOWN_COLUMNS[4:]), row
+  assert all(math.isfinite(row[c]) for c in ("step_ms", "forward_ms", "backward_ms", "update_ms",
+                                             "rest_ms", "peak_gflop_s")), row
   assert row["step_ms"] > 0 and row["forward_ms"] > 0 and row["update_ms"] > 0
-  grads_ms = row["forward_ms"] + row["backward_ms"]
   assert row["forward_ms"] + row["backward_ms"] + row["rest_ms"] == pytest.approx(row["step_ms"])
-  assert row["fixed_ms"] + row["ms_per_1k_tokens"] * 16 / 1e3 == pytest.approx(grads_ms)
-  fl = bench.step_flops(spec, spec.args, 2, 8)
-  assert row["marginal_gflop_s"] == pytest.approx(fl / (row["ms_per_1k_tokens"] * 16) / 1e3)
-  assert row["marginal_peak_frac"] == pytest.approx(row["marginal_gflop_s"] / row["peak_gflop_s"])
   assert "| tiny | float32 | 2 | 8 | 16 |" in bench.format_table([row], bench.BREAKDOWN_COLUMNS)
+
+  def fake(medians):   # time_interleaved with given per-call seconds
+    return lambda fns, steps: {k: [medians[k]] * steps for k in fns}
+  ms = dict(step=0.012, forward=0.004, grads=0.010, grads_2x=0.016, update=0.003)
+  monkeypatch.setattr(bench, "time_interleaved", fake(ms))
+  row = bench.breakdown_row(spec, 2, 8, steps=3, warmup=0, peak_n=64)
+  fl = bench.step_flops(spec, spec.args, 2, 8)
+  assert (row["forward_ms"], row["backward_ms"], row["rest_ms"]) == pytest.approx((4, 6, 2))
+  assert row["fixed_ms"] == pytest.approx(4.0)                    # 2 x 10 - 16
+  assert row["ms_per_1k_tokens"] == pytest.approx(6.0 / 16 * 1e3)  # 6 ms for 16 more tokens
+  assert row["marginal_gflop_s"] == pytest.approx(fl / 6e-3 / 1e9)
+  assert row["marginal_peak_frac"] == pytest.approx(row["marginal_gflop_s"] / row["peak_gflop_s"])
+  monkeypatch.setattr(bench, "time_interleaved", fake(dict(ms, grads_2x=0.009)))
+  row = bench.breakdown_row(spec, 2, 8, steps=3, warmup=0, peak_n=64)
+  assert all(math.isnan(row[c]) for c in ("fixed_ms", "ms_per_1k_tokens", "marginal_gflop_s",
+                                          "marginal_peak_frac"))
+  assert row["step_ms"] == pytest.approx(12.0)
 
 
 @pytest.mark.parametrize("head,arch", [("lm", "gpt2"), ("mlm", "bert")])
