@@ -5,6 +5,13 @@ A declaration is a Python file `tables/<name>.py` defining `TABLE = tables.Table
 (one row, one seed) is one run of a research script with `--workdir=<cell workdir>` and a seed
 flag; it is finished when its workdir holds a readable `metrics.json`. research/reproduce.py runs,
 emits and aggregates them; this module never imports jax.
+
+Workdirs are machine-local and may be gone (a fresh clone, another machine); the values a table
+was built from are committed beside it in `tables/<name>.cells.json` (the ledger: per row, the
+cells' command hash and each seed's metric values and commit; seeds known only as a group, e.g.
+recovered from an earlier aggregate, as that group's mean/std). Aggregating reads a cell's
+workdir first, then the ledger, then the row's `recorded` values, and rewrites the ledger, so a
+table grows across machines without losing a cell; a cell in the ledger counts as finished.
 """
 
 import csv
@@ -289,14 +296,29 @@ def read_metrics(workdir: str) -> Optional[dict]:
   return out if isinstance(out, dict) else None
 
 
-def status(cell: Cell, cwd: str = REPO_ROOT) -> str:
+def status(cell: Cell, cwd: str = REPO_ROOT, ledger: Optional[dict] = None) -> str:
   """'done' (readable metrics.json), 'corrupt' (there but unreadable), 'partial' (a workdir
-  without metrics.json: a crashed or preempted run, resumed by rerunning) or 'missing'."""
+  without metrics.json: a crashed or preempted run, resumed by rerunning), 'stored' (no workdir
+  here, but the cell's values are in the table's ledger) or 'missing'."""
   workdir = os.path.join(cwd, cell.workdir)
   metrics = os.path.join(workdir, "metrics.json")
   if os.path.exists(metrics):
     return "done" if read_metrics(workdir) is not None else "corrupt"
-  return "partial" if os.path.isdir(workdir) else "missing"
+  if os.path.isdir(workdir):
+    return "partial"
+  return "stored" if cell.seed in stored_seeds(ledger, cell.row) else "missing"
+
+
+def unfinished(cells_: Sequence[Cell], cwd: str = REPO_ROOT,
+               ledger: Optional[dict] = None) -> list:
+  """The cells to run: those neither done nor stored, each preceded by any stored cell whose
+  workdir it starts from (a ledger holds values, not the checkpoints a dependent cell needs)."""
+  todo = [c for c in cells_ if status(c, cwd, ledger) not in ("done", "stored")]
+  needed = {d for c in todo for d in c.deps}
+  by_workdir = {c.workdir: c for c in cells_}
+  rerun = [by_workdir[d] for d in sorted(needed) if d in by_workdir
+           and read_metrics(os.path.join(cwd, d)) is None and by_workdir[d] not in todo]
+  return [c for c in cells_ if c in rerun or c in todo]
 
 
 def runs_here(row: Row, cpu: Optional[str] = None) -> bool:
@@ -460,6 +482,98 @@ def compare(ours: Summary, ref_value: float, ref_std: Optional[float] = None, re
   return dict(delta=delta, within_noise=abs(delta) <= half, half_width=half)
 
 
+def pooled_summary(values: Sequence[float], groups: Sequence[dict] = (),
+                   confidence: float = 0.95) -> Optional[Summary]:
+  """`summarize` over `values` plus groups of seeds known only by {'seeds', 'mean', 'std'}: the
+  same mean, sample std and t-interval as over all the seeds' values (pooled sums of squares)."""
+  if not groups:
+    return summarize(values, confidence)
+  n = len(values) + sum(len(g["seeds"]) for g in groups)
+  total = sum(values) + sum(len(g["seeds"]) * g["mean"] for g in groups)
+  mean = total / n
+  ss = sum((v - mean) ** 2 for v in values) + sum(
+      (len(g["seeds"]) - 1) * (g["std"] or 0.0) ** 2 + len(g["seeds"]) * (g["mean"] - mean) ** 2
+      for g in groups)
+  if n == 1:
+    return Summary(1, mean, None, None)
+  std = math.sqrt(max(ss, 0.0) / (n - 1))
+  return Summary(n, mean, std, t_quantile((1 + confidence) / 2, n - 1) * std / math.sqrt(n))
+
+
+# ----------------------------------------------------------------------------- ledger
+
+LEDGER_FORMAT = 1
+
+
+def ledger_path(out_dir: str, table: Table) -> str:
+  return os.path.join(out_dir, f"{table.name}.cells.json")
+
+
+def read_ledger(path: str) -> dict:
+  """The table's ledger ({} when there is none yet).
+
+  Raises:
+    errors.ConfigError: unreadable, or not a ledger (names the file; it is never overwritten then).
+  """
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path, encoding="utf-8") as f:
+      out = json.load(f)
+  except (OSError, ValueError) as e:
+    raise errors.ConfigError(f"{path}: unreadable ledger ({e}); restore it from git") from e
+  if not isinstance(out, dict) or out.get("format") != LEDGER_FORMAT:
+    raise errors.ConfigError(f"{path}: not a format-{LEDGER_FORMAT} table ledger")
+  return out
+
+
+def _cells_key(row: Row) -> str:
+  return os.path.basename(row_dir(None, row, ""))
+
+
+def _ledger_row(ledger: Optional[dict], row: Row) -> dict:
+  """The row's ledger entry when it is for the row's current command (its cells' hash)."""
+  entry = (ledger or {}).get("rows", {}).get(row.id)
+  return entry if entry and entry.get("cells") == _cells_key(row) else {}
+
+
+def stored_seeds(ledger: Optional[dict], row: Row) -> set:
+  """Seeds of `row` with values in the ledger (one by one or in a group)."""
+  entry = _ledger_row(ledger, row)
+  seeds = {int(s) for s in entry.get("seeds", {})}
+  return seeds | {s for g in entry.get("pooled", {}).values() for s in g["seeds"]}
+
+
+def ledger_json(table: Table, results: Sequence["RowResult"], previous: dict) -> dict:
+  """The ledger for `results`; entries of rows whose command changed (or that left the table)
+  are kept under 'retired', keyed by their cells' hash."""
+  retired = dict(previous.get("retired", {}))
+  for rid, entry in previous.get("rows", {}).items():
+    row = next((r for r in table.rows if r.id == rid), None)
+    if row is None or entry.get("cells") != _cells_key(row):
+      retired[entry.get("cells", rid)] = dict(entry, row=rid)
+  rows = {}
+  for res in results:
+    seeds = {}
+    for path, vals in res.values.items():
+      for seed, v in vals.items():
+        if seed not in res.recorded_by_path.get(path, ()):
+          seeds.setdefault(str(seed), {"commits": res.seed_commits.get(seed, ["unknown"]),
+                                       "values": {}})["values"][path] = v
+    if seeds or res.pooled:
+      rows[res.row.id] = {"cells": _cells_key(res.row), "seeds": dict(sorted(seeds.items())),
+                          "pooled": res.pooled}
+  out = {"format": LEDGER_FORMAT, "table": table.name,
+         "about": "values behind tables/" + table.name + ".md (lib/tables.py): per row, the "
+                  "cells' command hash; per seed, each column's value and the commits that ran "
+                  "it; 'pooled': seeds known only as a group (mean, std).",
+         **({"recovered": previous["recovered"]} if "recovered" in previous else {}),
+         "rows": rows}
+  if retired:
+    out["retired"] = retired
+  return out
+
+
 # ----------------------------------------------------------------------------- aggregation
 
 @dataclasses.dataclass
@@ -468,10 +582,13 @@ class RowResult:
   row: Row
   seeds: list                      # seeds with a value in some column
   summaries: dict                  # column path -> Summary or None
-  values: dict                     # column path -> {seed: value}
+  values: dict                     # column path -> {seed: value} (one by one)
   recorded_seeds: list             # seeds whose values came from row.recorded
   commits: list                    # commits of the runs (cell.json) behind the values
   comparison: Optional[dict] = None  # delta, within_noise, half_width, ref, ref_label, ref_std
+  pooled: dict = dataclasses.field(default_factory=dict)  # path -> ledger group (seeds, mean, std)
+  seed_commits: dict = dataclasses.field(default_factory=dict)      # seed -> [commits]
+  recorded_by_path: dict = dataclasses.field(default_factory=dict)  # path -> recorded seeds
 
 
 def _number(x) -> Optional[float]:
@@ -480,26 +597,47 @@ def _number(x) -> Optional[float]:
   return float(x)
 
 
-def _row_values(table: Table, row: Row, root: str, cwd: str):
-  """{path: {seed: value}} from the cells' metrics.json, else from row.recorded; and provenance."""
-  values, recorded, commits = {c.path: {} for c in table.columns}, set(), set()
-  for seed in row.seeds:
-    workdir = os.path.join(cwd, cell_workdir(table, row, seed, root))
-    metrics = read_metrics(workdir)
-    ran = False
-    for col in table.columns:
-      v = _number(get_path(metrics, col.path)) if metrics else None
-      if v is None and row.recorded is not None:
+def _row_values(table: Table, row: Row, root: str, cwd: str, ledger: Optional[dict]) -> RowResult:
+  """Each column's values: a cell's metrics.json, else the ledger (a seed's own value, or its
+  group's unless every seed of the group has a metrics.json now), else row.recorded."""
+  entry = _ledger_row(ledger, row)
+  stored = {int(s): e for s, e in entry.get("seeds", {}).items()}
+  metrics = {s: read_metrics(os.path.join(cwd, cell_workdir(table, row, s, root)))
+             for s in row.seeds}
+  res = RowResult(row, [], {}, {c.path: {} for c in table.columns}, [], [])
+  recorded = set()
+  for col in table.columns:
+    group = entry.get("pooled", {}).get(col.path)
+    fresh = {s: _number(get_path(m, col.path)) for s, m in metrics.items() if m}
+    if group and all(fresh.get(s) is not None for s in group["seeds"]):
+      group = None                       # every seed of the group ran again here: use those
+    for seed in row.seeds:
+      if group and seed in group["seeds"]:
+        continue
+      v, commit = fresh.get(seed), None
+      if v is not None:
+        commit = [_cell_commit(os.path.join(cwd, cell_workdir(table, row, seed, root)))]
+      elif seed in stored and _number(stored[seed]["values"].get(col.path)) is not None:
+        v, commit = float(stored[seed]["values"][col.path]), stored[seed].get("commits", ["?"])
+      elif row.recorded is not None:
         v = _number(row.recorded.values.get(col.path, {}).get(seed))
         if v is not None:
           recorded.add(seed)
-      else:
-        ran = ran or v is not None
+          res.recorded_by_path.setdefault(col.path, set()).add(seed)
       if v is not None:
-        values[col.path][seed] = v
-    if ran:
-      commits.add(_cell_commit(workdir))
-  return values, sorted(recorded), sorted(commits)
+        res.values[col.path][seed] = v
+        if commit:
+          res.seed_commits[seed] = commit
+    if group:
+      res.pooled[col.path] = group
+  res.summaries = {p: pooled_summary(list(v.values()), [res.pooled[p]] if p in res.pooled else [])
+                   for p, v in res.values.items()}
+  res.seeds = sorted({s for v in res.values.values() for s in v}
+                     | {s for g in res.pooled.values() for s in g["seeds"]})
+  res.recorded_seeds = sorted(recorded)
+  res.commits = sorted({c for cs in res.seed_commits.values() for c in cs}
+                       | {c for g in res.pooled.values() for c in g.get("commits", [])})
+  return res
 
 
 def _cell_commit(workdir: str) -> str:
@@ -510,15 +648,11 @@ def _cell_commit(workdir: str) -> str:
     return "unknown (run outside the table runner)"
 
 
-def aggregate(table: Table, root: str = DEFAULT_WORKDIR_ROOT, cwd: str = REPO_ROOT) -> list:
+def aggregate(table: Table, root: str = DEFAULT_WORKDIR_ROOT, cwd: str = REPO_ROOT,
+              ledger: Optional[dict] = None) -> list:
   """Every row's RowResult: summaries of each column, Δ and within-noise of the primary metric
   against the row's `reported` value or its `vs` row."""
-  results = {}
-  for row in table.rows:
-    values, recorded, commits = _row_values(table, row, root, cwd)
-    summaries = {p: summarize(list(v.values())) for p, v in values.items()}
-    seeds = sorted({s for v in values.values() for s in v})   # with any value
-    results[row.id] = RowResult(row, seeds, summaries, values, recorded, commits)
+  results = {row.id: _row_values(table, row, root, cwd, ledger) for row in table.rows}
   for res in results.values():
     res.comparison = _comparison(table, res, results)
   return [results[r.id] for r in table.rows]
@@ -697,13 +831,18 @@ def png_bytes(table: Table, results: Sequence[RowResult]) -> bytes:
 
 
 def write_aggregates(table: Table, results: Sequence[RowResult], out_dir: str,
-                     command: str) -> list:
-  """Writes <out_dir>/<name>.md, .csv and .png atomically; returns their paths."""
+                     command: str, previous_ledger: Optional[dict] = None) -> list:
+  """Writes <out_dir>/<name>.md, .csv, .png and the ledger .cells.json atomically; returns their
+  paths. `previous_ledger`: the ledger `results` were aggregated with (its retired entries and
+  those of rows that changed command are kept)."""
   info = dict(versions(), command=command, date=_now())
   paths = [os.path.join(out_dir, f"{table.name}.{ext}") for ext in ("md", "csv", "png")]
   atomic.write_bytes(paths[0], markdown(table, results, info).encode())
   atomic.write_bytes(paths[1], csv_text(table, results).encode())
   atomic.write_bytes(paths[2], png_bytes(table, results))
+  ledger = ledger_json(table, results, previous_ledger or {})
+  paths.append(ledger_path(out_dir, table))
+  atomic.write_bytes(paths[3], (json.dumps(ledger, indent=1) + "\n").encode())
   return paths
 
 

@@ -8,8 +8,10 @@ commands for another machine, and aggregate the finished ones into tables/<name>
   ./run.sh reproduce --table=tables/peft_ner --aggregate --readme=README.md
 
 A cell (row x seed) is finished when its workdir (<workdir_root>/[<script>.]<config>-<hash of
-the command>/seed_<s>; tables declaring the same command share it) holds a readable metrics.json:
-it is skipped. A workdir without one (a crashed or preempted run)
+the command>/seed_<s>; tables declaring the same command share it) holds a readable metrics.json,
+or when the table's committed ledger (<out_dir>/<name>.cells.json, rewritten by every aggregate)
+holds its values: it is skipped (a stored cell reruns only when a missing cell starts from its
+workdir). A workdir without one (a crashed or preempted run)
 is resumed by rerunning the same command; an unreadable metrics.json is renamed aside and the
 cell rerun. Claim rows run first. A preempted cell (exit 75) stops the run with exit 75: rerun to
 continue. Emitted lines are exactly the commands this script runs, from the repository root.
@@ -49,10 +51,10 @@ def _python() -> str:
   return venv if os.path.exists(os.path.join(tables.REPO_ROOT, venv)) else sys.executable
 
 
-def _aggregate(table, out_dir: str, readme: str) -> None:
-  results = tables.aggregate(table, FLAGS.workdir_root)
+def _aggregate(table, out_dir: str, readme: str, ledger: dict) -> None:
+  results = tables.aggregate(table, FLAGS.workdir_root, ledger=ledger)
   command = f"research/reproduce.py --table=tables/{table.name} --aggregate"
-  for path in tables.write_aggregates(table, results, out_dir, command):
+  for path in tables.write_aggregates(table, results, out_dir, command, ledger):
     print(f"wrote {path}")
   if readme:
     filled = tables.update_readme(readme, out_dir)
@@ -91,15 +93,16 @@ def main(argv):
   readme = os.path.abspath(FLAGS.readme) if FLAGS.readme else ""
   os.chdir(tables.REPO_ROOT)  # the cells' commands and workdirs are relative to the repo root
   cells = tables.cells(table, FLAGS.workdir_root, _python(), FLAGS.rows)
+  ledger = tables.read_ledger(tables.ledger_path(out_dir, table))
   if FLAGS.list:
     for c in cells:
       elsewhere = "" if tables.runs_here(c.row) else f"  (runs on {c.row.cpu} only)"
-      print(f"{tables.status(c):8s} {c.name:32s} {c.workdir}{elsewhere}")
+      print(f"{tables.status(c, ledger=ledger):8s} {c.name:32s} {c.workdir}{elsewhere}")
     return 0
   if FLAGS.aggregate:
-    _aggregate(table, out_dir, readme)
+    _aggregate(table, out_dir, readme, ledger)
     return 0
-  todo = [c for c in cells if tables.status(c) != "done"]
+  todo = tables.unfinished(cells, ledger=ledger)
   n_done = len(cells) - len(todo)
   elsewhere = [c for c in todo if not tables.runs_here(c.row)]
   if elsewhere:
@@ -122,7 +125,7 @@ def main(argv):
         + (f" now, {later} left for a later run (--max_cells)" if later else ""), flush=True)
   rc = _run(todo)
   if rc != tables.EXIT_PREEMPTED:
-    _aggregate(table, out_dir, readme)
+    _aggregate(table, out_dir, readme, ledger)
   return rc
 
 

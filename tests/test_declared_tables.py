@@ -2,7 +2,9 @@
 exist, a variant the config knows and `--config.*` overrides whose keys are in that config: a
 typo in a declaration fails here, not hours into a reproduce run."""
 
+import csv
 import glob
+import io
 import importlib
 import os
 
@@ -56,3 +58,25 @@ def test_a_misspelt_override_is_caught():
   cfg = _config("configs/compress.py:ner+qat")
   assert _has_key(cfg, "eval.data.max_train_examples")
   assert not _has_key(cfg, "eval.data.max_train_example")
+
+
+@pytest.mark.parametrize("name", DECLARED)
+def test_committed_ledger_reproduces_the_committed_table(name):
+  """tables/<name>.cells.json alone (no workdirs: a fresh clone) gives tables/<name>.csv: the
+  ledger and the table it stands behind were committed together."""
+  table = tables.load(os.path.join(ROOT, "tables", name + ".py"))
+  out_dir = os.path.join(ROOT, "tables")
+  if not os.path.exists(os.path.join(out_dir, f"{name}.csv")):
+    pytest.skip("no aggregate committed yet")
+  ledger = tables.read_ledger(tables.ledger_path(out_dir, table))
+  results = tables.aggregate(table, root="/tmp/no_workdirs_here", ledger=ledger)
+  got = list(csv.DictReader(io.StringIO(tables.csv_text(table, results))))
+  with open(os.path.join(out_dir, f"{name}.csv"), encoding="utf-8") as f:
+    want = list(csv.DictReader(f))
+  assert [r["row"] for r in got] == [r["row"] for r in want]
+  for g, w in zip(got, want):
+    for key, value in w.items():
+      try:
+        assert float(g[key]) == pytest.approx(float(value), rel=1e-9, abs=1e-12), (g["row"], key)
+      except ValueError:
+        assert g[key] == value, (g["row"], key)

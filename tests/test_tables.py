@@ -293,6 +293,91 @@ def test_rows_for_another_cpu_are_left_for_a_machine_with_it(tmp_path):
   assert _reproduce([f"--table={decl}", "--emit=commands"], tmp_path).stdout == ""
 
 
+# ----------------------------------------------------------------------------- ledger
+
+def test_pooled_summary_equals_the_summary_of_all_values():
+  vals = [0.80, 0.82, 0.87, 0.79]
+  whole = tables.summarize(vals)
+  group = tables.summarize(vals[1:])
+  pooled = tables.pooled_summary([vals[0]], [{"seeds": [1, 2, 3], "mean": group.mean,
+                                              "std": group.std}])
+  assert (pooled.n, pooled.mean) == (4, pytest.approx(whole.mean))
+  assert pooled.std == pytest.approx(whole.std) and pooled.half_width == pytest.approx(
+      whole.half_width)
+  one = tables.pooled_summary([], [{"seeds": [5], "mean": 0.7, "std": None}])
+  assert (one.n, one.mean, one.std) == (1, 0.7, None)
+
+
+def test_a_fresh_clone_keeps_the_ledger_values_and_runs_only_new_cells(tmp_path):
+  """Workdirs gone (another machine): the committed ledger still holds every cell; a new seed
+  runs alone and joins them; a dependent cell reruns the stored cell it starts from."""
+  decl = _declaration(tmp_path, FAKE_TABLE)
+  assert _reproduce([f"--table={decl}"], tmp_path).returncode == 0
+  _calls(tmp_path)
+  before = (tmp_path / "out" / "fake.csv").read_text()
+  ledger = json.loads((tmp_path / "out" / "fake.cells.json").read_text())
+  assert ledger["rows"]["a"]["seeds"]["2"]["values"] == {"dev.f1": pytest.approx(0.52)}
+  os.rename(tmp_path / "w", tmp_path / "w_gone")
+  listed = _reproduce([f"--table={decl}", "--list"], tmp_path).stdout.split("\n")
+  assert sum(line.startswith("stored ") for line in listed) == 6
+  run = _reproduce([f"--table={decl}"], tmp_path)
+  assert run.returncode == 0 and "6 done, 0 to run" in run.stdout and not _calls(tmp_path)
+  assert (tmp_path / "out" / "fake.csv").read_text() == before   # nothing lost
+  # seed 3 of b: starts from a's seed-3 workdir? a has no seed 3 -> a's seed 0 (stored) reruns.
+  grown = decl.replace(".py", "_grown.py")
+  with open(grown, "w") as f:
+    f.write(open(decl).read().replace("seeds=(0, 1), script=SCRIPT",
+                                      "seeds=(0, 1, 3), script=SCRIPT"))
+  os.makedirs(tmp_path / "out2")
+  (tmp_path / "out2" / "fake.cells.json").write_text(json.dumps(ledger))
+  run = subprocess.run([sys.executable, os.path.join(REPO, "research", "reproduce.py"),
+                        f"--table={grown}", f"--workdir_root={tmp_path / 'w'}",
+                        f"--python={sys.executable}", f"--out_dir={tmp_path / 'out2'}"],
+                       cwd=REPO, env=dict(os.environ, FAKE_CALLS=str(tmp_path / "calls.jsonl")),
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stdout + run.stderr
+  ran = [(c[-2].split("/")[-2].split("-")[0], c[-1]) for c in _calls(tmp_path)]
+  assert ran == [("fake_script", "--seed=0"), ("fake_script", "--seed=3")]
+  rows = {r["row"]: r for r in csv.DictReader(open(tmp_path / "out2" / "fake.csv"))}
+  assert rows["b"]["seeds"] == "0 1 3" and rows["a"]["seeds"] == "0 1 2"
+  assert float(rows["b"]["dev.f1:mean"]) == pytest.approx((0.50 + 0.51 + 0.53) / 3)
+
+
+def test_ledger_groups_changed_rows_and_a_broken_ledger(tmp_path):
+  """A group recovered from an old aggregate counts until all its seeds ran again; an entry whose
+  command changed is retired, not used; an unreadable ledger is a one-line error."""
+  decl = _declaration(tmp_path, FAKE_TABLE)
+  table = tables.load(decl)
+  key = {r.id: os.path.basename(tables.row_dir(table, r, "")) for r in table.rows}
+  ledger = {"format": 1, "rows": {
+      "a": {"cells": key["a"], "seeds": {"0": {"commits": ["c0"], "values": {"dev.f1": 0.40}}},
+            "pooled": {"dev.f1": {"seeds": [1, 2], "mean": 0.45, "std": 0.01,
+                                  "commits": ["old"]}}},
+      "c": {"cells": "fake_script-00000000", "seeds": {"0": {"values": {"dev.f1": 0.9}}}}}}
+  res = {r.row.id: r for r in tables.aggregate(table, str(tmp_path / "w"), ledger=ledger)}
+  whole = tables.pooled_summary([0.40], [ledger["rows"]["a"]["pooled"]["dev.f1"]])
+  assert res["a"].summaries["dev.f1"] == whole and res["a"].seeds == [0, 1, 2]
+  assert res["a"].commits == ["c0", "old"]
+  assert res["c"].seeds == [] and res["b"].seeds == []
+  paths = tables.write_aggregates(table, list(res.values()), str(tmp_path), "cmd", ledger)
+  written = tables.read_ledger(paths[3])
+  assert written["rows"]["a"]["pooled"] == ledger["rows"]["a"]["pooled"]
+  assert written["retired"]["fake_script-00000000"]["row"] == "c" and "c" not in written["rows"]
+  # seed 1 ran again here: the group stays (seed 2 has not); both ran: their own values win.
+  for seed, ok in ((1, False), (2, True)):
+    w = tables.cells(table, str(tmp_path / "w"))
+    wd = next(c.workdir for c in w if c.name == f"a/seed_{seed}")
+    os.makedirs(wd)
+    with open(os.path.join(wd, "metrics.json"), "w") as f:
+      json.dump({"dev": {"f1": 0.6}}, f)
+    a = tables.aggregate(table, str(tmp_path / "w"), cwd=str(tmp_path), ledger=ledger)[1]
+    assert ("dev.f1" not in a.pooled) == ok
+  assert a.values["dev.f1"] == {0: 0.40, 1: 0.6, 2: 0.6}
+  (tmp_path / "bad.cells.json").write_text("{")
+  with pytest.raises(errors.ConfigError, match="bad.cells.json: unreadable ledger"):
+    tables.read_ledger(str(tmp_path / "bad.cells.json"))
+
+
 # ----------------------------------------------------------------------------- aggregation
 
 def test_aggregate_uses_cells_then_recorded_values(tmp_path):
