@@ -264,9 +264,10 @@ def _order(table: Table) -> list:
 
 
 def cells(table: Table, root: str = DEFAULT_WORKDIR_ROOT, python: str = "python",
-          rows: Sequence[str] = ()) -> list:
+          rows: Sequence[str] = (), seeds: Sequence[int] = ()) -> list:
   """Every cell in run order: claim rows (and what they depend on) first, seed-major within each
-  group so that a comparison has one seed of each side before either has two."""
+  group so that a comparison has one seed of each side before either has two. `rows`, `seeds`:
+  only those (e.g. to split a table's seeds between machines)."""
   unknown = sorted(set(rows) - {r.id for r in table.rows})
   if unknown:
     raise errors.ConfigError(f"--rows: unknown row ids {unknown}; table {table.name} has "
@@ -277,7 +278,7 @@ def cells(table: Table, root: str = DEFAULT_WORKDIR_ROOT, python: str = "python"
   for group in ([r for r in ordered if r.id in claims], [r for r in ordered if r.id not in claims]):
     for k in range(max((len(r.seeds) for r in group), default=0)):
       out += [make_cell(table, r, r.seeds[k], root, python) for r in group if k < len(r.seeds)]
-  return [c for c in out if not rows or c.row.id in rows]
+  return [c for c in out if (not rows or c.row.id in rows) and (not seeds or c.seed in seeds)]
 
 
 def _claim_prefix(table: Table, ordered: list) -> int:

@@ -34,6 +34,7 @@ flags.DEFINE_enum("emit", "", ["", "commands", "slurm"], "print the missing cell
 flags.DEFINE_bool("aggregate", False, "only aggregate the finished cells (run nothing)")
 flags.DEFINE_bool("list", False, "print every cell with its status and exit")
 flags.DEFINE_list("rows", [], "only these row ids (default: all)")
+flags.DEFINE_list("seeds", [], "only these seeds (default: every row's declared seeds)")
 flags.DEFINE_integer("max_cells", 0, "run at most this many cells now (0: all missing)")
 flags.DEFINE_string("python", "", "interpreter in the cells' commands (default: .venv/bin/python "
                     "when the repository has one, else this interpreter)")
@@ -92,7 +93,11 @@ def main(argv):
   out_dir = os.path.abspath(FLAGS.out_dir or os.path.dirname(tables.resolve_path(FLAGS.table)))
   readme = os.path.abspath(FLAGS.readme) if FLAGS.readme else ""
   os.chdir(tables.REPO_ROOT)  # the cells' commands and workdirs are relative to the repo root
-  cells = tables.cells(table, FLAGS.workdir_root, _python(), FLAGS.rows)
+  try:
+    seeds = [int(s) for s in FLAGS.seeds]
+  except ValueError as e:
+    raise app.UsageError(f"--seeds={','.join(FLAGS.seeds)}: not integers") from e
+  cells = tables.cells(table, FLAGS.workdir_root, _python(), FLAGS.rows, seeds)
   ledger = tables.read_ledger(tables.ledger_path(out_dir, table))
   if FLAGS.list:
     for c in cells:

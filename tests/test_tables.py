@@ -118,6 +118,8 @@ def test_cells_order_placeholders_and_workdirs(tmp_path):
   assert b1.workdir.startswith(str(tmp_path / "w" / "fake_script-"))
   assert b1.workdir.endswith("seed_1")
   assert len({c.workdir for c in cells}) == len(cells)
+  picked = tables.cells(table, str(tmp_path / "w"), python="PY", rows=["a", "b"], seeds=[1, 2])
+  assert [c.name for c in picked] == ["a/seed_1", "b/seed_1", "a/seed_2"]
   # A claim compared with (vs) a row that is no claim itself pulls that row into the claims
   # group: both sides of the comparison have seed 0 before anything else runs.
   vs_only = tables.load(_declaration(tmp_path, FAKE_TABLE.replace(
