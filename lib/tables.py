@@ -29,7 +29,7 @@ import shlex
 import subprocess
 import textwrap
 import time
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from lib import atomic, errors, reporting
 
@@ -124,6 +124,9 @@ class Table:
   rows: Sequence[Row]
   primary: str = ""        # metric path compared with `reported` / `vs`; default columns[0]
   setting: str = ""        # how the setting differs from the papers', shown under the table
+  # The table's PNG: figure(table, results) -> PNG bytes (e.g. a learning curve over rows);
+  # default: bars of the primary metric per row (png_bytes).
+  figure: Optional[Callable[["Table", Sequence["RowResult"]], bytes]] = None
 
   @property
   def primary_path(self) -> str:
@@ -805,10 +808,11 @@ def _mean_std(s: Optional[Summary]) -> tuple:
 
 def png_bytes(table: Table, results: Sequence[RowResult]) -> bytes:
   """Horizontal bars of the primary metric's mean per row, 95% intervals as error bars (std when
-  the row has one seed: none), the compared-with value as a red mark."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  the row has one seed: none), the compared-with value as a red mark; or the table's own
+  `figure`."""
+  if table.figure is not None:
+    return table.figure(table, results)
+  plt = pyplot()
   pcol = _primary_col(table)
   shown = [r for r in results if r.summaries[table.primary_path] is not None]
   fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(shown), 1) + 1.2))
@@ -824,10 +828,23 @@ def png_bytes(table: Table, results: Sequence[RowResult]) -> bytes:
   ax.set_title(textwrap.fill(table.title, 70), fontsize=9)
   lo = min([r.summaries[table.primary_path].mean * pcol.scale for r in shown], default=0)
   ax.set_xlim(left=max(0.0, lo - 0.1 * abs(lo)) if lo > 0 else None)
+  return figure_png(fig)
+
+
+def pyplot():
+  """matplotlib.pyplot on the Agg backend (no display needed)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def figure_png(fig) -> bytes:
+  """A matplotlib figure as PNG bytes (tight layout, 100 dpi); closes the figure."""
   fig.tight_layout()
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=100)
-  plt.close(fig)
+  pyplot().close(fig)
   return buf.getvalue()
 
 

@@ -57,6 +57,63 @@ SST2_K16 = (
 NER = tuple(_row("ner", k, (0, 1, 2), claim=True) for k in (5, 10, 20))
 SST2_CURVE = tuple(_row("sst2", k, (0, 1, 2)) for k in (8, 32, 64))
 
+def _full_data(row_id: str):
+  """(mean, std, n) of the finetune table's full-data row (tables/finetune.csv), None without."""
+  import csv  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "finetune.csv")
+  if not os.path.exists(path):
+    return None
+  with open(path, newline="") as f:
+    for r in csv.DictReader(f):
+      mean = r.get("test.f1|test.accuracy:mean", "")
+      if r["row"] == row_id and mean:
+        return float(mean), float(r["test.f1|test.accuracy:std"] or 0), int(r["n"])
+  return None
+
+
+def learning_curve(table: tables.Table, results) -> bytes:
+  """The table's PNG: test score against K for each method (mean, error bars = sample std over
+  the row's seeds), SST-2 and NER side by side, the full-data fine-tuning result (the finetune
+  table's `sst2` / `ner` rows, their mean +- std) as a band."""
+  plt = tables.pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  styles = {"setfit": ("o-", "#4c72b0"), "frozen": ("s--", "#8172b2"),
+            "finetune": ("^-", "#55a868"), "cloze_finetune": ("D", "#c44e52"),
+            "cloze_finetune_pet": ("*", "#dd8452")}
+  for ax, task, full_row, metric in ((axes[0], "sst2", "sst2", "test accuracy"),
+                                     (axes[1], "ner", "ner", "test entity F1")):
+    rows = [r for r in results if r.row.id.startswith(f"{task}_k")]
+    for method, (fmt, color) in styles.items():
+      pts = []
+      for r in rows:
+        s = r.summaries.get(col(method))
+        if s is not None:
+          pts.append((int(r.row.id[len(task) + 2:].split("_")[0]), s.mean, s.std or 0.0, s.n))
+      if pts:
+        pts.sort()
+        ks, means, stds, ns = zip(*pts)
+        label = dict(METHODS)[method] + ("" if len(set(ns)) == 1 else " (seeds: "
+                                         + ", ".join(map(str, ns)) + ")")
+        ax.errorbar(ks, means, yerr=stds, fmt=fmt, color=color, capsize=3, label=label)
+    full = _full_data(full_row)
+    if full is not None:
+      mean, std, n = full
+      ax.axhspan(mean - std, mean + std, color="#999999", alpha=0.25)
+      ax.axhline(mean, color="#555555", linestyle=":",
+                 label=f"full-data fine-tuning ({n} seeds)")
+    ax.set_xscale("log", base=2)
+    ks_all = sorted({int(r.row.id[len(task) + 2:].split("_")[0]) for r in rows})
+    ax.set_xticks(ks_all, [str(k) for k in ks_all])
+    ax.set_xlabel("K (" + ("examples per class" if task == "sst2" else "sentences per type")
+                  + ")")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{task.upper()} (mean +- std over seeds)", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+  fig.suptitle(table.title, fontsize=9)
+  return tables.figure_png(fig)
+
+
 TABLE = tables.Table(
     name="fewshot",
     title="Few-shot SST-2 (test accuracy) and CoNLL-2003 NER (test entity F1) with MiniLM",
@@ -69,4 +126,5 @@ TABLE = tables.Table(
             "(SST-2 lr 5e-5, NER lr 1e-4, batch 8), not LM-BFF's 1,000 steps x 9-point grid (CPU "
             "budget). Full-data references: SST-2 0.8962 (configs/sst2.py), CoNLL-2003 0.8607 "
             "(configs/ner.py, 3 seeds).",
+    figure=learning_curve,
 )

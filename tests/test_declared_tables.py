@@ -80,3 +80,25 @@ def test_committed_ledger_reproduces_the_committed_table(name):
         assert float(g[key]) == pytest.approx(float(value), rel=1e-9, abs=1e-12), (g["row"], key)
       except ValueError:
         assert g[key] == value, (g["row"], key)
+
+
+@pytest.mark.parametrize("name", DECLARED)
+def test_committed_ledger_renders_the_figure(name):
+  """Each table's PNG (its own `figure` or the default bars) renders from the committed ledger."""
+  table = tables.load(os.path.join(ROOT, "tables", name + ".py"))
+  ledger = tables.read_ledger(tables.ledger_path(os.path.join(ROOT, "tables"), table))
+  results = tables.aggregate(table, root="/tmp/no_workdirs_here", ledger=ledger)
+  png = tables.png_bytes(table, results)
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_fewshot_learning_curve_reads_the_full_data_reference():
+  """The few-shot curve's full-data band is the finetune table's committed sst2 / ner row."""
+  fewshot = importlib.import_module("tables.fewshot")
+  with open(os.path.join(ROOT, "tables", "finetune.csv"), encoding="utf-8") as f:
+    rows = {r["row"]: r for r in csv.DictReader(f)}
+  for row in ("sst2", "ner"):
+    mean, std, n = fewshot._full_data(row)  # pylint: disable=protected-access
+    assert mean == float(rows[row]["test.f1|test.accuracy:mean"]) and n == int(rows[row]["n"])
+    assert 0.8 < mean < 0.95 and std > 0
+  assert fewshot._full_data("no_such_row") is None  # pylint: disable=protected-access

@@ -3,6 +3,7 @@ tests, cells skipped / rerun / resumed, emitted commands equal to the ones run, 
 and the `quick` table end to end (slow)."""
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -501,3 +502,22 @@ def test_reference_peft_refuses_packed_rows(tmp_path):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "config.data.pack_rows=5: the reference loop" in proc.stderr
   assert "Traceback" not in proc.stderr and not os.listdir(tmp_path)
+
+
+def test_a_table_figure_replaces_the_default_bars(tmp_path):
+  """Table.figure(table, results) gives the PNG write_aggregates writes; without it, bars."""
+  decl = _declaration(tmp_path, FAKE_TABLE)
+  table = tables.load(decl)
+  seen = []
+
+  def figure(t, results):
+    seen.append((t.name, [r.row.id for r in results]))
+    return b"\x89PNG custom"
+
+  res = tables.aggregate(table, str(tmp_path / "w"))
+  custom = dataclasses.replace(table, figure=figure)
+  paths = tables.write_aggregates(custom, res, str(tmp_path / "c"), "cmd")
+  assert open(paths[2], "rb").read() == b"\x89PNG custom"
+  assert seen == [("fake", ["b", "a", "c"])]
+  default = tables.write_aggregates(table, res, str(tmp_path / "d"), "cmd")
+  assert open(default[2], "rb").read()[:4] == b"\x89PNG" and len(seen) == 1
