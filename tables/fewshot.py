@@ -54,8 +54,10 @@ SST2_K16 = (
         {col("cloze_zeroshot"): dict.fromkeys(range(5), 0.4964305326743548),
          col("cloze_finetune"): _CLOZE_FT, col("cloze_finetune_pet"): _CLOZE_PET}, CLOZE)),
 )
-NER = tuple(_row("ner", k, (0, 1, 2), claim=True) for k in (5, 10, 20))
-SST2_CURVE = tuple(_row("sst2", k, (0, 1, 2)) for k in (8, 32, 64))
+# The issue's protocol is 5 sample seeds per K (LM-BFF's); seeds 3-4 of these rows are declared
+# and not run yet where the table says "3 of 5".
+NER = tuple(_row("ner", k, (0, 1, 2, 3, 4), claim=True) for k in (5, 10, 20))
+SST2_CURVE = tuple(_row("sst2", k, (0, 1, 2, 3, 4)) for k in (8, 32, 64))
 
 def _full_data(row_id: str):
   """(mean, std, n) of the finetune table's full-data row (tables/finetune.csv), None without."""
