@@ -270,7 +270,8 @@ def cells(table: Table, root: str = DEFAULT_WORKDIR_ROOT, python: str = "python"
           rows: Sequence[str] = (), seeds: Sequence[int] = ()) -> list:
   """Every cell in run order: claim rows (and what they depend on) first, seed-major within each
   group so that a comparison has one seed of each side before either has two. `rows`, `seeds`:
-  only those (e.g. to split a table's seeds between machines)."""
+  only those (e.g. to split a table's seeds between machines), plus the cells they start from
+  (`{workdir:<row>}`, transitively): `unfinished` runs those only where they have no workdir."""
   unknown = sorted(set(rows) - {r.id for r in table.rows})
   if unknown:
     raise errors.ConfigError(f"--rows: unknown row ids {unknown}; table {table.name} has "
@@ -281,7 +282,15 @@ def cells(table: Table, root: str = DEFAULT_WORKDIR_ROOT, python: str = "python"
   for group in ([r for r in ordered if r.id in claims], [r for r in ordered if r.id not in claims]):
     for k in range(max((len(r.seeds) for r in group), default=0)):
       out += [make_cell(table, r, r.seeds[k], root, python) for r in group if k < len(r.seeds)]
-  return [c for c in out if (not rows or c.row.id in rows) and (not seeds or c.seed in seeds)]
+  picked = {c.workdir for c in out
+            if (not rows or c.row.id in rows) and (not seeds or c.seed in seeds)}
+  needed = {d for c in out if c.workdir in picked for d in c.deps}
+  while True:
+    more = {d for c in out if c.workdir in needed for d in c.deps} - needed
+    if not more:
+      break
+    needed |= more
+  return [c for c in out if c.workdir in picked or c.workdir in needed]
 
 
 def _claim_prefix(table: Table, ordered: list) -> int:

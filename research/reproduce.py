@@ -33,7 +33,8 @@ flags.DEFINE_enum("emit", "", ["", "commands", "slurm"], "print the missing cell
                   "instead of running them")
 flags.DEFINE_bool("aggregate", False, "only aggregate the finished cells (run nothing)")
 flags.DEFINE_bool("list", False, "print every cell with its status and exit")
-flags.DEFINE_list("rows", [], "only these row ids (default: all)")
+flags.DEFINE_list("rows", [], "only these row ids (default: all), with the cells they start "
+                  "from ({workdir:<row>}: run only where this machine lacks them)")
 flags.DEFINE_list("seeds", [], "only these seeds (default: every row's declared seeds)")
 flags.DEFINE_integer("max_cells", 0, "run at most this many cells now (0: all missing)")
 flags.DEFINE_string("python", "", "interpreter in the cells' commands (default: .venv/bin/python "

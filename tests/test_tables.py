@@ -121,6 +121,10 @@ def test_cells_order_placeholders_and_workdirs(tmp_path):
   assert len({c.workdir for c in cells}) == len(cells)
   picked = tables.cells(table, str(tmp_path / "w"), python="PY", rows=["a", "b"], seeds=[1, 2])
   assert [c.name for c in picked] == ["a/seed_1", "b/seed_1", "a/seed_2"]
+  # A row picked alone brings the cells it starts from (run only where they have no workdir).
+  alone = tables.cells(table, str(tmp_path / "w"), python="PY", rows=["b"], seeds=[1])
+  assert [c.name for c in alone] == ["a/seed_1", "b/seed_1"]
+  assert [c.name for c in tables.cells(table, rows=["c"])] == ["c/seed_0"]
   # A claim compared with (vs) a row that is no claim itself pulls that row into the claims
   # group: both sides of the comparison have seed 0 before anything else runs.
   vs_only = tables.load(_declaration(tmp_path, FAKE_TABLE.replace(
@@ -326,7 +330,8 @@ def test_a_fresh_clone_keeps_the_ledger_values_and_runs_only_new_cells(tmp_path)
   run = _reproduce([f"--table={decl}"], tmp_path)
   assert run.returncode == 0 and "6 done, 0 to run" in run.stdout and not _calls(tmp_path)
   assert (tmp_path / "out" / "fake.csv").read_text() == before   # nothing lost
-  # seed 3 of b: starts from a's seed-3 workdir? a has no seed 3 -> a's seed 0 (stored) reruns.
+  # seed 3 of b: starts from a's seed-3 workdir? a has no seed 3 -> a's seed 0 (stored) reruns,
+  # also when only b's seed 3 is asked for.
   grown = decl.replace(".py", "_grown.py")
   with open(grown, "w") as f:
     f.write(open(decl).read().replace("seeds=(0, 1), script=SCRIPT",
@@ -334,7 +339,8 @@ def test_a_fresh_clone_keeps_the_ledger_values_and_runs_only_new_cells(tmp_path)
   os.makedirs(tmp_path / "out2")
   (tmp_path / "out2" / "fake.cells.json").write_text(json.dumps(ledger))
   run = subprocess.run([sys.executable, os.path.join(REPO, "research", "reproduce.py"),
-                        f"--table={grown}", f"--workdir_root={tmp_path / 'w'}",
+                        f"--table={grown}", "--rows=b", "--seeds=3",
+                        f"--workdir_root={tmp_path / 'w'}",
                         f"--python={sys.executable}", f"--out_dir={tmp_path / 'out2'}"],
                        cwd=REPO, env=dict(os.environ, FAKE_CALLS=str(tmp_path / "calls.jsonl")),
                        capture_output=True, text=True, timeout=300)
