@@ -63,7 +63,7 @@ def _aggregate(table, out_dir: str, readme: str, ledger: dict) -> None:
     print(f"{readme}: filled blocks {filled or 'none'}")
 
 
-def _run(todo: list) -> int:
+def _run(todo: list, ledger: dict) -> int:
   """Runs the cells in order; returns 75 when one was preempted, 1 when any failed, else 0."""
   failed, waiting = [], []
   for i, cell in enumerate(todo):
@@ -71,7 +71,9 @@ def _run(todo: list) -> int:
       waiting.append(cell.name)
       print(f"[{i + 1}/{len(todo)}] {cell.name}: waits for {', '.join(cell.deps)}", flush=True)
       continue
-    state = tables.status(cell)
+    state = tables.status(cell, ledger=ledger)
+    if state == "stored":   # values in the ledger, but a dependent cell needs its workdir
+      state = "stored: rerun, a cell starts from its workdir"
     print(f"[{i + 1}/{len(todo)}] {cell.name} ({state}) -> {cell.workdir}.log", flush=True)
     rc = tables.run_cell(cell)
     if rc == tables.EXIT_PREEMPTED:
@@ -129,7 +131,7 @@ def main(argv):
   later = runnable - len(todo)
   print(f"table {table.name}: {len(cells)} cells, {n_done} done, {len(todo)} to run"
         + (f" now, {later} left for a later run (--max_cells)" if later else ""), flush=True)
-  rc = _run(todo)
+  rc = _run(todo, ledger)
   if rc != tables.EXIT_PREEMPTED:
     _aggregate(table, out_dir, readme, ledger)
   return rc

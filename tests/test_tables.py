@@ -345,6 +345,7 @@ def test_a_fresh_clone_keeps_the_ledger_values_and_runs_only_new_cells(tmp_path)
                        cwd=REPO, env=dict(os.environ, FAKE_CALLS=str(tmp_path / "calls.jsonl")),
                        capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stdout + run.stderr
+  assert "a/seed_0 (stored: rerun, a cell starts from its workdir)" in run.stdout
   ran = [(c[-2].split("/")[-2].split("-")[0], c[-1]) for c in _calls(tmp_path)]
   assert ran == [("fake_script", "--seed=0"), ("fake_script", "--seed=3")]
   rows = {r["row"]: r for r in csv.DictReader(open(tmp_path / "out2" / "fake.csv"))}
