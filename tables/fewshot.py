@@ -14,6 +14,9 @@ CoNLL-2003 entity F1, seqeval, 3,453 sentences). Full-data references: SST-2 0.8
 (configs/sst2.py, seed 0), CoNLL-2003 0.8607 (configs/ner.py, mean of seeds 0-2).
 """
 
+import csv
+import os
+
 from lib import tables
 
 SCRIPT = "research/fewshot.py"
@@ -59,10 +62,9 @@ SST2_K16 = (
 NER = tuple(_row("ner", k, (0, 1, 2, 3, 4), claim=True) for k in (5, 10, 20))
 SST2_CURVE = tuple(_row("sst2", k, (0, 1, 2, 3, 4)) for k in (8, 32, 64))
 
+
 def _full_data(row_id: str):
   """(mean, std, n) of the finetune table's full-data row (tables/finetune.csv), None without."""
-  import csv  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "finetune.csv")
   if not os.path.exists(path):
     return None
@@ -83,29 +85,31 @@ def learning_curve(table: tables.Table, results) -> bytes:
   styles = {"setfit": ("o-", "#4c72b0"), "frozen": ("s--", "#8172b2"),
             "finetune": ("^-", "#55a868"), "cloze_finetune": ("D", "#c44e52"),
             "cloze_finetune_pet": ("*", "#dd8452")}
-  for ax, task, full_row, metric in ((axes[0], "sst2", "sst2", "test accuracy"),
-                                     (axes[1], "ner", "ner", "test entity F1")):
-    rows = [r for r in results if r.row.id.startswith(f"{task}_k")]
+  for ax, task, metric in ((axes[0], "sst2", "test accuracy"), (axes[1], "ner", "test entity F1")):
+    # Row ids are <task>_k<K>[_variant] (_row): K of each of the task's rows.
+    k_of = {r.row.id: int(r.row.id[len(task) + 2:].split("_")[0])
+            for r in results if r.row.id.startswith(f"{task}_k")}
+    rows = [r for r in results if r.row.id in k_of]
     for method, (fmt, color) in styles.items():
       pts = []
       for r in rows:
         s = r.summaries.get(col(method))
         if s is not None:
-          pts.append((int(r.row.id[len(task) + 2:].split("_")[0]), s.mean, s.std or 0.0, s.n))
+          pts.append((k_of[r.row.id], s.mean, s.std or 0.0, s.n))
       if pts:
         pts.sort()
         ks, means, stds, ns = zip(*pts)
         label = dict(METHODS)[method] + ("" if len(set(ns)) == 1 else " (seeds: "
                                          + ", ".join(map(str, ns)) + ")")
         ax.errorbar(ks, means, yerr=stds, fmt=fmt, color=color, capsize=3, label=label)
-    full = _full_data(full_row)
+    full = _full_data(task)
     if full is not None:
       mean, std, n = full
       ax.axhspan(mean - std, mean + std, color="#999999", alpha=0.25)
       ax.axhline(mean, color="#555555", linestyle=":",
                  label=f"full-data fine-tuning ({n} seeds)")
     ax.set_xscale("log", base=2)
-    ks_all = sorted({int(r.row.id[len(task) + 2:].split("_")[0]) for r in rows})
+    ks_all = sorted(set(k_of.values()))
     ax.set_xticks(ks_all, [str(k) for k in ks_all])
     ax.set_xlabel("K (" + ("examples per class" if task == "sst2" else "sentences per type")
                   + ")")
